@@ -1,0 +1,42 @@
+# zsbir developer entry points. `make demo` and `make test` each do their own set-up.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# CPU build of torch: on this project's machines `pip install torch==2.13.0` takes it from local
+# disk; an unpinned torch would pull a multi-GB CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+NVCC   ?= nvcc
+
+.PHONY: install demo test test-fast lint kernels clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[train,dev]"
+	# Type stubs only; their declared dependency (the TensorRT wheels) cannot be installed everywhere.
+	$(BIN)/python -m pip install -q --no-deps "tensorrt-stubs==10.13.0.35.1"
+	touch $@
+
+demo: install
+	$(BIN)/zsbir demo
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+kernels:
+	$(MAKE) -C kernels NVCC=$(NVCC)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	$(MAKE) -C kernels clean

@@ -1,0 +1,5 @@
+"""`zsbir export` (placeholder until issue #4 (export) lands)."""
+
+from zsbir_infer.cli import not_built
+
+command = not_built("export", "issue #4 (export)")
