@@ -67,14 +67,20 @@ def synth(
 
 @command.command("info")
 @click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--kind", default=None, help="Layout (default: auto-detect).")
+@click.option(
+    "--kind",
+    default=None,
+    type=click.Choice(["synthetic", "folder", "sketchy", "tuberlin", "quickdraw"]),
+    help="Layout (default: auto-detect).",
+)
+@click.option("--zeroshot", default=None, help="Split folder of a real benchmark (Sketchy: zeroshot1 or zeroshot0).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def info(root: Path, kind: str | None, as_json: bool) -> None:
+def info(root: Path, kind: str | None, zeroshot: str | None, as_json: bool) -> None:
     """Describe the benchmark at ROOT: layout, classes and image counts per split."""
     from zsbir_infer.datasets import BenchmarkError, open_benchmark
 
     try:
-        bench = open_benchmark(root, kind=kind)
+        bench = open_benchmark(root, kind=kind, zeroshot=zeroshot)
     except BenchmarkError as e:
         raise click.ClickException(str(e)) from e
     summary = {
@@ -83,10 +89,14 @@ def info(root: Path, kind: str | None, as_json: bool) -> None:
         "seen_classes": len(bench.seen_classes),
         "unseen_classes": len(bench.unseen_classes),
         "images": bench.counts(),
+        **{k: v for k, v in bench.info.items() if k != "meta"},
+        "missing": bench.missing,
     }
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
     click.echo(f"{root}: {bench.kind}, {len(bench.seen_classes)} seen / {len(bench.unseen_classes)} unseen classes")
-    for part, c in summary["images"].items():  # type: ignore[attr-defined]
+    for part, c in bench.counts().items():
         click.echo(f"  {part}: {c['photo']} photos, {c['sketch']} sketches")
+    for part, why in bench.missing.items():
+        click.echo(f"  {part}: not loadable ({why})")

@@ -30,11 +30,13 @@ def detect_kind(root: str | Path) -> str:
     return kind
 
 
-def open_benchmark(root: str | Path, kind: str | None = None) -> Benchmark:
+def open_benchmark(root: str | Path, kind: str | None = None, *, zeroshot: str | None = None) -> Benchmark:
     """Open the benchmark at ``root`` (layout auto-detected unless ``kind`` is given).
 
     Kinds: ``"synthetic"``/``"folder"`` (our layout), ``"sketchy"``, ``"tuberlin"``, ``"quickdraw"``.
-    Raises :class:`BenchmarkError` with the missing file's name when ``root`` is no known layout.
+    ``zeroshot`` picks a real benchmark's split folder (Sketchy: ``zeroshot1`` (default, 100/25) or
+    ``zeroshot0`` (104/21)). Raises :class:`BenchmarkError` naming the missing file when ``root`` is no
+    known layout.
     """
     from zsbir_infer.datasets import folder
 
@@ -45,4 +47,6 @@ def open_benchmark(root: str | Path, kind: str | None = None) -> Benchmark:
         return folder.open_folder(path)
     from zsbir_infer.datasets import benchmarks
 
-    return benchmarks.open_real(path, kind)
+    if not path.is_dir():
+        raise BenchmarkError(f"benchmark folder does not exist: {path}")
+    return benchmarks.open_real(path, kind, zeroshot=zeroshot)

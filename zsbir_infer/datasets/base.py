@@ -59,6 +59,7 @@ class Benchmark:
     unseen_classes: list[str]
     items: dict[str, list[tuple[Path, str, str]]] = field(repr=False)
     info: dict[str, object] = field(default_factory=dict)
+    missing: dict[str, str] = field(default_factory=dict)  # part -> why it cannot be loaded
 
     def __post_init__(self) -> None:
         self.seen_classes = sorted(self.seen_classes)
@@ -70,15 +71,24 @@ class Benchmark:
             )
 
     def split(self, name: str) -> SplitData:
-        """The samples of ``"seen"``, ``"unseen"`` or ``"all"``; labels index the split's sorted classes."""
+        """The samples of ``"seen"``, ``"unseen"`` or ``"all"``; labels index the split's sorted classes.
+
+        Real benchmarks that ship held-out seen-class lists also have ``"val"`` (seen classes).
+        """
         if name == "seen":
             classes, parts = self.seen_classes, ["seen"]
+        elif name == "val" and "val" in self.items:
+            classes, parts = self.seen_classes, ["val"]
         elif name == "unseen":
             classes, parts = self.unseen_classes, ["unseen"]
         elif name == "all":
             classes, parts = sorted(self.seen_classes + self.unseen_classes), ["seen", "unseen"]
         else:
-            raise ValueError(f"split must be 'seen', 'unseen' or 'all', not {name!r}")
+            extra = ", 'val'" if "val" in self.items else ""
+            raise ValueError(f"split must be 'seen', 'unseen'{extra} or 'all', not {name!r}")
+        for part in parts:
+            if part in self.missing:
+                raise BenchmarkError(f"{self.root}: cannot load the {part} split: {self.missing[part]}")
         index = {c: i for i, c in enumerate(classes)}
         photos: list[Sample] = []
         sketches: list[Sample] = []
