@@ -1,0 +1,470 @@
+"""Write a deployable bundle (CONTRACTS §6): ONNX fp32/fp16/int8, optional TensorRT plans, manifest.json.
+
+:func:`export_bundle` does the whole export: fp32 graph, fp16 conversion, INT8 calibration, verification
+against the torch model, TensorRT engines and the manifest. The bundle is assembled in a sibling folder
+``BUNDLE.tmp-XXXX`` and renamed into place only after every check passed, so a reader never sees a
+half-written bundle. A bundle that fails verification is kept, for inspection only, as ``BUNDLE.failed``
+(its manifest says ``"verification": {"passed": false, ...}``) and :class:`VerificationFailed` says which
+check failed by how much.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import platform
+import secrets
+import shutil
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from zsbir_export.calibration import (
+    CalibrationError,
+    DataSource,
+    ImageSet,
+    load_images,
+    open_source,
+    pick,
+    random_images,
+)
+from zsbir_export.onnx_export import DEFAULT_OPSET, DOMAIN_INPUT, EMBEDDING_OUTPUT, IMAGE_INPUT, Exporter
+from zsbir_export.quantize import CALIB_METHODS, CalibMethod
+from zsbir_export.verify import CheckResult, Tolerances
+
+PRECISIONS = ("fp32", "fp16", "int8")
+MODEL_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
+FORMAT = "zsbir-bundle"
+FORMAT_VERSION = 1
+Log = Callable[[str], None]
+
+
+class BundleError(RuntimeError):
+    """Raised for unusable options or inputs (nothing is written)."""
+
+
+class VerificationFailed(RuntimeError):
+    """Raised when an exported model misses its tolerance; ``failed_dir`` holds the rejected attempt."""
+
+    def __init__(self, checks: Sequence[CheckResult], failed_dir: Path | None) -> None:
+        self.checks = list(checks)
+        self.failed_dir = failed_dir
+        bad = "; ".join(c.describe() for c in checks if not c.passed)
+        where = f" (the rejected bundle is kept for inspection in {failed_dir})" if failed_dir else ""
+        super().__init__(f"export verification failed: {bad}{where}")
+
+
+@dataclass
+class ExportOptions:
+    """Everything ``zsbir export`` can be asked for (see the command's help)."""
+
+    precisions: Sequence[str] = ("fp32",)
+    calib_dir: Path | None = None
+    calib_count: int = 512
+    calib_method: CalibMethod = "entropy"
+    verify_count: int = 32
+    eval_count: int | None = None
+    trt: bool = False
+    opt_batch: int = 32
+    max_batch: int = 256
+    trt_optimization_level: int = 3
+    timing_cache: Path | None = None
+    exporter: Exporter = "dynamo"
+    opset: int = DEFAULT_OPSET
+    overwrite: bool = False
+    keep_failed: bool = True
+    seed: int = 0
+    tolerances: Tolerances = field(default_factory=Tolerances)
+
+    def normalized_precisions(self) -> list[str]:
+        """The requested precisions in canonical order, fp32 always included (model.onnx is mandatory)."""
+        unknown = [p for p in self.precisions if p not in PRECISIONS]
+        if unknown:
+            raise BundleError(f"unknown precision {', '.join(unknown)}; choose from {', '.join(PRECISIONS)}")
+        return [p for p in PRECISIONS if p == "fp32" or p in self.precisions]
+
+    def validate(self) -> list[str]:
+        """Check the options before any work is done; return the precisions to build."""
+        precisions = self.normalized_precisions()
+        if "int8" in precisions and self.calib_dir is None:
+            raise BundleError(
+                "INT8 needs calibration images: pass --calib DIR (a benchmark folder, or a folder with photo/ and "
+                "sketch/ subfolders)"
+            )
+        if self.calib_dir is not None and not Path(self.calib_dir).is_dir():
+            raise BundleError(f"calibration folder does not exist: {self.calib_dir}")
+        if self.calib_method not in CALIB_METHODS:
+            raise BundleError(f"unknown calibration method {self.calib_method!r}; choose {', '.join(CALIB_METHODS)}")
+        if self.calib_count < 2:
+            raise BundleError(f"--calib-count must be at least 2 (one image per domain), got {self.calib_count}")
+        if self.verify_count < 1:
+            raise BundleError(f"the verification sample count must be positive, got {self.verify_count}")
+        if not 1 <= self.opt_batch <= self.max_batch:
+            raise BundleError(
+                f"batch sizes must satisfy 1 <= --opt-batch <= --max-batch, got {self.opt_batch} and {self.max_batch}"
+            )
+        if self.trt:
+            from zsbir_export.tensorrt_build import TensorRTUnavailable, tensorrt_module
+
+            try:
+                tensorrt_module()
+            except TensorRTUnavailable as exc:
+                raise BundleError(str(exc)) from exc
+        return precisions
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def canonical_json(obj: Any) -> str:
+    """The canonical JSON text used in the fingerprint: sorted keys, no spaces."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def fingerprint(model_bytes: bytes, preprocess: Mapping[str, Any]) -> str:
+    """CONTRACTS §6: sha256 of the fp32 model bytes followed by the canonical preprocess JSON, first 16 hex."""
+    h = hashlib.sha256()
+    h.update(model_bytes)
+    h.update(canonical_json(preprocess).encode("utf-8"))
+    return h.hexdigest()[:16]
+
+
+def _versions(exporter: str, opset: int) -> dict[str, Any]:
+    import onnx
+    import onnxruntime
+    import torch
+
+    import zsbir_export
+
+    return {
+        "zsbir": zsbir_export.__version__,
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "python": platform.python_version(),
+        "opset": opset,
+        "exporter": f"torch.onnx ({exporter})",
+    }
+
+
+def _preprocess_specs(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    from zsbir_infer.preprocess import PreprocessSpec
+
+    specs = config.get("preprocess")
+    if not isinstance(specs, Mapping) or not all(d in specs for d in ("photo", "sketch")):
+        raise BundleError("the checkpoint config has no preprocess spec for both 'photo' and 'sketch'")
+    out: dict[str, dict[str, Any]] = {}
+    for domain in ("photo", "sketch"):
+        try:
+            out[domain] = PreprocessSpec.from_dict(specs[domain]).to_dict()
+        except ValueError as exc:
+            raise BundleError(f"the checkpoint's {domain} preprocess spec is invalid: {exc}") from exc
+    if out["photo"]["size"] != out["sketch"]["size"]:
+        raise BundleError(
+            f"photo and sketch input sizes differ ({out['photo']['size']} vs {out['sketch']['size']}); "
+            "one graph needs one input size"
+        )
+    return out
+
+
+def _arch(config: Mapping[str, Any]) -> dict[str, Any]:
+    arch = config.get("arch")
+    if not isinstance(arch, Mapping):
+        raise BundleError("the checkpoint config has no 'arch' section")
+    if not isinstance(arch.get("domain_conditioned", False), bool):
+        raise BundleError("arch.domain_conditioned must be true or false")
+    return dict(arch)
+
+
+def _new_tmp_dir(out: Path) -> Path:
+    tmp = out.parent / f"{out.name}.tmp-{secrets.token_hex(4)}"
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _place(tmp: Path, dest: Path, overwrite: bool) -> None:
+    """Rename the finished ``tmp`` to ``dest`` (replacing an old bundle only with ``overwrite``)."""
+    if dest.exists():
+        if not overwrite:
+            raise BundleError(f"{dest} already exists (pass --overwrite to replace it)")
+        old = dest.parent / f"{dest.name}.old-{secrets.token_hex(4)}"
+        os.replace(dest, old)
+        os.replace(tmp, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, dest)
+
+
+@dataclass
+class ExportResult:
+    """A written bundle: its folder and manifest."""
+
+    path: Path
+    manifest: dict[str, Any]
+    checks: list[CheckResult]
+
+
+def export_bundle(
+    model: Any,
+    config: Mapping[str, Any],
+    out: str | Path,
+    options: ExportOptions,
+    *,
+    source: Mapping[str, Any],
+    log: Log | None = None,
+) -> ExportResult:
+    """Export ``model`` (an eval-mode torch module with ``embed(images, tag)``) to the bundle folder ``out``.
+
+    ``config`` is the checkpoint config (CONTRACTS §5: ``arch.domain_conditioned``, ``preprocess``);
+    ``source`` is the manifest's ``source`` entry (path, sha256, format, method). Raises :class:`BundleError`
+    for bad options or inputs, :class:`VerificationFailed` when a model misses its tolerances.
+    """
+    say: Log = log or (lambda _msg: None)
+    out = Path(out)
+    precisions = options.validate()
+    if out.exists() and not options.overwrite:
+        raise BundleError(f"{out} already exists (pass --overwrite to replace it)")
+    if out.exists() and not out.is_dir():
+        raise BundleError(f"{out} exists and is not a bundle folder")
+    preprocess = _preprocess_specs(config)
+    arch = _arch(config)
+    conditioned = bool(arch.get("domain_conditioned", False))
+    size = tuple(preprocess["photo"]["size"])
+    input_size = (int(size[0]), int(size[1]))
+
+    # Read the calibration folder before the (slow) export so that a bad folder fails fast.
+    data: DataSource | None = None
+    if options.calib_dir is not None:
+        try:
+            data = open_source(options.calib_dir)
+        except CalibrationError as exc:
+            raise BundleError(str(exc)) from exc
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _new_tmp_dir(out)
+    try:
+        result = _build(
+            model, config, out, tmp, options, precisions, preprocess, conditioned, input_size, data, source, say
+        )
+    except VerificationFailed as exc:
+        failed: Path | None = None
+        if options.keep_failed:
+            failed = out.parent / f"{out.name}.failed"
+            shutil.rmtree(failed, ignore_errors=True)
+            os.replace(tmp, failed)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise VerificationFailed(exc.checks, failed) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return result
+
+
+def _build(
+    model: Any,
+    config: Mapping[str, Any],
+    out: Path,
+    tmp: Path,
+    options: ExportOptions,
+    precisions: list[str],
+    preprocess: dict[str, dict[str, Any]],
+    conditioned: bool,
+    input_size: tuple[int, int],
+    data: DataSource | None,
+    source: Mapping[str, Any],
+    say: Log,
+) -> ExportResult:
+    from zsbir_export.fp16 import convert_file_to_fp16
+    from zsbir_export.onnx_export import export_onnx
+    from zsbir_export.quantize import quantize_int8
+    from zsbir_export.verify import OnnxEmbedder, torch_embedder, verify_models
+
+    say(f"exporting fp32 ONNX ({options.exporter} exporter, opset {options.opset}) ...")
+    info = export_onnx(
+        model,
+        tmp / MODEL_FILES["fp32"],
+        domain_conditioned=conditioned,
+        input_size=input_size,
+        opset=options.opset,
+        exporter=options.exporter,
+    )
+    if "fp16" in precisions:
+        say("converting to fp16 ...")
+        convert_file_to_fp16(tmp / MODEL_FILES["fp32"], tmp / MODEL_FILES["fp16"])
+
+    calibration_entry: dict[str, Any] | None = None
+    evaluation: ImageSet | None = None
+    if data is not None:
+        evaluation = _evaluation_set(data, preprocess, options)
+    if "int8" in precisions:
+        assert data is not None  # validate() guarantees --calib with int8
+        per_domain = max(1, options.calib_count // 2)
+        say(f"loading up to {per_domain} calibration images per domain from {data.root} ...")
+        calib = load_images(data.calibration, preprocess, per_domain, seed=options.seed)
+        say(f"calibrating INT8 ({options.calib_method}) on {len(calib)} images ...")
+        report = quantize_int8(tmp / MODEL_FILES["fp32"], tmp / MODEL_FILES["int8"], calib, method=options.calib_method)
+        calibration_entry = {**report.to_dict(), "source": data.describe(), "seed": options.seed}
+
+    if data is not None and evaluation is not None and len(evaluation) >= 2:
+        samples = _subsample(evaluation, options.verify_count)
+        sample_source = f"{data.kind} {data.root}" + (" (unseen split)" if data.kind == "benchmark" else "")
+    else:
+        samples = random_images(options.verify_count, input_size, seed=options.seed)
+        sample_source = "random normal inputs (no --calib folder given)"
+
+    say("verifying the exported models against torch ...")
+    models = {p: OnnxEmbedder(tmp / MODEL_FILES[p]) for p in precisions}
+    verification, checks = verify_models(
+        torch_embedder(model),
+        dict(models),
+        samples,
+        options.tolerances,
+        evaluation=evaluation if "int8" in precisions or "fp16" in precisions else None,
+        sample_source=sample_source,
+    )
+    manifest = _manifest(
+        tmp,
+        precisions,
+        info.embedding_dim,
+        conditioned,
+        input_size,
+        preprocess,
+        source,
+        calibration_entry,
+        verification,
+        options,
+        engines=[],
+    )
+    _write_manifest(tmp, manifest)
+    if not verification["passed"]:
+        raise VerificationFailed(checks, None)
+    for c in checks:
+        say(f"  {c.describe()}")
+
+    if options.trt:
+        manifest["engines"] = _build_engines(tmp, precisions, conditioned, input_size, options, say)
+        _write_manifest(tmp, manifest)
+    _place(tmp, out, options.overwrite)
+    return ExportResult(out, manifest, checks)
+
+
+def _subsample(data: ImageSet, per_domain: int) -> ImageSet:
+    parts = []
+    import numpy as np
+
+    for domain in ("photo", "sketch"):
+        mask = np.flatnonzero(data.domains == (1 if domain == "photo" else 0))[:per_domain]
+        parts.append(mask)
+    idx = np.concatenate(parts)
+    return ImageSet(
+        data.images[idx], data.domains[idx], data.labels[idx], [data.paths[i] for i in idx] if data.paths else []
+    )
+
+
+def _evaluation_set(data: DataSource, preprocess: dict[str, dict[str, Any]], options: ExportOptions) -> ImageSet:
+    """Benchmark: the unseen split (capped by ``eval_count`` per domain). Plain folder: images that the
+    calibration does not use when there are enough, else a sample of all (noted in the manifest)."""
+    if data.evaluation is not None:
+        return load_images(data.evaluation, preprocess, options.eval_count, seed=options.seed + 1)
+    per_domain = max(1, options.calib_count // 2)
+    rest: dict[str, list[Any]] = {}
+    for domain, items in data.calibration.items():
+        chosen = {str(it.path) for it in pick(items, per_domain, options.seed, domain)}
+        rest[domain] = [it for it in items if str(it.path) not in chosen] or list(items)
+    return load_images(rest, preprocess, options.eval_count or options.verify_count, seed=options.seed + 1)
+
+
+def _build_engines(
+    tmp: Path,
+    precisions: list[str],
+    conditioned: bool,
+    input_size: tuple[int, int],
+    options: ExportOptions,
+    say: Log,
+) -> list[dict[str, Any]]:
+    from zsbir_export.tensorrt_build import EngineSpec, build_engine, current_gpu, plan_file_name
+
+    gpu = current_gpu()
+    cache = options.timing_cache or Path.home() / ".cache" / "zsbir" / f"tensorrt-{gpu.slug}.timing-cache"
+    engines = []
+    for precision in precisions:
+        source = MODEL_FILES["int8" if precision == "int8" else "fp32"]
+        spec = EngineSpec(
+            precision=precision,
+            onnx_path=tmp / source,
+            plan_path=tmp / plan_file_name(precision, gpu),
+            image_shape=(3, input_size[0], input_size[1]),
+            has_domain_input=conditioned,
+            min_batch=1,
+            opt_batch=options.opt_batch,
+            max_batch=options.max_batch,
+            optimization_level=options.trt_optimization_level,
+            timing_cache=cache,
+        )
+        say(f"building the TensorRT {precision} engine for {gpu.name} ...")
+        entry = build_engine(spec, gpu)
+        entry["sha256"] = sha256_file(spec.plan_path)
+        entry["bytes"] = spec.plan_path.stat().st_size
+        engines.append(entry)
+    return engines
+
+
+def _manifest(
+    folder: Path,
+    precisions: list[str],
+    embedding_dim: int,
+    conditioned: bool,
+    input_size: tuple[int, int],
+    preprocess: dict[str, dict[str, Any]],
+    source: Mapping[str, Any],
+    calibration: dict[str, Any] | None,
+    verification: dict[str, Any],
+    options: ExportOptions,
+    engines: list[dict[str, Any]],
+) -> dict[str, Any]:
+    inputs: dict[str, Any] = {
+        "image": {"name": IMAGE_INPUT, "shape": ["batch", 3, input_size[0], input_size[1]], "dtype": "float32"}
+    }
+    if conditioned:
+        inputs["domain"] = {"name": DOMAIN_INPUT, "shape": ["batch"], "dtype": "int64", "photo": 1, "sketch": 0}
+    models = {}
+    for p in precisions:
+        path = folder / MODEL_FILES[p]
+        models[p] = {"file": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size}
+    fp32_bytes = (folder / MODEL_FILES["fp32"]).read_bytes()
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "embedding_dim": embedding_dim,
+        "metric": "ip",
+        "normalized": True,
+        "domain_handling": "input" if conditioned else "none",
+        "inputs": inputs,
+        "outputs": {"embedding": {"name": EMBEDDING_OUTPUT, "shape": ["batch", embedding_dim], "dtype": "float32"}},
+        "preprocess": preprocess,
+        "models": models,
+        "engines": engines,
+        "fingerprint": fingerprint(fp32_bytes, preprocess),
+        "source": dict(source),
+        "calibration": calibration,
+        "verification": verification,
+        "versions": _versions(options.exporter, options.opset),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _write_manifest(folder: Path, manifest: Mapping[str, Any]) -> None:
+    path = folder / "manifest.json"
+    tmp = folder / "manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)

@@ -1,0 +1,269 @@
+"""INT8 post-training quantization in explicit (QDQ) form, usable by ONNX Runtime and TensorRT.
+
+``onnxruntime.quantization.quantize_static`` inserts QuantizeLinear/DequantizeLinear pairs in front of the
+heavy ops (Conv, Gemm, MatMul) with
+
+* int8 weights, symmetric, per output channel;
+* int8 activations, symmetric (zero point 0), per tensor, ranges calibrated on real images of both domains
+  (``entropy``: the KL-divergence threshold of TensorRT's classic calibrator; ``percentile``: the 99.999th
+  percentile of |x|; ``minmax``: the observed range);
+* biases left in float (TensorRT fuses them; it has no int32 bias dequantization);
+* the domain path (nodes fed by the ``domain`` input before any heavy op, and the heavy ops that read it
+  directly) and the L2-normalization tail left in float.
+
+That is the form TensorRT 10 builds as a strongly typed network: every int8 tensor is explicit in the graph.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import onnx
+
+from zsbir_export.calibration import ImageSet
+from zsbir_export.fp16 import HEAVY_OPS
+
+CalibMethod = Literal["entropy", "percentile", "minmax"]
+CALIB_METHODS: tuple[CalibMethod, ...] = ("entropy", "percentile", "minmax")
+QUANTIZED_OP_TYPES = ("Conv", "Gemm", "MatMul")
+PERCENTILE = 99.999
+
+
+class QuantizationError(RuntimeError):
+    """Raised when INT8 quantization fails or is asked for something unsupported."""
+
+
+@dataclass(frozen=True)
+class QuantizationReport:
+    """What :func:`quantize_int8` did (recorded under ``calibration`` in the manifest)."""
+
+    method: CalibMethod
+    images: int
+    per_domain: dict[str, int]
+    quantized_nodes: int
+    float_nodes: list[str]
+    batch_size: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        out: dict[str, Any] = {
+            "method": self.method,
+            "images": self.images,
+            "per_domain": dict(self.per_domain),
+            "format": "QDQ",
+            "weights": "int8 symmetric per-channel",
+            "activations": "int8 symmetric per-tensor",
+            "bias": "float",
+            "op_types": list(QUANTIZED_OP_TYPES),
+            "quantized_nodes": self.quantized_nodes,
+            "float_heavy_nodes": list(self.float_nodes),
+            "batch_size": self.batch_size,
+        }
+        if self.method == "percentile":
+            out["percentile"] = PERCENTILE
+        return out
+
+
+def _reader(images: ImageSet, input_names: list[str], batch_size: int) -> Any:
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class _Reader(CalibrationDataReader):
+        """Feeds the calibration images batch by batch, with their domain tags when the graph has that input."""
+
+        def __init__(self) -> None:
+            self._it: Iterator[tuple[np.ndarray, np.ndarray]] = images.batches(batch_size)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            batch = next(self._it, None)
+            if batch is None:
+                return None
+            feed = {"image": np.ascontiguousarray(batch[0])}
+            if "domain" in input_names:
+                feed["domain"] = np.ascontiguousarray(batch[1])
+            return feed
+
+        def rewind(self) -> None:
+            self._it = images.batches(batch_size)
+
+    return _Reader()
+
+
+def float_nodes(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
+    """Names of the nodes kept in float: (all excluded nodes, the heavy ones among them).
+
+    Excluded: everything downstream of the last heavy op (the normalization tail), the nodes that compute
+    from the ``domain`` input before any heavy op, and heavy ops that read such a value directly.
+    """
+    from zsbir_export.fp16 import _tail_nodes
+
+    graph = model.graph
+    tail = _tail_nodes(graph)
+    domain_values = {vi.name for vi in graph.input if vi.name == "domain"}
+    domain_nodes: set[int] = set()
+    for i, node in enumerate(graph.node):
+        if any(name in domain_values for name in node.input):
+            domain_nodes.add(i)
+            if node.op_type not in HEAVY_OPS:
+                domain_values.update(node.output)
+    excluded = sorted(tail | domain_nodes)
+    names = [graph.node[i].name for i in excluded]
+    heavy = [graph.node[i].name for i in excluded if graph.node[i].op_type in HEAVY_OPS]
+    return names, heavy
+
+
+def _name_nodes(model: onnx.ModelProto) -> None:
+    seen: set[str] = set()
+    for i, node in enumerate(model.graph.node):
+        if not node.name or node.name in seen:
+            node.name = f"{node.op_type}_{i}"
+        seen.add(node.name)
+
+
+def quantize_int8(
+    fp32_path: str | Path,
+    out_path: str | Path,
+    calibration: ImageSet,
+    *,
+    method: CalibMethod = "entropy",
+    batch_size: int = 16,
+) -> QuantizationReport:
+    """Quantize the fp32 model at ``fp32_path`` to a QDQ int8 model at ``out_path`` (see module doc)."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    if method not in CALIB_METHODS:
+        raise QuantizationError(f"unknown calibration method {method!r}; choose one of {', '.join(CALIB_METHODS)}")
+    per_domain = {"photo": calibration.count("photo"), "sketch": calibration.count("sketch")}
+    if min(per_domain.values()) == 0:
+        raise QuantizationError(f"calibration needs images of both domains, got {per_domain}")
+    model = onnx.load(str(fp32_path))
+    _name_nodes(model)
+    excluded, heavy_float = float_nodes(model)
+    input_names = [vi.name for vi in model.graph.input]
+    calib_method = {
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+        "minmax": CalibrationMethod.MinMax,
+    }[method]
+    extra: dict[str, Any] = {
+        "ActivationSymmetric": True,
+        "WeightSymmetric": True,
+        "QuantizeBias": False,
+        "CalibTensorRangeSymmetric": True,
+    }
+    if method == "percentile":
+        extra["CalibPercentile"] = PERCENTILE
+    # Interleave the domains so that every calibration batch holds both (entropy/percentile histograms
+    # are collected per batch; a one-domain tail batch would be harmless but this keeps them mixed).
+    order = _interleave(calibration.domains)
+    mixed = ImageSet(calibration.images[order], calibration.domains[order], calibration.labels[order], [])
+    with tempfile.TemporaryDirectory(prefix="zsbir-quant-") as tmp:
+        src = Path(tmp) / "model.named.onnx"
+        onnx.save_model(model, str(src))
+        try:
+            with _quiet():
+                quantize_static(
+                    str(src),
+                    str(out_path),
+                    _reader(mixed, input_names, batch_size),
+                    quant_format=QuantFormat.QDQ,
+                    op_types_to_quantize=list(QUANTIZED_OP_TYPES),
+                    per_channel=True,
+                    reduce_range=False,
+                    activation_type=QuantType.QInt8,
+                    weight_type=QuantType.QInt8,
+                    nodes_to_exclude=excluded,
+                    calibrate_method=calib_method,
+                    calibration_providers=["CPUExecutionProvider"],
+                    extra_options=extra,
+                )
+        except Exception as exc:
+            raise QuantizationError(f"onnxruntime quantize_static failed: {exc}") from exc
+    qmodel = onnx.load(str(out_path))
+    _strip_qdq_into(qmodel, set(excluded))
+    onnx.save_model(qmodel, str(out_path))
+    try:
+        onnx.checker.check_model(qmodel, full_check=True)
+    except Exception as exc:
+        raise QuantizationError(f"the int8 graph failed onnx.checker: {exc}") from exc
+    heavy_total = sum(1 for n in model.graph.node if n.op_type in QUANTIZED_OP_TYPES)
+    quantized = _count_quantized(qmodel)
+    if quantized == 0 and heavy_total > len(heavy_float):
+        raise QuantizationError("quantize_static inserted no QuantizeLinear/DequantizeLinear nodes")
+    return QuantizationReport(method, len(calibration), per_domain, quantized, heavy_float, batch_size)
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence quantize_static's prints and root-logger advice (errors still propagate)."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        root.setLevel(level)
+
+
+def _strip_qdq_into(model: onnx.ModelProto, float_names: set[str]) -> None:
+    """Remove activation Q/DQ pairs whose dequantized value only feeds nodes kept in float.
+
+    quantize_static also quantizes the *output* of a quantized op; when that output goes straight into the
+    normalization tail this would round the embedding to 8 bits before it is normalized.
+    """
+    graph = model.graph
+    inits = {i.name for i in graph.initializer}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    producer = {o: n for n in graph.node for o in n.output}
+    graph_outputs = {o.name for o in graph.output}
+    remove: list[onnx.NodeProto] = []
+    for dq in list(graph.node):
+        if dq.op_type != "DequantizeLinear" or dq.input[0] in inits:
+            continue
+        q = producer.get(dq.input[0])
+        if q is None or q.op_type != "QuantizeLinear" or q.input[0] in inits:
+            continue
+        users = consumers.get(dq.output[0], [])
+        if not users or dq.output[0] in graph_outputs or any(u.name not in float_names for u in users):
+            continue
+        for user in users:
+            user.input[:] = [q.input[0] if name == dq.output[0] else name for name in user.input]
+        remove.append(dq)
+        if all(c is dq for c in consumers.get(q.output[0], [])):
+            remove.append(q)
+    for node in remove:
+        graph.node.remove(node)
+    used = {name for node in graph.node for name in node.input}
+    for init in [i for i in graph.initializer if i.name not in used]:
+        graph.initializer.remove(init)
+
+
+def _interleave(domains: np.ndarray) -> np.ndarray:
+    """An order of indices that alternates between the domains (the larger one's rest at the end)."""
+    a = np.flatnonzero(domains == 1)
+    b = np.flatnonzero(domains != 1)
+    n = min(len(a), len(b))
+    head = np.stack([a[:n], b[:n]], axis=1).reshape(-1)
+    return np.concatenate([head, a[n:], b[n:]]).astype(np.int64)
+
+
+def _count_quantized(model: onnx.ModelProto) -> int:
+    """Heavy ops whose weight input comes from a DequantizeLinear."""
+    produced_by = {o: n.op_type for n in model.graph.node for o in n.output}
+    return sum(
+        1
+        for n in model.graph.node
+        if n.op_type in QUANTIZED_OP_TYPES and len(n.input) > 1 and produced_by.get(n.input[1]) == "DequantizeLinear"
+    )
