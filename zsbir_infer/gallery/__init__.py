@@ -1,0 +1,80 @@
+"""Galleries: photo embeddings on disk, updated incrementally, searched on the CPU.
+
+A gallery is a directory::
+
+    GALLERY/manifest.json        format, format_version, model fingerprint (CONTRACTS §6), dim, metric,
+                                 storage, segment_rows, created; written once, with temp file + rename
+    GALLERY/meta.sqlite          one row per file: relpath (relative to the indexed root, '/' separators),
+                                 size, mtime_ns, sha256, status (indexed | skipped | deleted), reason,
+                                 vec (its row id) -- plus the committed length of every segment
+    GALLERY/segments/NNNNNN.f16  append-only rows: float16 (default), or .i8 + .scale (int8 with a
+                                 per-vector float32 scale), or .itq (packed ITQ codes, np.packbits order)
+    GALLERY/itq.npz              the ITQ model (storage "itq" only; zsbir_infer.itq.ITQ.save format)
+    GALLERY/ann.usearch, ann.json  usearch HNSW index and what it covers (built on first ANN search)
+
+Guarantees:
+
+* **Atomic batches.** :meth:`Gallery.add` appends the batch's rows to the segment files and fsyncs them,
+  then commits the metadata rows that point at them (and the segments' new lengths) in one SQLite
+  transaction. Readers only map the committed lengths. A crash or kill at any moment leaves a gallery
+  that opens; bytes written past a committed length are garbage, ignored by readers and overwritten by
+  the next ``add``. A rerun of the indexing job then sees the committed files as unchanged and the rest
+  as new, so every file ends up indexed exactly once (paths are unique in the metadata).
+* **Tombstones.** Row ids are never reused. A changed file gets a new row; the old row, and the rows of
+  deleted or newly skipped files, are dead and never returned by a search.
+* **Model identity.** ``Gallery.open(path, fingerprint=...)`` and ``search(..., fingerprint=...)`` raise
+  :class:`ModelMismatchError` (naming both fingerprints) when the model differs from the gallery's.
+* **Concurrency.** Searches are thread-safe: threads share the memory maps and each thread has its own
+  SQLite connection. Writers (``add``/``skip``/``delete``) are serialized by a lock (threads) and
+  ``flock`` on ``GALLERY/.lock`` (processes). Readers see a new batch on their next search.
+
+Search: exact (exhaustive inner product; see :mod:`zsbir_infer.gallery.search` for the numkong fp16
+kernel and the exact rescoring that makes scores exact), approximate (usearch HNSW, candidates rescored
+exactly) and, for ITQ storage, exhaustive Hamming. Ties: higher score first, then smaller id.
+
+Typical use (the indexing pipeline and ``zsbir index/query/info`` are built on this)::
+
+    from zsbir_infer.gallery import Gallery, FileRecord
+
+    g = Gallery.create("photos.gallery", fingerprint=bundle.fingerprint, dim=64)   # storage="float16"
+    plan = g.plan([(rel, st.st_size, st.st_mtime_ns) for rel, st in listing])    # new/changed/unchanged/deleted
+    g.delete(plan.deleted)
+    for batch in batches(plan.new + plan.changed):
+        ok, vecs = embed(batch)                                                    # L2-normalized (n, 64)
+        g.add([FileRecord(f.relpath, f.size, f.mtime_ns, sha) for f, sha in ok], vecs)
+        for f, why in failures:
+            g.skip(f, why)
+    hits = g.search(sketch_embeddings, k=10, exact=True, fingerprint=bundle.fingerprint)
+    hits[0][0].path, hits[0][0].score, hits[0][0].id
+    g.stats(); g.close()
+"""
+
+from __future__ import annotations
+
+from zsbir_infer.gallery.store import (
+    FORMAT,
+    FORMAT_VERSION,
+    STORAGES,
+    FileRecord,
+    FileStat,
+    Gallery,
+    GalleryError,
+    GalleryStats,
+    Hit,
+    ModelMismatchError,
+    Plan,
+)
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "STORAGES",
+    "FileRecord",
+    "FileStat",
+    "Gallery",
+    "GalleryError",
+    "GalleryStats",
+    "Hit",
+    "ModelMismatchError",
+    "Plan",
+]

@@ -1,0 +1,1023 @@
+"""The on-disk gallery: SQLite metadata, append-only memory-mapped vector segments, manifest, ANN index.
+
+See the package docstring (:mod:`zsbir_infer.gallery`) for the layout and the guarantees; this module
+holds the implementation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import errno
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+
+from zsbir_infer.gallery.ann import AnnIndex
+from zsbir_infer.gallery.search import (
+    ID_SENTINEL,
+    Block,
+    F16Scorer,
+    HammingScorer,
+    Int8Scorer,
+    Scorer,
+    search_blocks,
+)
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "STORAGES",
+    "FileRecord",
+    "FileStat",
+    "Gallery",
+    "GalleryError",
+    "GalleryStats",
+    "Hit",
+    "ModelMismatchError",
+    "Plan",
+]
+
+FORMAT = "zsbir-gallery"
+FORMAT_VERSION = 1
+STORAGES = ("float16", "int8", "itq")
+MANIFEST = "manifest.json"
+DATABASE = "meta.sqlite"
+SEGMENT_DIR = "segments"
+ITQ_FILE = "itq.npz"
+LOCK_FILE = ".lock"
+DEFAULT_SEGMENT_ROWS = 1 << 20
+NORM_TOLERANCE = 0.02
+
+# Test hook: called after the vectors of a batch are appended and fsynced, before the metadata commit.
+# Tests set it to simulate a crash at the worst moment. Never set it in production code.
+_BEFORE_COMMIT: Callable[[], None] | None = None
+
+
+class GalleryError(Exception):
+    """A gallery cannot be created, opened or used as asked."""
+
+
+class ModelMismatchError(GalleryError):
+    """The gallery was built with a different model than the one used to query or extend it."""
+
+    def __init__(self, path: Path, gallery_fingerprint: str, model_fingerprint: str) -> None:
+        self.path = path
+        self.gallery_fingerprint = gallery_fingerprint
+        self.model_fingerprint = model_fingerprint
+        super().__init__(
+            f"gallery {path} was built with model fingerprint {gallery_fingerprint}, but the model in use has "
+            f"fingerprint {model_fingerprint}; embeddings of different models are not comparable. Pass the model "
+            f"the gallery was built with, or re-index the photos into a new gallery with this model."
+        )
+
+
+@dataclass(frozen=True)
+class FileStat:
+    """What the indexer knows about a file before reading it: path relative to the indexed root, size, mtime."""
+
+    relpath: str
+    size: int
+    mtime_ns: int
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """A file whose embedding is being added; ``sha256`` is the hex digest of its content (optional)."""
+
+    relpath: str
+    size: int
+    mtime_ns: int
+    sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What an indexing run has to do (see :meth:`Gallery.plan`).
+
+    Attributes:
+        new: files the gallery does not know (or knew only as deleted).
+        changed: files whose size or mtime differ from what the gallery recorded.
+        unchanged: relative paths the gallery already has (indexed or skipped) with the same size and mtime.
+        deleted: relative paths the gallery has (indexed or skipped) that are not in the listing.
+    """
+
+    new: list[FileStat] = field(default_factory=list)
+    changed: list[FileStat] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One search result: the file's path relative to the indexed root, its score and its row id.
+
+    ``score`` is the inner product of the query with the stored vector (cosine similarity, vectors being
+    L2-normalized); for Hamming search over ITQ codes it is ``n_bits - 2 * hamming_distance``.
+    """
+
+    path: str
+    score: float
+    id: int
+
+
+@dataclass(frozen=True)
+class GalleryStats:
+    """Counts and sizes of a gallery (see :meth:`Gallery.stats`)."""
+
+    path: str
+    fingerprint: str
+    dim: int
+    metric: str
+    storage: str
+    format_version: int
+    files_indexed: int
+    files_skipped: int
+    files_deleted: int
+    rows: int
+    dead_rows: int
+    segments: int
+    bytes_vectors: int
+    bytes_total: int
+    ann_vectors: int
+    ann_stale: bool
+    generation: int
+    created: str
+
+
+_ROW_KINDS: dict[str, tuple[tuple[str, str], ...]] = {
+    # storage -> (file suffix, numpy dtype) of each per-row array; the first is the main one.
+    "float16": (("f16", "float16"),),
+    "int8": (("i8", "int8"), ("scale", "float32")),
+    "itq": (("itq", "uint8"),),
+}
+
+
+def _check_relpath(relpath: str) -> str:
+    if not isinstance(relpath, str) or not relpath:
+        raise GalleryError(f"a file path must be a non-empty string; got {relpath!r}")
+    if "\\" in relpath or "\x00" in relpath:
+        raise GalleryError(f"file paths use '/' separators and no NUL characters; got {relpath!r}")
+    p = PurePosixPath(relpath)
+    if p.is_absolute() or any(part in ("..", ".") for part in relpath.split("/")) or str(p) != relpath:
+        raise GalleryError(
+            f"file paths must be normalized and relative to the indexed root (like 'dir/a.jpg'); got {relpath!r}"
+        )
+    return relpath
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+class _WriterLock:
+    """Exclusive writer lock: a threading lock inside the process and ``flock`` across processes."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._thread_lock = threading.RLock()
+
+    @contextlib.contextmanager
+    def hold(self, blocking: bool = True) -> Iterator[bool]:
+        if not self._thread_lock.acquire(blocking=blocking):
+            yield False
+            return
+        try:
+            import fcntl
+
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+                except OSError as e:
+                    if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                        yield False
+                        return
+                    raise
+                try:
+                    yield True
+                finally:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+            finally:
+                os.close(fd)
+        finally:
+            self._thread_lock.release()
+
+
+@dataclass
+class _Segment:
+    seg: int
+    base: int
+    rows: int
+    max_norm: float
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    generation: int
+    rows: int
+    segments: tuple[_Segment, ...]
+    blocks: tuple[Block, ...]
+    dead: np.ndarray
+
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS files (
+    relpath TEXT PRIMARY KEY,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    sha256 TEXT,
+    status TEXT NOT NULL CHECK (status IN ('indexed', 'skipped', 'deleted')),
+    reason TEXT,
+    vec INTEGER UNIQUE,
+    updated_ns INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS segments (
+    seg INTEGER PRIMARY KEY,
+    base INTEGER NOT NULL,
+    rows INTEGER NOT NULL,
+    max_norm REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS state (
+    key TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+"""
+
+
+class Gallery:
+    """An on-disk, incrementally updatable collection of photo embeddings. Use :meth:`create` or :meth:`open`."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any], *, _token: object = None) -> None:
+        if _token is not _CONSTRUCT:
+            raise TypeError("use Gallery.create(...) or Gallery.open(...)")
+        self.path = path
+        self.manifest = manifest
+        self.fingerprint: str = manifest["fingerprint"]
+        self.dim: int = int(manifest["dim"])
+        self.storage: str = manifest["storage"]
+        self.metric: str = manifest["metric"]
+        self.segment_rows: int = int(manifest["segment_rows"])
+        self._local = threading.local()
+        self._conns: list[sqlite3.Connection] = []
+        self._conns_lock = threading.Lock()
+        self._state_lock = threading.Lock()
+        self._ann_lock = threading.Lock()
+        self._writer = _WriterLock(path / LOCK_FILE)
+        self._snapshot: _Snapshot | None = None
+        self._ann: AnnIndex | None = None
+        self._closed = False
+        self.itq: Any = None
+        if self.storage == "itq":
+            from zsbir_infer.itq import ITQ
+
+            self.itq = ITQ.load(path / ITQ_FILE)
+            self.n_bits = int(self.itq.n_bits)
+        self._row_bytes = self._row_widths()
+
+    # ------------------------------------------------------------------ creation and opening
+
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike[str],
+        fingerprint: str,
+        dim: int,
+        storage: str = "float16",
+        *,
+        itq: Any = None,
+        segment_rows: int = DEFAULT_SEGMENT_ROWS,
+        exist_ok: bool = False,
+    ) -> Gallery:
+        """Create an empty gallery directory.
+
+        Args:
+            path: the directory (created; must be absent or empty).
+            fingerprint: the model's fingerprint (bundle manifest ``fingerprint``, CONTRACTS §6).
+            dim: embedding dimension.
+            storage: ``"float16"`` (default), ``"int8"`` (per-vector scale) or ``"itq"`` (binary codes only;
+                searches are Hamming searches).
+            itq: a fitted :class:`zsbir_infer.itq.ITQ` model, required for ``storage="itq"``.
+            segment_rows: rows per segment file.
+            exist_ok: if the directory already holds a gallery with the same fingerprint, dimension and
+                storage, open it instead of failing.
+
+        Raises:
+            GalleryError: on bad arguments or a non-empty directory.
+        """
+        p = Path(path)
+        if not isinstance(fingerprint, str) or not fingerprint:
+            raise GalleryError(f"fingerprint must be a non-empty string; got {fingerprint!r}")
+        if not isinstance(dim, (int, np.integer)) or int(dim) < 1:
+            raise GalleryError(f"dim must be a positive integer; got {dim!r}")
+        if storage not in STORAGES:
+            raise GalleryError(f"storage must be one of {', '.join(STORAGES)}; got {storage!r}")
+        if not isinstance(segment_rows, (int, np.integer)) or int(segment_rows) < 1:
+            raise GalleryError(f"segment_rows must be a positive integer; got {segment_rows!r}")
+        if storage == "itq":
+            if itq is None or not hasattr(itq, "transform") or not hasattr(itq, "save"):
+                raise GalleryError("storage='itq' needs a fitted ITQ model: Gallery.create(..., itq=ITQ.fit(vectors))")
+            if int(itq.dim) != int(dim):
+                raise GalleryError(f"the ITQ model expects dimension {itq.dim}, but the gallery has dimension {dim}")
+        elif itq is not None:
+            raise GalleryError(f"an ITQ model is only used with storage='itq' (got storage={storage!r})")
+        if (p / MANIFEST).exists():
+            if exist_ok:
+                g = cls.open(p, fingerprint=fingerprint)
+                if g.dim != int(dim) or g.storage != storage:
+                    g.close()
+                    raise GalleryError(
+                        f"{p} already holds a gallery with dim={g.dim}, storage={g.storage}; asked for dim={dim}, "
+                        f"storage={storage}"
+                    )
+                return g
+            raise GalleryError(f"{p} already holds a gallery; open it with Gallery.open or choose another directory")
+        if p.exists() and (not p.is_dir() or any(p.iterdir())):
+            raise GalleryError(f"{p} exists and is not an empty directory; a gallery needs a directory of its own")
+        p.mkdir(parents=True, exist_ok=True)
+        (p / SEGMENT_DIR).mkdir(exist_ok=True)
+        if storage == "itq":
+            itq.save(p / ITQ_FILE)
+        con = sqlite3.connect(p / DATABASE)
+        try:
+            con.execute("PRAGMA journal_mode=WAL")
+            con.executescript(SCHEMA)
+            con.execute("INSERT OR IGNORE INTO state(key, value) VALUES ('generation', 0)")
+            con.commit()
+        finally:
+            con.close()
+        from zsbir_infer import __version__
+
+        manifest: dict[str, Any] = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "fingerprint": fingerprint,
+            "dim": int(dim),
+            "metric": "hamming" if storage == "itq" else "ip",
+            "normalized": True,
+            "storage": storage,
+            "segment_rows": int(segment_rows),
+            "itq": {"file": ITQ_FILE, "n_bits": int(itq.n_bits)} if storage == "itq" else None,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "zsbir_version": __version__,
+        }
+        # The manifest is written last: a directory without one is not a gallery yet.
+        _write_json_atomic(p / MANIFEST, manifest)
+        return cls(p, manifest, _token=_CONSTRUCT)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], fingerprint: str | None = None) -> Gallery:
+        """Open an existing gallery.
+
+        Args:
+            path: the gallery directory.
+            fingerprint: if given, the fingerprint of the model that will query or extend the gallery;
+                a different one raises :class:`ModelMismatchError`.
+
+        Raises:
+            GalleryError: if the directory is not a readable gallery of a supported version.
+            ModelMismatchError: on a fingerprint mismatch.
+        """
+        p = Path(path)
+        mpath = p / MANIFEST
+        if not mpath.exists():
+            raise GalleryError(f"{p} is not a gallery (no {MANIFEST}); create one with Gallery.create / 'zsbir index'")
+        try:
+            manifest = json.loads(mpath.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise GalleryError(f"cannot read {mpath}: {e}") from e
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            raise GalleryError(f"{mpath} is not a zsbir gallery manifest")
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise GalleryError(
+                f"{p} has gallery format version {manifest.get('format_version')}; this zsbir reads version "
+                f"{FORMAT_VERSION}. Re-index the photos with this version."
+            )
+        for key in ("fingerprint", "dim", "storage", "metric", "segment_rows"):
+            if key not in manifest:
+                raise GalleryError(f"{mpath} lacks the '{key}' entry")
+        if manifest["storage"] not in STORAGES:
+            raise GalleryError(f"{mpath}: unknown storage {manifest['storage']!r}")
+        if not (p / DATABASE).exists():
+            raise GalleryError(f"{p} is damaged: {DATABASE} is missing")
+        g = cls(p, manifest, _token=_CONSTRUCT)
+        if fingerprint is not None:
+            try:
+                g.check_model(fingerprint)
+            except ModelMismatchError:
+                g.close()
+                raise
+        return g
+
+    def check_model(self, fingerprint: str) -> None:
+        """Raise :class:`ModelMismatchError` unless ``fingerprint`` is the one the gallery was built with."""
+        if fingerprint != self.fingerprint:
+            raise ModelMismatchError(self.path, self.fingerprint, fingerprint)
+
+    def close(self) -> None:
+        """Close the database connections and drop the memory maps (searches in flight finish first)."""
+        with self._conns_lock:
+            for con in self._conns:
+                with contextlib.suppress(sqlite3.Error):
+                    con.close()
+            self._conns.clear()
+        self._local = threading.local()
+        with self._state_lock:
+            self._snapshot = None
+        with self._ann_lock:
+            self._ann = None
+        self._closed = True
+
+    def __enter__(self) -> Gallery:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Gallery({str(self.path)!r}, storage={self.storage!r}, dim={self.dim}, fp={self.fingerprint!r})"
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _con(self) -> sqlite3.Connection:
+        if self._closed:
+            raise GalleryError(f"gallery {self.path} is closed")
+        con: sqlite3.Connection | None = getattr(self._local, "con", None)
+        if con is None:
+            con = sqlite3.connect(self.path / DATABASE, timeout=60.0, isolation_level=None, check_same_thread=False)
+            con.execute("PRAGMA journal_mode=WAL")
+            con.execute("PRAGMA synchronous=FULL")
+            con.execute("PRAGMA busy_timeout=60000")
+            self._local.con = con
+            with self._conns_lock:
+                self._conns.append(con)
+        return con
+
+    def _row_widths(self) -> tuple[tuple[str, np.dtype[Any], tuple[int, ...]], ...]:
+        out = []
+        for i, (suffix, dtype) in enumerate(_ROW_KINDS[self.storage]):
+            if self.storage == "itq":
+                shape: tuple[int, ...] = ((self.n_bits + 7) // 8,)
+            elif i == 0:
+                shape = (self.dim,)
+            else:
+                shape = ()
+            out.append((suffix, np.dtype(dtype), shape))
+        return tuple(out)
+
+    def _seg_path(self, seg: int, suffix: str) -> Path:
+        return self.path / SEGMENT_DIR / f"{seg:06d}.{suffix}"
+
+    def _read_segments(self, con: sqlite3.Connection) -> list[_Segment]:
+        rows = con.execute("SELECT seg, base, rows, max_norm FROM segments ORDER BY seg").fetchall()
+        return [_Segment(int(a), int(b), int(c), float(d)) for a, b, c, d in rows]
+
+    def _generation(self, con: sqlite3.Connection) -> int:
+        row = con.execute("SELECT value FROM state WHERE key = 'generation'").fetchone()
+        return int(row[0]) if row else 0
+
+    def _snapshot_now(self) -> _Snapshot:
+        """The committed state (segments mapped, tombstones), refreshed when another commit happened."""
+        con = self._con()
+        gen = self._generation(con)
+        snap = self._snapshot
+        if snap is not None and snap.generation == gen:
+            return snap
+        with self._state_lock:
+            snap = self._snapshot
+            if snap is not None and snap.generation == gen:
+                return snap
+            con.execute("BEGIN")
+            try:
+                gen = self._generation(con)
+                segments = self._read_segments(con)
+                cur = con.execute("SELECT vec FROM files WHERE vec IS NOT NULL")
+                live = np.array([r[0] for r in cur], dtype=np.int64)
+            finally:
+                con.execute("COMMIT")
+            total = sum(s.rows for s in segments)
+            dead = np.ones(total, dtype=bool)
+            if live.size:
+                dead[live] = False
+            old = {} if snap is None else {(b.base, b.rows): b for b in snap.blocks}
+            blocks = []
+            for s in segments:
+                if s.rows == 0:
+                    continue
+                prev = old.get((s.base, s.rows))
+                arrays = (prev.data, prev.scale) if prev is not None else self._map_segment(s)
+                blocks.append(
+                    Block(
+                        base=s.base,
+                        data=arrays[0],
+                        scale=arrays[1],
+                        dead=dead[s.base : s.base + s.rows],
+                        norm_bound=s.max_norm * (1 + 1e-3) + 1e-6,
+                    )
+                )
+            snap = _Snapshot(gen, total, tuple(segments), tuple(blocks), dead)
+            self._snapshot = snap
+            return snap
+
+    def _map_segment(self, s: _Segment) -> tuple[np.ndarray, np.ndarray | None]:
+        arrays: list[np.ndarray] = []
+        for suffix, dtype, shape in self._row_bytes:
+            f = self._seg_path(s.seg, suffix)
+            need = s.rows * dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+            try:
+                size = f.stat().st_size
+            except FileNotFoundError as e:
+                raise GalleryError(f"gallery {self.path} is damaged: segment file {f.name} is missing") from e
+            if size < need:
+                raise GalleryError(
+                    f"gallery {self.path} is damaged: {f.name} holds {size} bytes but the metadata commits {need}"
+                )
+            arrays.append(np.memmap(f, dtype=dtype, mode="r", shape=(s.rows, *shape)))
+        return arrays[0], (arrays[1] if len(arrays) > 1 else None)
+
+    # ------------------------------------------------------------------ incremental bookkeeping
+
+    def plan(self, files: Iterable[FileStat | tuple[str, int, int]]) -> Plan:
+        """Compare a listing of the indexed root with what the gallery recorded.
+
+        Args:
+            files: every file currently under the root, as :class:`FileStat` or ``(relpath, size, mtime_ns)``.
+
+        Returns:
+            A :class:`Plan`. Skipped files count as unchanged while their size and mtime stay the same
+            (so a broken file is not retried on every run); files recorded as deleted count as new.
+        """
+        listing: dict[str, FileStat] = {}
+        for f in files:
+            st = f if isinstance(f, FileStat) else FileStat(*f)
+            _check_relpath(st.relpath)
+            if st.relpath in listing:
+                raise GalleryError(f"the listing names {st.relpath!r} twice")
+            listing[st.relpath] = FileStat(st.relpath, int(st.size), int(st.mtime_ns))
+        known: dict[str, tuple[int, int, str]] = {}
+        for relpath, size, mtime, status in self._con().execute(
+            "SELECT relpath, size, mtime_ns, status FROM files WHERE status != 'deleted'"
+        ):
+            known[relpath] = (int(size), int(mtime), status)
+        new, changed, unchanged = [], [], []
+        for rel, st in listing.items():
+            k = known.get(rel)
+            if k is None:
+                new.append(st)
+            elif (k[0], k[1]) == (st.size, st.mtime_ns):
+                unchanged.append(rel)
+            else:
+                changed.append(st)
+        deleted = sorted(rel for rel in known if rel not in listing)
+        return Plan(new=new, changed=changed, unchanged=unchanged, deleted=deleted)
+
+    def _encode(self, vectors: np.ndarray) -> tuple[list[np.ndarray], float]:
+        """Stored arrays for a batch (per the storage kind) and the largest stored row norm."""
+        if self.storage == "float16":
+            v16 = vectors.astype(np.float16)
+            return [v16], float(np.linalg.norm(v16.astype(np.float32), axis=1).max(initial=0.0))
+        if self.storage == "int8":
+            amax = np.abs(vectors).max(axis=1)
+            scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+            q = np.clip(np.rint(vectors / scale[:, None]), -127, 127).astype(np.int8)
+            deq = q.astype(np.float32) * scale[:, None]
+            return [q, scale], float(np.linalg.norm(deq, axis=1).max(initial=0.0))
+        codes = np.ascontiguousarray(self.itq.transform(vectors), dtype=np.uint8)
+        return [codes], float(self.n_bits)
+
+    def _check_vectors(self, vectors: np.ndarray, n: int) -> np.ndarray:
+        v = np.asarray(vectors)
+        if v.ndim != 2 or v.shape != (n, self.dim):
+            raise GalleryError(f"expected vectors of shape ({n}, {self.dim}) (one per record); got {v.shape}")
+        if not np.issubdtype(v.dtype, np.floating):
+            raise GalleryError(f"vectors must be floating point; got dtype {v.dtype}")
+        v = v.astype(np.float32, copy=False)
+        if not np.isfinite(v).all():
+            bad = int(np.flatnonzero(~np.isfinite(v).all(axis=1))[0])
+            raise GalleryError(f"vector {bad} contains NaN or infinity")
+        if n:
+            norms = np.linalg.norm(v, axis=1)
+            off = np.flatnonzero(np.abs(norms - 1.0) > NORM_TOLERANCE)
+            if off.size:
+                i = int(off[0])
+                raise GalleryError(
+                    f"vectors must be L2-normalized (the gallery's metric is the inner product); vector {i} has norm "
+                    f"{norms[i]:.4f}. Normalize with v / np.linalg.norm(v, axis=1, keepdims=True)."
+                )
+        return v
+
+    def add(self, records: Sequence[FileRecord], vectors: np.ndarray) -> list[int]:
+        """Add (or replace) files and their embeddings as one atomic batch.
+
+        The vectors are appended to the segment files and fsynced first; the metadata rows that point at
+        them are committed afterwards in one SQLite transaction. Until that commit nothing of the batch is
+        visible, and after a crash the appended bytes are ignored and overwritten by the next ``add``.
+        A record whose path the gallery already has replaces it (the old row becomes a tombstone).
+
+        Args:
+            records: one :class:`FileRecord` per vector; paths relative to the indexed root, no duplicates.
+            vectors: (len(records), dim) L2-normalized float embeddings.
+
+        Returns:
+            The row ids given to the records, in order.
+
+        Raises:
+            GalleryError: on bad records or vectors (nothing is written then).
+        """
+        recs = list(records)
+        seen: set[str] = set()
+        for r in recs:
+            if not isinstance(r, FileRecord):
+                raise GalleryError(f"records must be FileRecord objects; got {type(r).__name__}")
+            _check_relpath(r.relpath)
+            if r.relpath in seen:
+                raise GalleryError(f"the batch names {r.relpath!r} twice")
+            seen.add(r.relpath)
+        v = self._check_vectors(vectors, len(recs))
+        if not recs:
+            return []
+        arrays, max_norm = self._encode(v)
+        with self._writer.hold():
+            con = self._con()
+            segments = self._read_segments(con)
+            total = sum(s.rows for s in segments)
+            last = segments[-1] if segments else None
+            # Split the batch over the last segment's free room and new segments.
+            pieces: list[tuple[_Segment, int, int, bool]] = []  # (segment, batch start, batch stop, is new)
+            pos = 0
+            n = len(recs)
+            if last is not None and last.rows < self.segment_rows:
+                take = min(n, self.segment_rows - last.rows)
+                pieces.append((last, 0, take, False))
+                pos = take
+            next_seg = (last.seg + 1) if last is not None else 0
+            base = total + pos
+            while pos < n:
+                take = min(n - pos, self.segment_rows)
+                pieces.append((_Segment(next_seg, base, 0, 0.0), pos, pos + take, True))
+                next_seg += 1
+                base += take
+                pos += take
+            for seg, a, b, _ in pieces:
+                self._append(seg, [arr[a:b] for arr in arrays])
+            if any(is_new for *_, is_new in pieces):
+                _fsync_dir(self.path / SEGMENT_DIR)
+            if _BEFORE_COMMIT is not None:
+                _BEFORE_COMMIT()
+            ids = list(range(total, total + n))
+            now = time.time_ns()
+            rows = [(r.relpath, int(r.size), int(r.mtime_ns), r.sha256, i, now) for r, i in zip(recs, ids, strict=True)]
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                for seg, a, b, is_new in pieces:
+                    if is_new:
+                        con.execute(
+                            "INSERT INTO segments(seg, base, rows, max_norm) VALUES (?, ?, ?, ?)",
+                            (seg.seg, seg.base, b - a, max_norm),
+                        )
+                    else:
+                        con.execute(
+                            "UPDATE segments SET rows = rows + ?, max_norm = MAX(max_norm, ?) WHERE seg = ?",
+                            (b - a, max_norm, seg.seg),
+                        )
+                con.executemany(
+                    "INSERT INTO files(relpath, size, mtime_ns, sha256, status, reason, vec, updated_ns) "
+                    "VALUES (?, ?, ?, ?, 'indexed', NULL, ?, ?) "
+                    "ON CONFLICT(relpath) DO UPDATE SET size = excluded.size, mtime_ns = excluded.mtime_ns, "
+                    "sha256 = excluded.sha256, status = 'indexed', reason = NULL, vec = excluded.vec, "
+                    "updated_ns = excluded.updated_ns",
+                    rows,
+                )
+                con.execute("UPDATE state SET value = value + 1 WHERE key = 'generation'")
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+        return ids
+
+    def _append(self, seg: _Segment, parts: list[np.ndarray]) -> None:
+        """Write rows after the committed end of a segment (dropping any uncommitted tail) and fsync."""
+        for (suffix, dtype, shape), arr in zip(self._row_bytes, parts, strict=True):
+            f = self._seg_path(seg.seg, suffix)
+            committed = seg.rows * dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+            fd = os.open(f, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                size = os.fstat(fd).st_size
+                if size < committed:
+                    raise GalleryError(
+                        f"gallery {self.path} is damaged: {f.name} holds {size} bytes but the metadata commits "
+                        f"{committed}"
+                    )
+                if size > committed:
+                    os.ftruncate(fd, committed)  # garbage of an interrupted batch
+                data = np.ascontiguousarray(arr, dtype=dtype).tobytes()
+                view = memoryview(data)
+                off = committed
+                while view:
+                    written = os.pwrite(fd, view, off)
+                    view = view[written:]
+                    off += written
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def skip(self, file: FileStat | FileRecord | str, reason: str) -> None:
+        """Record that a file was not indexed and why (unreadable, not an image, ...).
+
+        A skipped file has no vector (an earlier vector of the same path becomes a tombstone); :meth:`plan`
+        reports it as unchanged until its size or mtime change.
+        """
+        if not isinstance(reason, str) or not reason:
+            raise GalleryError("a skip needs a non-empty reason")
+        if isinstance(file, str):
+            rel, size, mtime, digest = file, -1, -1, None
+        else:
+            rel, size, mtime = file.relpath, int(file.size), int(file.mtime_ns)
+            digest = file.sha256 if isinstance(file, FileRecord) else None
+        _check_relpath(rel)
+        with self._writer.hold():
+            con = self._con()
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                con.execute(
+                    "INSERT INTO files(relpath, size, mtime_ns, sha256, status, reason, vec, updated_ns) "
+                    "VALUES (?, ?, ?, ?, 'skipped', ?, NULL, ?) "
+                    "ON CONFLICT(relpath) DO UPDATE SET size = excluded.size, mtime_ns = excluded.mtime_ns, "
+                    "sha256 = excluded.sha256, status = 'skipped', reason = excluded.reason, vec = NULL, "
+                    "updated_ns = excluded.updated_ns",
+                    (rel, size, mtime, digest, reason, time.time_ns()),
+                )
+                con.execute("UPDATE state SET value = value + 1 WHERE key = 'generation'")
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+
+    def delete(self, relpaths: Iterable[str]) -> int:
+        """Mark files as deleted (their vectors become tombstones, never returned by searches).
+
+        Returns:
+            How many of the paths were indexed or skipped before (unknown paths are ignored).
+        """
+        rels = [_check_relpath(r) for r in relpaths]
+        if not rels:
+            return 0
+        with self._writer.hold():
+            con = self._con()
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                n = 0
+                now = time.time_ns()
+                for i in range(0, len(rels), 500):
+                    chunk = rels[i : i + 500]
+                    marks = ",".join("?" * len(chunk))
+                    cur = con.execute(
+                        f"UPDATE files SET status = 'deleted', vec = NULL, reason = NULL, updated_ns = ? "
+                        f"WHERE status != 'deleted' AND relpath IN ({marks})",
+                        (now, *chunk),
+                    )
+                    n += cur.rowcount
+                if n:
+                    con.execute("UPDATE state SET value = value + 1 WHERE key = 'generation'")
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+        return n
+
+    def skipped(self) -> list[tuple[str, str]]:
+        """(relpath, reason) of every skipped file, sorted by path."""
+        cur = self._con().execute("SELECT relpath, reason FROM files WHERE status = 'skipped' ORDER BY relpath")
+        return [(str(a), str(b)) for a, b in cur]
+
+    def indexed(self) -> list[tuple[str, int]]:
+        """(relpath, row id) of every indexed file, sorted by path."""
+        cur = self._con().execute("SELECT relpath, vec FROM files WHERE status = 'indexed' ORDER BY relpath")
+        return [(str(a), int(b)) for a, b in cur]
+
+    def __len__(self) -> int:
+        """Number of indexed (searchable) files."""
+        return int(self._con().execute("SELECT COUNT(*) FROM files WHERE status = 'indexed'").fetchone()[0])
+
+    # ------------------------------------------------------------------ reading vectors
+
+    def vectors(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Stored rows as float32 (dequantized for int8; packed uint8 codes for ITQ storage)."""
+        snap = self._snapshot_now()
+        idx = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= snap.rows):
+            raise GalleryError(f"row ids must be in [0, {snap.rows}); got {idx.min()}..{idx.max()}")
+        return self._gather(snap, idx)
+
+    def _gather(self, snap: _Snapshot, idx: np.ndarray) -> np.ndarray:
+        width = self._row_bytes[0][2][0]
+        out_dtype = np.uint8 if self.storage == "itq" else np.float32
+        out = np.empty((idx.size, width), dtype=out_dtype)
+        bases = np.array([b.base for b in snap.blocks], dtype=np.int64)
+        which = np.searchsorted(bases, idx, side="right") - 1
+        for j in np.unique(which):
+            sel = np.flatnonzero(which == j)
+            b = snap.blocks[int(j)]
+            local = idx[sel] - b.base
+            rows = np.asarray(b.data[local])
+            if b.scale is not None:
+                out[sel] = rows.astype(np.float32) * np.asarray(b.scale[local])[:, None]
+            else:
+                out[sel] = rows
+        return out
+
+    def _read_float_rows(self, snap: _Snapshot) -> Callable[[int, int], np.ndarray]:
+        def read(start: int, stop: int) -> np.ndarray:
+            return self._gather(snap, np.arange(start, stop, dtype=np.int64))
+
+        return read
+
+    # ------------------------------------------------------------------ search
+
+    def _check_queries(self, queries: np.ndarray) -> np.ndarray:
+        q = np.asarray(queries)
+        if q.ndim == 1:
+            q = q[None, :]
+        if q.ndim != 2 or q.shape[1] != self.dim:
+            raise GalleryError(f"queries must have shape (Q, {self.dim}) or ({self.dim},); got {np.shape(queries)}")
+        if not np.issubdtype(q.dtype, np.floating):
+            raise GalleryError(f"queries must be floating point; got dtype {q.dtype}")
+        q = q.astype(np.float32, copy=False)
+        if not np.isfinite(q).all():
+            raise GalleryError("queries contain NaN or infinity")
+        return q
+
+    def search(
+        self,
+        queries: np.ndarray,
+        k: int = 10,
+        exact: bool = False,
+        *,
+        fingerprint: str | None = None,
+        threads: int | None = None,
+    ) -> list[list[Hit]]:
+        """Find the ``k`` best files for each query.
+
+        Args:
+            queries: (Q, dim) or (dim,) L2-normalized query embeddings (sketches).
+            k: results per query.
+            exact: True for an exhaustive search; False (default) uses the usearch HNSW index, built or
+                updated on first use and saved in the gallery. Candidates of the ANN search are rescored
+                exactly, so scores are identical to the exact search's for the same rows. ITQ galleries
+                always run an exhaustive Hamming search (it reads 8 bytes per photo).
+            fingerprint: the query model's fingerprint; a mismatch raises :class:`ModelMismatchError`.
+            threads: CPU threads for this search (default: all available).
+
+        Returns:
+            One list of :class:`Hit` per query, best first (higher score, then smaller id); shorter than
+            ``k`` when the gallery holds fewer files.
+        """
+        if fingerprint is not None:
+            self.check_model(fingerprint)
+        if not isinstance(k, (int, np.integer)) or int(k) < 1:
+            raise GalleryError(f"k must be a positive integer; got {k!r}")
+        k = int(k)
+        q = self._check_queries(queries)
+        snap = self._snapshot_now()
+        if self.storage == "itq":
+            scorer: Scorer = HammingScorer(self.itq.transform(q), self.n_bits)
+            scores, ids = search_blocks(snap.blocks, scorer, k, threads=threads)
+        elif exact:
+            scorer = F16Scorer(q) if self.storage == "float16" else Int8Scorer(q)
+            scores, ids = search_blocks(snap.blocks, scorer, k, threads=threads)
+        else:
+            scores, ids = self._search_ann(snap, q, k, threads)
+        return self._hits(scores, ids)
+
+    def _search_ann(self, snap: _Snapshot, q: np.ndarray, k: int, threads: int | None) -> tuple[np.ndarray, np.ndarray]:
+        with self._ann_lock:
+            ann = self._ensure_ann(snap)
+            cands = ann.search(q, k, threads=0 if threads is None else int(threads))
+        scores = np.full((q.shape[0], k), -np.inf, dtype=np.float32)
+        ids = np.full((q.shape[0], k), ID_SENTINEL, dtype=np.int64)
+        q64 = q.astype(np.float64)
+        for i, c in enumerate(cands):
+            c = c[(c >= 0) & (c < snap.rows)]
+            c = c[~snap.dead[c]]
+            if c.size == 0:
+                continue
+            rows = self._gather(snap, c).astype(np.float64)
+            s = (rows @ q64[i]).astype(np.float32)
+            order = np.lexsort((c, -s))[:k]
+            scores[i, : order.size] = s[order]
+            ids[i, : order.size] = c[order]
+        return scores, ids
+
+    def _ensure_ann(self, snap: _Snapshot) -> AnnIndex:
+        ann = self._ann
+        if ann is None:
+            ann = AnnIndex(self.path, self.dim, {"storage": self.storage, "fingerprint": self.fingerprint})
+            ann.load()
+            self._ann = ann
+        if ann.rows != snap.rows or ann.dead_covered != int(np.count_nonzero(snap.dead[: ann.rows])):
+            changed = ann.sync(snap.rows, snap.dead, self._read_float_rows(snap))
+            if changed:
+                # Save when no other writer is busy; otherwise keep the updated index in memory only.
+                with self._writer.hold(blocking=False) as got:
+                    if got:
+                        ann.save()
+        return ann
+
+    def build_index(self) -> int:
+        """Build or update the ANN index now and save it; returns the number of vectors in it."""
+        if self.storage == "itq":
+            raise GalleryError("ITQ galleries have no ANN index: their searches are exhaustive Hamming searches")
+        snap = self._snapshot_now()
+        with self._ann_lock:
+            ann = self._ensure_ann(snap)
+            with self._writer.hold():
+                ann.save()
+            return ann.size
+
+    def _hits(self, scores: np.ndarray, ids: np.ndarray) -> list[list[Hit]]:
+        valid = (ids != ID_SENTINEL) & np.isfinite(scores)
+        wanted = np.unique(ids[valid])
+        paths: dict[int, str] = {}
+        con = self._con()
+        for i in range(0, wanted.size, 500):
+            chunk = [int(x) for x in wanted[i : i + 500]]
+            marks = ",".join("?" * len(chunk))
+            for vec, rel in con.execute(f"SELECT vec, relpath FROM files WHERE vec IN ({marks})", chunk):
+                paths[int(vec)] = str(rel)
+        out: list[list[Hit]] = []
+        for qi in range(ids.shape[0]):
+            row: list[Hit] = []
+            for j in range(ids.shape[1]):
+                if not valid[qi, j]:
+                    break
+                vid = int(ids[qi, j])
+                rel_path = paths.get(vid)
+                if rel_path is None:  # deleted by a commit after this search's snapshot
+                    continue
+                row.append(Hit(path=rel_path, score=float(scores[qi, j]), id=vid))
+            out.append(row)
+        return out
+
+    # ------------------------------------------------------------------ description
+
+    def stats(self) -> GalleryStats:
+        """Counts and sizes (files by status, rows, tombstones, bytes on disk, ANN coverage)."""
+        snap = self._snapshot_now()
+        con = self._con()
+        counts = dict.fromkeys(("indexed", "skipped", "deleted"), 0)
+        for status, n in con.execute("SELECT status, COUNT(*) FROM files GROUP BY status"):
+            counts[str(status)] = int(n)
+        seg_bytes = sum(f.stat().st_size for f in (self.path / SEGMENT_DIR).iterdir() if f.is_file())
+        total_bytes = sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+        ann = AnnIndex(self.path, self.dim, {"storage": self.storage, "fingerprint": self.fingerprint})
+        ann_ok = self.storage != "itq" and ann.load()
+        ann_stale = self.storage != "itq" and (
+            not ann_ok or ann.rows != snap.rows or ann.dead_covered != int(np.count_nonzero(snap.dead[: ann.rows]))
+        )
+        return GalleryStats(
+            path=str(self.path),
+            fingerprint=self.fingerprint,
+            dim=self.dim,
+            metric=self.metric,
+            storage=self.storage,
+            format_version=int(self.manifest["format_version"]),
+            files_indexed=counts["indexed"],
+            files_skipped=counts["skipped"],
+            files_deleted=counts["deleted"],
+            rows=snap.rows,
+            dead_rows=int(np.count_nonzero(snap.dead)),
+            segments=len(snap.segments),
+            bytes_vectors=seg_bytes,
+            bytes_total=total_bytes,
+            ann_vectors=ann.size if ann_ok else 0,
+            ann_stale=bool(ann_stale),
+            generation=snap.generation,
+            created=str(self.manifest.get("created", "")),
+        )
+
+
+_CONSTRUCT = object()
