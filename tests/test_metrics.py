@@ -340,3 +340,30 @@ def test_validation_codes_and_scores() -> None:
         evaluate_scores(np.array([[np.nan, 1.0]]), [0], [0, 1])
     with pytest.raises(ValueError, match="gallery is empty"):
         evaluate_scores(np.zeros((1, 0)), [0], [])
+
+
+@pytest.mark.parametrize("n_values", [3, 400, 10**9])  # heavy ties (argsort path), a few ties (scans), none
+def test_positive_ranks_against_lexsort(n_values: int) -> None:
+    rng = np.random.default_rng(n_values % 1000)
+    for _ in range(20):
+        keys = rng.integers(0, n_values, size=500).astype(np.float32)
+        pos = rng.choice(500, size=int(rng.integers(0, 60)), replace=False)
+        order = np.lexsort((np.arange(500), keys))  # primary: key, secondary: gallery index
+        rank_of = np.empty(500, dtype=np.int64)
+        rank_of[order] = np.arange(1, 501)
+        expected = np.sort(rank_of[pos])
+        np.testing.assert_array_equal(positive_ranks(keys, pos), expected)
+
+
+def test_positive_ranks_integer_and_skewed_keys() -> None:
+    rng = np.random.default_rng(9)
+    for keys in (
+        rng.integers(0, 65, size=700).astype(np.uint8),  # Hamming-like
+        np.concatenate([rng.normal(0.0, 1e-6, 690), [-50.0, 40.0] * 5]).astype(np.float32),  # dense + outliers
+        np.full(700, 0.25, dtype=np.float32),  # all equal
+    ):
+        pos = rng.choice(700, size=80, replace=False)
+        order = np.lexsort((np.arange(700), keys))
+        rank_of = np.empty(700, dtype=np.int64)
+        rank_of[order] = np.arange(1, 701)
+        np.testing.assert_array_equal(positive_ranks(keys, pos), np.sort(rank_of[pos]))

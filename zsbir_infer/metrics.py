@@ -41,9 +41,10 @@ relevant items, or among irrelevant ones, never change any metric). Ties are com
 distances, rare with float embeddings.
 
 Numerics: cosine scores are computed in float32 (matrix products in batches of ``batch_size``
-queries); metric arithmetic is float64. The implementation never sorts more than it must: for each
-query it sorts the gallery keys once and locates the relevant items by binary search, falling back
-to a stable argsort only for queries where a relevant item ties with another item.
+queries); metric arithmetic is float64. Only the ranks of the relevant items are needed, so no query's
+full ranking is sorted: keys are bucketed into monotone bins, items in lower bins are counted, and
+only the items sharing a bin with a relevant item are sorted (stably). Integer keys (Hamming
+distances) use a stable radix argsort.
 """
 
 from __future__ import annotations
@@ -82,6 +83,53 @@ _PREC_KS = (100, 200)
 # --------------------------------------------------------------------------- per-query arithmetic
 
 
+def _bin_keys(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Monotone bins of each row of float ``keys`` (B, G) and, per bin, the count of items in lower bins.
+
+    Bin ``floor((k - min) * (nb - 1) / (max - min))`` never decreases as ``k`` grows (every step is a
+    monotone rounded operation), so an item in a lower bin always ranks before one in a higher bin.
+    """
+    b, g = keys.shape
+    nb = max(1024, g)
+    lo = keys.min(axis=1, keepdims=True)
+    span = keys.max(axis=1, keepdims=True).astype(np.float64) - lo
+    # The 1e-3 margin keeps rounding from ever reaching bin nb - 1 + 1, so no clipping pass is needed.
+    scale = np.where(span > 0, (nb - 1.001) / np.where(span > 0, span, 1.0), 0.0).astype(keys.dtype)
+    tmp = np.subtract(keys, lo)  # >= 0
+    np.multiply(tmp, scale, out=tmp)
+    bins = tmp.astype(np.int32)
+    del tmp
+    offsets = (np.arange(b, dtype=np.int32) * nb)[:, None]
+    np.add(bins, offsets, out=bins)
+    counts = np.bincount(bins.ravel(), minlength=b * nb).reshape(b, nb)
+    np.subtract(bins, offsets, out=bins)
+    below = np.cumsum(counts, axis=1) - counts
+    return bins, below
+
+
+def _ranks_from_bins(keys: np.ndarray, bins: np.ndarray, below: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    # Sort (stably, so equal keys keep gallery-index order) only the items sharing a bin with a
+    # relevant item; the rank is the count of items in lower bins plus the position inside the bin.
+    hot = np.zeros(below.shape[0], dtype=bool)
+    hot[bins[pos]] = True
+    cand = np.flatnonzero(hot[bins])  # ascending gallery index
+    cand = cand[np.argsort(keys[cand], kind="stable")]  # now in ranking order
+    cb = bins[cand]
+    within = np.arange(cand.shape[0]) - np.searchsorted(cb, cb, side="left")
+    is_pos = np.zeros(bins.shape[0], dtype=bool)
+    is_pos[pos] = True
+    sel = is_pos[cand]
+    return (below[cb[sel]] + within[sel] + 1).astype(np.int64)
+
+
+def _ranks_by_argsort(keys: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    # Integer keys (Hamming distances): a stable argsort, a radix sort for 8/16-bit keys.
+    order = np.argsort(keys, kind="stable")
+    rank_of = np.empty(keys.shape[0], dtype=np.int64)
+    rank_of[order] = np.arange(1, keys.shape[0] + 1)
+    return np.sort(rank_of[pos])
+
+
 def positive_ranks(keys: np.ndarray, positives: ArrayLike) -> np.ndarray:
     """1-based ranks, ascending, of the ``positives`` gallery indices in one query's ranking.
 
@@ -92,21 +140,16 @@ def positive_ranks(keys: np.ndarray, positives: ArrayLike) -> np.ndarray:
         keys: (G,) ranking keys of one query against the gallery; lower ranks first.
         positives: (n,) distinct gallery indices of the relevant items.
     """
+    k = np.asarray(keys)
     pos = np.asarray(positives, dtype=np.int64)
+    if k.ndim != 1:
+        raise ValueError(f"keys must be 1-D; got shape {k.shape}")
     if pos.size == 0:
         return np.empty(0, dtype=np.int64)
-    kp = keys[pos]
-    srt = np.sort(keys)
-    left = np.searchsorted(srt, kp, side="left")
-    right = np.searchsorted(srt, kp, side="right")
-    if np.all(right - left == 1):
-        ranks = left + 1
-    else:
-        order = np.argsort(keys, kind="stable")
-        rank_of = np.empty(keys.shape[0], dtype=np.int64)
-        rank_of[order] = np.arange(1, keys.shape[0] + 1)
-        ranks = rank_of[pos]
-    return np.sort(ranks.astype(np.int64, copy=False))
+    if not np.issubdtype(k.dtype, np.floating):
+        return _ranks_by_argsort(k, pos)
+    bins, below = _bin_keys(k[None, :])
+    return _ranks_from_bins(k, bins[0], below[0], pos)
 
 
 def average_precision(ranks: ArrayLike, n_relevant: int, top: int | None = None) -> float:
@@ -213,9 +256,18 @@ def _run(
     out = np.empty((nq, 4), dtype=np.float64)
 
     def work(start: int, keys: np.ndarray, lo: int, hi: int) -> None:
+        floating = np.issubdtype(keys.dtype, np.floating)
+        if floating:
+            bins, below = _bin_keys(keys[lo:hi])
         for i in range(lo, hi):
             q = start + i
-            ranks = positive_ranks(keys[i], positives[q_codes[q]])
+            pos = positives[q_codes[q]]
+            if pos.size == 0:
+                ranks = pos
+            elif floating:
+                ranks = _ranks_from_bins(keys[i], bins[i - lo], below[i - lo], pos)
+            else:
+                ranks = _ranks_by_argsort(keys[i], pos)
             out[q] = _query_values(ranks, n_gallery, protocol)
 
     with ThreadPoolExecutor(max_workers=n_threads) as pool:
