@@ -1,0 +1,453 @@
+// Fused inner-product top-k: scores are computed tile by tile and reduced to per-query top-k in shared
+// memory (select.cuh); only k keys per (query, gallery chunk) reach device memory, then merge_kernel
+// combines the chunks.
+//
+// Two stage-1 kernels:
+//  * ip_simt_kernel  - small Q (and any k): a GEMV-like stream over the gallery. 8 lanes share a row,
+//                      each loading 16 bytes (8 fp16 / 8 int8 as 8 bytes) per step; 4 rows per lane group
+//                      are in flight; up to 8 queries per block share each gallery load.
+//  * ip_wmma_kernel  - Q >= 16 and k <= 256: 16x16x16 fp16 tensor-core tiles (fp32 accumulate) of
+//                      QT queries x 128 gallery rows, D consumed 64 at a time through shared memory.
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <mma.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#include "internal.cuh"
+
+namespace zsbir {
+namespace {
+
+constexpr int kSimtLanes = 8;                              // lanes per gallery row
+constexpr int kSimtRows = 4;                               // rows per lane group per tile
+constexpr int kSimtGroups = kThreads / kSimtLanes;         // 32 lane groups
+constexpr int kSimtTile = kSimtGroups * kSimtRows;         // 128 rows per tile
+constexpr int kMaxQG = 8;                                  // queries per SIMT block
+
+constexpr int kTensorTile = 128;  // gallery rows per tensor-core tile
+constexpr int kTensorKC = 64;     // D consumed per shared-memory step
+constexpr int kLdh = kTensorKC + 8;
+constexpr int kLds = kTensorTile + 4;
+constexpr int kTensorMaxK = 256;
+
+__device__ __forceinline__ float2 half2_bits_to_float2(unsigned int w) {
+  __half2 h;
+  memcpy(&h, &w, sizeof(h));
+  return __half22float2(h);
+}
+
+__device__ __forceinline__ void unpack8(const uint4& u, float (&v)[8]) {
+  const float2 a = half2_bits_to_float2(u.x);
+  const float2 b = half2_bits_to_float2(u.y);
+  const float2 c = half2_bits_to_float2(u.z);
+  const float2 d = half2_bits_to_float2(u.w);
+  v[0] = a.x, v[1] = a.y, v[2] = b.x, v[3] = b.y, v[4] = c.x, v[5] = c.y, v[6] = d.x, v[7] = d.y;
+}
+
+__device__ __forceinline__ void unpack8(const uint2& u, float (&v)[8]) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    v[j] = static_cast<float>(static_cast<int8_t>((u.x >> (8 * j)) & 0xffu));
+    v[4 + j] = static_cast<float>(static_cast<int8_t>((u.y >> (8 * j)) & 0xffu));
+  }
+}
+
+// 8 consecutive gallery elements from global memory (streaming load), as floats.
+__device__ __forceinline__ void load8_global(const __half* p, float (&v)[8]) {
+  unpack8(__ldcs(reinterpret_cast<const uint4*>(p)), v);
+}
+__device__ __forceinline__ void load8_global(const int8_t* p, float (&v)[8]) {
+  unpack8(__ldcs(reinterpret_cast<const uint2*>(p)), v);
+}
+
+__device__ __forceinline__ float load1(const __half* p) { return __half2float(*p); }
+__device__ __forceinline__ float load1(const int8_t* p) { return static_cast<float>(*p); }
+
+__device__ __forceinline__ __half to_half(__half x) { return x; }
+__device__ __forceinline__ __half to_half(int8_t x) { return __int2half_rn(static_cast<int>(x)); }
+
+__device__ __forceinline__ unsigned int pack_half2(__half lo, __half hi) {
+  const __half2 h = __halves2half2(lo, hi);
+  unsigned int w;
+  memcpy(&w, &h, sizeof(w));
+  return w;
+}
+
+// 8 consecutive elements as 8 halves packed in a uint4 (for the tensor-core shared tiles).
+__device__ __forceinline__ uint4 load8_as_half(const __half* p) { return *reinterpret_cast<const uint4*>(p); }
+__device__ __forceinline__ uint4 load8_as_half(const int8_t* p) {
+  const uint2 u = *reinterpret_cast<const uint2*>(p);
+  __half h[8];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    h[j] = __int2half_rn(static_cast<int>(static_cast<int8_t>((u.x >> (8 * j)) & 0xffu)));
+    h[4 + j] = __int2half_rn(static_cast<int>(static_cast<int8_t>((u.y >> (8 * j)) & 0xffu)));
+  }
+  return make_uint4(pack_half2(h[0], h[1]), pack_half2(h[2], h[3]), pack_half2(h[4], h[5]), pack_half2(h[6], h[7]));
+}
+
+__device__ __forceinline__ size_t align16(size_t x) { return (x + 15) / 16 * 16; }
+
+// ---------------------------------------------------------------------------------------------------
+// Stage 1, small Q: streaming kernel on CUDA cores.
+// grid = (nchunks, query groups of qg); block = 256 threads.
+template <typename T, bool VEC>
+__global__ void __launch_bounds__(kThreads) ip_simt_kernel(const __half* __restrict__ queries,
+                                                           const void* __restrict__ gallery_raw,
+                                                           const float* __restrict__ scales, int nq, int n, int d,
+                                                           int k, int P, int qg, int rows_per_chunk, int nchunks,
+                                                           skey_t* __restrict__ ws) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  const T* __restrict__ gallery = static_cast<const T*>(gallery_raw);
+  const int q0 = blockIdx.y * qg;
+  const int nqb = min(qg, nq - q0);
+  const int dp = (d + 7) & ~7;
+  __half* qs = reinterpret_cast<__half*>(smem);
+  Selector sel;
+  make_selector(smem + align16(static_cast<size_t>(qg) * dp * sizeof(__half)), qg, P, k, kSimtTile, &sel);
+  sel.init();
+  for (int i = threadIdx.x; i < qg * dp; i += blockDim.x) {
+    const int q = i / dp;
+    const int c = i - q * dp;
+    qs[i] = (q < nqb && c < d) ? queries[static_cast<int64_t>(q0 + q) * d + c] : __float2half(0.0f);
+  }
+  __syncthreads();
+
+  const int chunk = blockIdx.x;
+  const int64_t start = static_cast<int64_t>(chunk) * rows_per_chunk;
+  const int64_t end = min(static_cast<int64_t>(n), start + rows_per_chunk);
+  const int group = threadIdx.x / kSimtLanes;
+  const int sub = threadIdx.x % kSimtLanes;
+  skey_t thr = sub < nqb ? sel.threshold(sub) : 0ull;
+
+  for (int64_t base = start; base < end; base += kSimtTile) {
+    float acc[kSimtRows][kMaxQG];
+    int64_t rows[kSimtRows];
+    bool ok[kSimtRows];
+#pragma unroll
+    for (int r = 0; r < kSimtRows; ++r) {
+      rows[r] = base + r * kSimtGroups + group;
+      ok[r] = rows[r] < end;
+#pragma unroll
+      for (int q = 0; q < kMaxQG; ++q) acc[r][q] = 0.0f;
+    }
+    if (VEC) {
+      for (int c = sub * 8; c < d; c += kSimtLanes * 8) {
+        float gv[kSimtRows][8];
+#pragma unroll
+        for (int r = 0; r < kSimtRows; ++r) {
+          if (ok[r]) {
+            load8_global(gallery + rows[r] * d + c, gv[r]);
+          } else {
+#pragma unroll
+            for (int j = 0; j < 8; ++j) gv[r][j] = 0.0f;
+          }
+        }
+#pragma unroll
+        for (int q = 0; q < kMaxQG; ++q) {
+          if (q < nqb) {
+            float qv[8];
+            unpack8(*reinterpret_cast<const uint4*>(qs + q * dp + c), qv);
+#pragma unroll
+            for (int r = 0; r < kSimtRows; ++r) {
+#pragma unroll
+              for (int j = 0; j < 8; ++j) acc[r][q] = fmaf(gv[r][j], qv[j], acc[r][q]);
+            }
+          }
+        }
+      }
+    } else {
+      for (int c = sub; c < d; c += kSimtLanes) {
+        float gv[kSimtRows];
+#pragma unroll
+        for (int r = 0; r < kSimtRows; ++r) gv[r] = ok[r] ? load1(gallery + rows[r] * d + c) : 0.0f;
+#pragma unroll
+        for (int q = 0; q < kMaxQG; ++q) {
+          if (q < nqb) {
+            const float qv = __half2float(qs[q * dp + c]);
+#pragma unroll
+            for (int r = 0; r < kSimtRows; ++r) acc[r][q] = fmaf(gv[r], qv, acc[r][q]);
+          }
+        }
+      }
+    }
+    // Sum the 8 partial dot products of each lane group (lanes 8g..8g+7).
+#pragma unroll
+    for (int q = 0; q < kMaxQG; ++q) {
+      if (q < nqb) {
+#pragma unroll
+        for (int r = 0; r < kSimtRows; ++r) {
+          float v = acc[r][q];
+          v += __shfl_xor_sync(0xffffffffu, v, 4);
+          v += __shfl_xor_sync(0xffffffffu, v, 2);
+          v += __shfl_xor_sync(0xffffffffu, v, 1);
+          acc[r][q] = v;
+        }
+      }
+    }
+    // Lane `sub` of each group offers the scores of query `sub`.
+    if (sub < nqb) {
+#pragma unroll
+      for (int r = 0; r < kSimtRows; ++r) {
+        if (ok[r]) {
+          float s = 0.0f;
+#pragma unroll
+          for (int q = 0; q < kMaxQG; ++q) s = (q == sub) ? acc[r][q] : s;
+          if (scales != nullptr) s *= scales[rows[r]];
+          sel.offer(sub, make_key(s, static_cast<uint32_t>(rows[r])), thr);
+        }
+      }
+    }
+    sel.between_tiles();
+    if (sub < nqb) thr = sel.threshold(sub);
+  }
+  sel.finish();
+  const int warp = threadIdx.x >> 5;
+  for (int g = warp; g < nqb; g += kWarps) {
+    store_keys(sel, g, ws + (static_cast<int64_t>(q0 + g) * nchunks + chunk) * k);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Stage 1, larger Q: tensor cores (WMMA 16x16x16, fp16 in, fp32 accumulate).
+
+// rows x 64 tile of src (row stride d) starting at (row0, c0) into shared dst (row stride kLdh) as fp16,
+// zero outside [0, nrows) x [0, d).
+template <typename T, bool VEC>
+__device__ __forceinline__ void load_tile(__half* __restrict__ dst, const T* __restrict__ src, int64_t row0,
+                                          int64_t nrows, int d, int c0, int rows) {
+  if (VEC) {
+    constexpr int kVecPerRow = kTensorKC / 8;
+    for (int i = threadIdx.x; i < rows * kVecPerRow; i += blockDim.x) {
+      const int r = i / kVecPerRow;
+      const int cv = (i - r * kVecPerRow) * 8;
+      const int64_t row = row0 + r;
+      uint4 v = make_uint4(0u, 0u, 0u, 0u);
+      if (row < nrows && c0 + cv < d) v = load8_as_half(src + row * d + c0 + cv);
+      *reinterpret_cast<uint4*>(dst + r * kLdh + cv) = v;
+    }
+  } else {
+    for (int i = threadIdx.x; i < rows * kTensorKC; i += blockDim.x) {
+      const int r = i / kTensorKC;
+      const int c = i - r * kTensorKC;
+      const int64_t row = row0 + r;
+      dst[r * kLdh + c] = (row < nrows && c0 + c < d) ? to_half(src[row * d + c0 + c]) : __float2half(0.0f);
+    }
+  }
+}
+
+template <int QT>
+__host__ __device__ constexpr size_t wmma_fixed_bytes() {
+  return static_cast<size_t>(QT) * kLdh * 2 + static_cast<size_t>(kTensorTile) * kLdh * 2 +
+         static_cast<size_t>(QT) * kLds * 4;
+}
+
+template <typename T, int QT, bool VEC>
+__global__ void __launch_bounds__(kThreads) ip_wmma_kernel(const __half* __restrict__ queries,
+                                                           const void* __restrict__ gallery_raw,
+                                                           const float* __restrict__ scales, int nq, int n, int d,
+                                                           int k, int P, int /*qg*/, int rows_per_chunk,
+                                                           int nchunks, skey_t* __restrict__ ws) {
+  using namespace nvcuda;
+  constexpr int QB = QT / 16;           // 16-row query blocks
+  constexpr int WPQ = kWarps / QB;      // warps per query block
+  constexpr int COLS = kTensorTile / WPQ;
+  constexpr int FR = COLS / 16;         // accumulator fragments per warp
+  static_assert(QB * WPQ == kWarps && FR * 16 * WPQ == kTensorTile, "bad tensor tile shape");
+
+  extern __shared__ __align__(128) unsigned char smem[];
+  const T* __restrict__ gallery = static_cast<const T*>(gallery_raw);
+  __half* qs = reinterpret_cast<__half*>(smem);
+  __half* gs = qs + QT * kLdh;
+  float* ss = reinterpret_cast<float*>(gs + kTensorTile * kLdh);
+  Selector sel;
+  make_selector(smem + wmma_fixed_bytes<QT>(), QT, P, k, kTensorTile, &sel);
+
+  const int q0 = blockIdx.y * QT;
+  const int nqb = min(QT, nq - q0);
+  const int chunk = blockIdx.x;
+  const int64_t start = static_cast<int64_t>(chunk) * rows_per_chunk;
+  const int64_t end = min(static_cast<int64_t>(n), start + rows_per_chunk);
+  const int warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31;
+  const int qb = warp % QB;
+  const int col0 = (warp / QB) * COLS;
+  const bool q_resident = d <= kTensorKC;
+
+  sel.init();
+  if (q_resident) load_tile<__half, VEC>(qs, queries + static_cast<int64_t>(q0) * d, 0, nqb, d, 0, QT);
+  __syncthreads();
+
+  for (int64_t base = start; base < end; base += kTensorTile) {
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[FR];
+#pragma unroll
+    for (int f = 0; f < FR; ++f) wmma::fill_fragment(acc[f], 0.0f);
+    for (int c0 = 0; c0 < d; c0 += kTensorKC) {
+      __syncthreads();  // previous step's fragments are loaded
+      if (!q_resident) load_tile<__half, VEC>(qs, queries + static_cast<int64_t>(q0) * d, 0, nqb, d, c0, QT);
+      load_tile<T, VEC>(gs, gallery, base, n, d, c0, kTensorTile);
+      __syncthreads();
+#pragma unroll
+      for (int kk = 0; kk < kTensorKC; kk += 16) {
+        if (c0 + kk < d) {
+          wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> a;
+          wmma::load_matrix_sync(a, qs + qb * 16 * kLdh + kk, kLdh);
+#pragma unroll
+          for (int f = 0; f < FR; ++f) {
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> b;
+            wmma::load_matrix_sync(b, gs + (col0 + 16 * f) * kLdh + kk, kLdh);
+            wmma::mma_sync(acc[f], a, b, acc[f]);
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int f = 0; f < FR; ++f) {
+      wmma::store_matrix_sync(ss + qb * 16 * kLds + col0 + 16 * f, acc[f], kLds, wmma::mem_row_major);
+    }
+    __syncthreads();
+    for (int g = warp; g < nqb; g += kWarps) {
+      const skey_t thr = sel.threshold(g);
+      for (int j = lane; j < kTensorTile; j += 32) {
+        const int64_t row = base + j;
+        if (row < end) {
+          float s = ss[g * kLds + j];
+          if (scales != nullptr) s *= scales[row];
+          sel.offer(g, make_key(s, static_cast<uint32_t>(row)), thr);
+        }
+      }
+    }
+    sel.between_tiles();
+  }
+  sel.finish();
+  for (int g = warp; g < nqb; g += kWarps) {
+    store_keys(sel, g, ws + (static_cast<int64_t>(q0 + g) * nchunks + chunk) * k);
+  }
+}
+
+// Both stage-1 kernels share this signature (the tensor kernel ignores qg: its QT is a template argument).
+using StageKernel = void (*)(const __half*, const void*, const float*, int, int, int, int, int, int, int, int,
+                             skey_t*);
+
+bool aligned(const void* p, size_t a) { return reinterpret_cast<uintptr_t>(p) % a == 0; }
+
+template <typename T>
+int run_ip(const __half* queries, const T* gallery, const float* scales, int64_t nq64, int64_t n64, int d, int k,
+           float* out_scores, int64_t* out_idx, int path, cudaStream_t stream) {
+  const int nq = static_cast<int>(nq64);
+  const int n = static_cast<int>(n64);
+  if (n == 0) return launch_merge(nullptr, nq, 0, k, out_scores, nullptr, out_idx, 0, stream);
+
+  DeviceInfo dev;
+  int st = device_info(&dev);
+  if (st != ZSBIR_OK) return st;
+
+  const size_t galign = sizeof(T) == 2 ? 16 : 8;
+  const bool vec = (d % 8 == 0) && aligned(queries, 16) && aligned(gallery, galign);
+  bool tensor = false;
+  if (path == ZSBIR_PATH_TENSOR) {
+    if (k > kTensorMaxK) return ZSBIR_ERR_UNSUPPORTED;
+    tensor = true;
+  } else if (path == ZSBIR_PATH_AUTO) {
+    tensor = nq >= 16 && k <= kTensorMaxK;
+  }
+
+  StageKernel kernel = nullptr;
+  int qg = 0;
+  int P = 0;
+  int tile = 0;
+  size_t smem = 0;
+  if (tensor) {
+    tile = kTensorTile;
+    P = list_len(k, kTensorTile);
+    qg = 64;
+    smem = wmma_fixed_bytes<64>() + selector_bytes(64, P);
+    if (smem > static_cast<size_t>(dev.smem_optin)) {
+      qg = 32;
+      smem = wmma_fixed_bytes<32>() + selector_bytes(32, P);
+    }
+    if (smem > static_cast<size_t>(dev.smem_optin)) return ZSBIR_ERR_SHARED_MEMORY;
+    if (qg == 64) {
+      kernel = vec ? ip_wmma_kernel<T, 64, true>
+                   : ip_wmma_kernel<T, 64, false>;
+    } else {
+      kernel = vec ? ip_wmma_kernel<T, 32, true>
+                   : ip_wmma_kernel<T, 32, false>;
+    }
+  } else {
+    tile = kSimtTile;
+    P = list_len(k, kSimtTile);
+    const int dp = (d + 7) & ~7;
+    qg = std::min(kMaxQG, nq);
+    for (;;) {
+      smem = (static_cast<size_t>(qg) * dp * 2 + 15) / 16 * 16 + selector_bytes(qg, P);
+      if (smem <= static_cast<size_t>(dev.smem_optin) || qg == 1) break;
+      --qg;
+    }
+    if (smem > static_cast<size_t>(dev.smem_optin)) return ZSBIR_ERR_SHARED_MEMORY;
+    kernel = vec ? ip_simt_kernel<T, true>
+                 : ip_simt_kernel<T, false>;
+  }
+  st = cuda_status(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel), cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  if (st != ZSBIR_OK) return st;
+  int bps = 0;
+  st = cuda_status(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&bps, reinterpret_cast<const void*>(kernel), kThreads, smem));
+  if (st != ZSBIR_OK) return st;
+  if (bps < 1) return ZSBIR_ERR_SHARED_MEMORY;
+
+  // gridDim.y is limited to 65535: run the queries in slices.
+  const int64_t slice = static_cast<int64_t>(qg) * 32768;
+  for (int64_t qs = 0; qs < nq; qs += slice) {
+    const int snq = static_cast<int>(std::min<int64_t>(slice, nq - qs));
+    const int groups = (snq + qg - 1) / qg;
+    const ChunkPlan plan = plan_chunks(n, k, groups, bps, dev.sms, tile);
+    Workspace ws;
+    st = ws.alloc(static_cast<size_t>(snq) * plan.nchunks * k * sizeof(skey_t), stream);
+    if (st != ZSBIR_OK) return st;
+    skey_t* wsk = static_cast<skey_t*>(ws.ptr);
+    const __half* qptr = queries + qs * d;
+    const dim3 grid(plan.nchunks, groups);
+    kernel<<<grid, kThreads, smem, stream>>>(qptr, gallery, scales, snq, n, d, k, P, qg, plan.rows_per_chunk,
+                                             plan.nchunks, wsk);
+    st = cuda_status(cudaGetLastError());
+    if (st != ZSBIR_OK) return st;
+    st = launch_merge(wsk, snq, plan.nchunks, k, out_scores + qs * k, nullptr, out_idx + qs * k, 0, stream);
+    if (st != ZSBIR_OK) return st;
+  }
+  return ZSBIR_OK;
+}
+
+}  // namespace
+}  // namespace zsbir
+
+extern "C" int zsbir_topk_ip(const void* queries, const void* gallery, const float* scales, int gallery_dtype,
+                             int64_t num_queries, int64_t num_gallery, int64_t dim, int64_t k, float* out_scores,
+                             int64_t* out_indices, int path, void* stream) {
+  using namespace zsbir;
+  if (num_queries < 0 || num_gallery < 0 || num_queries >= kMaxRows || num_gallery >= kMaxRows) {
+    return ZSBIR_ERR_BAD_SHAPE;
+  }
+  if (dim < 1 || dim > kMaxDim) return ZSBIR_ERR_BAD_DIM;
+  if (k < 1 || k > kMaxK) return ZSBIR_ERR_BAD_K;
+  if (gallery_dtype != ZSBIR_GALLERY_F16 && gallery_dtype != ZSBIR_GALLERY_I8) return ZSBIR_ERR_BAD_DTYPE;
+  if (path != ZSBIR_PATH_AUTO && path != ZSBIR_PATH_SIMT && path != ZSBIR_PATH_TENSOR) return ZSBIR_ERR_BAD_PATH;
+  if (path == ZSBIR_PATH_TENSOR && k > kTensorMaxK) return ZSBIR_ERR_UNSUPPORTED;
+  if (num_queries == 0) return ZSBIR_OK;
+  if (queries == nullptr || out_scores == nullptr || out_indices == nullptr) return ZSBIR_ERR_NULL_POINTER;
+  if (num_gallery > 0 && gallery == nullptr) return ZSBIR_ERR_NULL_POINTER;
+  if (gallery_dtype == ZSBIR_GALLERY_I8 && num_gallery > 0 && scales == nullptr) return ZSBIR_ERR_BAD_DTYPE;
+  if (gallery_dtype == ZSBIR_GALLERY_F16 && scales != nullptr) return ZSBIR_ERR_BAD_DTYPE;
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  const __half* q = static_cast<const __half*>(queries);
+  const int d = static_cast<int>(dim);
+  const int kk = static_cast<int>(k);
+  if (gallery_dtype == ZSBIR_GALLERY_F16) {
+    return run_ip<__half>(q, static_cast<const __half*>(gallery), nullptr, num_queries, num_gallery, d, kk, out_scores,
+                          out_indices, path, s);
+  }
+  return run_ip<int8_t>(q, static_cast<const int8_t*>(gallery), scales, num_queries, num_gallery, d, kk, out_scores,
+                        out_indices, path, s);
+}
