@@ -1,0 +1,266 @@
+"""The encoder: images in, L2-normalized float32 embeddings out, with any backend (torch-free).
+
+    from zsbir_infer.encoder import Encoder
+    enc = Encoder.open("bundle_dir", precision="fp32", backend="auto")
+    photos = enc.embed(["a.jpg", "b.jpg"], "photo")          # float32 [2, D], unit rows
+    sketch = enc.embed(["s.png"], "sketch")
+    scores = sketch @ photos.T                                 # cosine similarity
+
+``embed`` decodes and preprocesses images on a thread pool (PIL releases the GIL while decoding), a
+few batches ahead of the model, so decoding overlaps inference. Each domain uses the bundle's own
+preprocessing spec; domain-conditioned models also get the domain tag (photo 1, sketch 0).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from zsbir_infer.backends.base import BACKENDS, Backend, open_backend
+from zsbir_infer.bundle import PRECISIONS, Bundle, check_domain
+from zsbir_infer.preprocess import ImageInput, preprocess_into
+
+__all__ = ["DEFAULT_BATCH_SIZE", "Encoder", "EncoderError", "l2_normalize"]
+
+log = logging.getLogger("zsbir.encoder")
+
+DEFAULT_BATCH_SIZE = 32
+
+
+class EncoderError(RuntimeError):
+    """The model produced unusable output (wrong shape, NaN/inf)."""
+
+
+def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    """Rows of ``x`` scaled to unit L2 norm in float32 (all-zero rows stay zero)."""
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float32))[:, None]
+    return np.divide(x, np.maximum(norms, np.float32(eps)), dtype=np.float32)
+
+
+def _default_workers() -> int:
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - non-Linux
+        n = os.cpu_count() or 1
+    return max(1, min(8, n))
+
+
+class Encoder:
+    """Embeds images with a bundle's model. Create with :meth:`Encoder.open`."""
+
+    def __init__(self, bundle: Bundle, backend: Backend, precision: str, batch_size: int, workers: int) -> None:
+        """Wrap an opened backend; prefer :meth:`open`."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.bundle = bundle
+        self._backend = backend
+        self.precision = precision
+        limit = backend.max_batch
+        self.batch_size = min(batch_size, limit) if limit else batch_size
+        self.workers = max(1, workers)
+
+    @classmethod
+    def open(
+        cls,
+        bundle: Bundle | str | Path | None = None,
+        precision: str = "fp32",
+        backend: str = "auto",
+        *,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        workers: int | None = None,
+        device_id: int = 0,
+        threads: int | None = None,
+    ) -> Encoder:
+        """Open an encoder.
+
+        Args:
+            bundle: a :class:`Bundle`, a bundle folder, or ``None`` for the embedded default model.
+            precision: ``"fp32"``, ``"fp16"`` or ``"int8"`` (must be in the bundle).
+            backend: ``"auto"`` (TensorRT, then ONNX Runtime CUDA, then CPU), ``"tensorrt"``,
+                ``"ort-cuda"`` or ``"ort-cpu"``; an explicit backend that cannot run raises
+                :class:`~zsbir_infer.backends.BackendUnavailable` with the reason.
+            batch_size: images per model call (capped by a TensorRT engine's max batch).
+            workers: decoding threads for :meth:`embed` (default: usable CPUs, at most 8).
+            device_id: CUDA device for GPU backends.
+            threads: ONNX Runtime intra-op threads (default: ``ZSBIR_NUM_THREADS``/``OMP_NUM_THREADS``/CPUs).
+        """
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        b = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
+        be = open_backend(b, precision, backend, device_id=device_id, threads=threads)
+        enc = cls(b, be, precision, batch_size, workers if workers is not None else _default_workers())
+        log.info("encoder: %s, bundle %s (%s)", be.describe(), b.path, b.fingerprint)
+        return enc
+
+    # ------------------------------------------------------------------------------------ properties
+
+    @property
+    def backend(self) -> str:
+        """The backend in use: ``"tensorrt"``, ``"ort-cuda"`` or ``"ort-cpu"``."""
+        return self._backend.name
+
+    @property
+    def fingerprint(self) -> str:
+        """The bundle fingerprint (galleries refuse queries from a different one)."""
+        return self.bundle.fingerprint
+
+    @property
+    def embedding_dim(self) -> int:
+        """Length of each embedding."""
+        return self.bundle.embedding_dim
+
+    def describe(self) -> str:
+        """One line: backend, device, precision."""
+        return self._backend.describe()
+
+    # ------------------------------------------------------------------------------------- embedding
+
+    def _tags(self, domain: str, n: int) -> np.ndarray | None:
+        if not self.bundle.domain_conditioned:
+            return None
+        return np.full(n, self.bundle.domain_tag(domain), dtype=np.int64)
+
+    def _run(self, batch: np.ndarray, domain: str) -> np.ndarray:
+        n = batch.shape[0]
+        pad = max(0, self._backend.min_batch - n)
+        x = np.concatenate([batch, np.repeat(batch[-1:], pad, axis=0)]) if pad else batch
+        raw = self._backend.run(np.ascontiguousarray(x, dtype=np.float32), self._tags(domain, x.shape[0]))
+        raw = np.asarray(raw)
+        if raw.ndim != 2 or raw.shape[0] != x.shape[0] or raw.shape[1] != self.embedding_dim:
+            raise EncoderError(
+                f"the model returned shape {list(raw.shape)}, expected [{x.shape[0]}, {self.embedding_dim}] "
+                "(bundle manifest and model disagree)"
+            )
+        out = raw[:n].astype(np.float32, copy=False)
+        if not np.isfinite(out).all():
+            raise EncoderError(
+                f"the {self.backend} {self.precision} model produced non-finite embeddings "
+                "(overflow in reduced precision? try precision='fp32')"
+            )
+        return l2_normalize(out)
+
+    def embed_arrays(self, batch: np.ndarray, domain: str) -> np.ndarray:
+        """Embed already-preprocessed images: float ``[N, 3, H, W]`` -> float32 ``[N, D]`` unit rows.
+
+        The caller is responsible for preprocessing (see :func:`zsbir_infer.preprocess.preprocess_batch`
+        with ``encoder.bundle.preprocess_spec(domain)``). Batches larger than ``batch_size`` are split.
+        """
+        check_domain(domain)
+        arr = np.asarray(batch)
+        if arr.ndim != 4 or arr.shape[1] != 3:
+            raise ValueError(f"embed_arrays expects [N, 3, H, W], got shape {list(arr.shape)}")
+        if not np.issubdtype(arr.dtype, np.floating):
+            raise ValueError(f"embed_arrays expects float images (preprocessed), got dtype {arr.dtype}")
+        spec = self.bundle.preprocess_spec(domain)
+        if arr.shape[2:] != spec.size:
+            raise ValueError(
+                f"{domain} images must be {list(spec.size)} (H, W) for this model, got {list(arr.shape[2:])}"
+            )
+        out = np.empty((arr.shape[0], self.embedding_dim), dtype=np.float32)
+        for start in range(0, arr.shape[0], self.batch_size):
+            out[start : start + self.batch_size] = self._run(arr[start : start + self.batch_size], domain)
+        return out
+
+    def iter_batches(
+        self, images: Sequence[ImageInput], domain: str, *, batch_size: int | None = None
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield ``(start, float32 [n, 3, H, W])`` preprocessed batches, decoded on the thread pool a few
+        batches ahead of the consumer. A decoding error is raised when its batch is reached."""
+        spec = self.bundle.preprocess_spec(domain)
+        bs = batch_size or self.batch_size
+        if bs < 1:
+            raise ValueError(f"batch_size must be >= 1, got {bs}")
+        if self._backend.max_batch:
+            bs = min(bs, self._backend.max_batch)
+        n = len(images)
+        if n == 0:
+            return
+        ahead = 2  # batches decoded ahead of the one being embedded
+        with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="zsbir-decode") as pool:
+            pending: deque[tuple[int, np.ndarray, list[Future[Any]]]] = deque()
+            starts = iter(range(0, n, bs))
+
+            def submit() -> bool:
+                start = next(starts, None)
+                if start is None:
+                    return False
+                stop = min(n, start + bs)
+                buf = np.empty((stop - start, 3, spec.height, spec.width), dtype=np.float32)
+                futs = [pool.submit(preprocess_into, images[i], spec, buf[i - start]) for i in range(start, stop)]
+                pending.append((start, buf, futs))
+                return True
+
+            for _ in range(ahead + 1):
+                if not submit():
+                    break
+            try:
+                while pending:
+                    start, buf, futs = pending.popleft()
+                    for f in futs:
+                        f.result()
+                    submit()
+                    yield start, buf
+            finally:
+                for _, _, futs in pending:
+                    for f in futs:
+                        f.cancel()
+
+    def embed(
+        self,
+        images: Sequence[ImageInput] | Iterable[ImageInput] | ImageInput,
+        domain: str,
+        *,
+        batch_size: int | None = None,
+        progress: Callable[[int], Any] | None = None,
+    ) -> np.ndarray:
+        """Embed images (paths, open files, bytes, PIL images or uint8 HxWxC arrays) of one domain.
+
+        Returns float32 ``[N, D]`` L2-normalized rows in input order. A single path or PIL image is
+        accepted as a batch of one. ``progress(k)`` is called after each batch with the number of
+        images just embedded. Undecodable inputs raise
+        :class:`~zsbir_infer.preprocess.ImageDecodeError` naming the file.
+        """
+        check_domain(domain)
+        if isinstance(images, (str, os.PathLike, bytes, Image.Image)) or hasattr(images, "read"):
+            items: Sequence[ImageInput] = [images]  # type: ignore[list-item]
+        elif isinstance(images, np.ndarray):
+            if images.ndim == 4:
+                raise ValueError("a 4-D array is a preprocessed batch: use embed_arrays(batch, domain)")
+            items = [images]
+        else:
+            items = list(images)
+        out = np.empty((len(items), self.embedding_dim), dtype=np.float32)
+        for start, batch in self.iter_batches(items, domain, batch_size=batch_size):
+            out[start : start + batch.shape[0]] = self._run(batch, domain) if batch.shape[0] else 0
+            if progress is not None:
+                progress(batch.shape[0])
+        return out
+
+    # ------------------------------------------------------------------------------------- lifecycle
+
+    def close(self) -> None:
+        """Release the backend (sessions, GPU memory)."""
+        self._backend.close()
+
+    def __enter__(self) -> Encoder:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Encoder({self.describe()}, fingerprint={self.fingerprint!r}, dim={self.embedding_dim})"
