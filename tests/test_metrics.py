@@ -234,7 +234,7 @@ def test_matches_reference_with_ties(protocol: str, average: str) -> None:
     ql = rng.integers(0, 6, size=nq)  # label 5 is absent from the gallery: undefined queries
     gl = rng.integers(0, 5, size=ng)
     ref = _ref_per_query(scores, ql, gl, protocol)
-    got = evaluate_scores(scores, ql, gl, protocol=protocol, average=average)  # type: ignore[arg-type]
+    got = evaluate_scores(scores, ql, gl, protocol=protocol, average=average, batch_size=7)  # type: ignore[arg-type]
     for j, key in enumerate(METRIC_KEYS):
         assert got[key] == pytest.approx(_ref_average(ref[:, j], ql, average), rel=1e-12, abs=1e-12), key
 
@@ -282,6 +282,12 @@ def test_distance_scores_and_integer_scores() -> None:
     # Unsigned integer scores must not wrap around when negated.
     su = rng.integers(0, 5, size=(6, 50)).astype(np.uint8)
     assert evaluate_scores(su, ql, gl) == pytest.approx(evaluate_scores(su.astype(np.float64), ql, gl))
+    # float16 scores are widened (their range cannot hold the binning scale), same result as float32.
+    s16 = s.astype(np.float16)
+    assert evaluate_scores(s16, ql, gl) == pytest.approx(evaluate_scores(s16.astype(np.float32), ql, gl))
+    assert evaluate_scores(s16, ql, gl, higher_is_better=False) == pytest.approx(
+        evaluate_scores(-s16.astype(np.float32), ql, gl)
+    )
 
 
 def test_string_labels_and_results_in_range() -> None:

@@ -90,20 +90,22 @@ def _bin_keys(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     monotone rounded operation), so an item in a lower bin always ranks before one in a higher bin.
     """
     b, g = keys.shape
-    nb = max(1024, g)
+    nb = max(1024, g // 2)
     lo = keys.min(axis=1, keepdims=True)
     span = keys.max(axis=1, keepdims=True).astype(np.float64) - lo
     # The 1e-3 margin keeps rounding from ever reaching bin nb - 1 + 1, so no clipping pass is needed.
     scale = np.where(span > 0, (nb - 1.001) / np.where(span > 0, span, 1.0), 0.0).astype(keys.dtype)
     tmp = np.subtract(keys, lo)  # >= 0
     np.multiply(tmp, scale, out=tmp)
-    bins = tmp.astype(np.int32)
+    idx_dtype = np.int32 if b * nb < 2**31 else np.int64
+    bins = tmp.astype(idx_dtype)
     del tmp
-    offsets = (np.arange(b, dtype=np.int32) * nb)[:, None]
+    offsets = (np.arange(b, dtype=idx_dtype) * nb)[:, None]
     np.add(bins, offsets, out=bins)
     counts = np.bincount(bins.ravel(), minlength=b * nb).reshape(b, nb)
     np.subtract(bins, offsets, out=bins)
-    below = np.cumsum(counts, axis=1) - counts
+    below: np.ndarray = np.cumsum(counts, axis=1, dtype=idx_dtype)
+    np.subtract(below, counts, out=below)
     return bins, below
 
 
@@ -450,6 +452,7 @@ def evaluate_scores(
     protocol: Protocol = "sake",
     average: Average = "query",
     higher_is_better: bool = True,
+    batch_size: int = 256,
     n_threads: int | None = None,
 ) -> dict[str, float]:
     """Like :func:`evaluate`, from a precomputed (Q, G) score matrix.
@@ -461,6 +464,7 @@ def evaluate_scores(
         protocol: ``"sake"`` or ``"zse"``.
         average: ``"query"`` or ``"class"``.
         higher_is_better: whether larger scores rank first.
+        batch_size: score rows ranked per step (bounds the working memory).
         n_threads: worker threads (default: min(4, CPU count)).
     """
     _check_choice("protocol", protocol, ("sake", "zse"))
@@ -475,8 +479,18 @@ def evaluate_scores(
     nq, ng = s.shape
     q_codes, g_codes, n_classes = _prepare_labels(query_labels, gallery_labels, nq, ng)
     if higher_is_better:
-        keys = -s.astype(np.float64) if np.issubdtype(s.dtype, np.integer) or s.dtype == np.bool_ else -s
-    else:
-        keys = s
-    per_query = _run(iter([(0, keys)]), q_codes, g_codes, n_classes, ng, protocol, _n_threads(n_threads))
+        if np.issubdtype(s.dtype, np.integer) or s.dtype == np.bool_:
+            s = s.astype(np.float64)  # negating unsigned integers would wrap around
+        elif s.dtype.itemsize < 4:
+            s = s.astype(np.float32)
+    elif s.dtype.itemsize < 4 and np.issubdtype(s.dtype, np.floating):
+        s = s.astype(np.float32)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+
+    def make(lo: int, hi: int) -> np.ndarray:
+        return -s[lo:hi] if higher_is_better else s[lo:hi]
+
+    batches = _batches(nq, batch_size, make)
+    per_query = _run(batches, q_codes, g_codes, n_classes, ng, protocol, _n_threads(n_threads))
     return _summarize(per_query, q_codes, average)
