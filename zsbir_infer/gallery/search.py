@@ -54,6 +54,8 @@ __all__ = [
 ]
 
 ID_SENTINEL = np.iinfo(np.int64).max
+# Below this many rows per thread, extra threads cost more than they save.
+MIN_ROWS_PER_THREAD = 32768
 
 
 @dataclass(frozen=True)
@@ -359,7 +361,7 @@ def search_blocks(
         raise ValueError(f"k must be >= 1; got {k}")
     total = sum(b.rows for b in blocks)
     nthreads = default_threads() if threads is None else max(1, int(threads))
-    nthreads = min(nthreads, max(1, total // 32768))
+    nthreads = min(nthreads, max(1, total // MIN_ROWS_PER_THREAD))
     # Split the row space into nthreads contiguous parts of about equal size.
     parts: list[list[tuple[Block, int, int]]] = [[] for _ in range(nthreads)]
     per = -(-total // nthreads) if total else 0
