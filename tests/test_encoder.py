@@ -267,14 +267,14 @@ def test_engine_mismatch_and_selection() -> None:
     assert why is not None and "A100" in why and "8.0" in why and "9.0" in why
     why = engine_mismatch(eng(tensorrt="10.7.0"), H100, "10.13.0.35")
     assert why is not None and "10.7.0" in why
-    assert engine_mismatch(eng(gpu="NVIDIA H100 PCIe"), H100, "10.13.0") is None  # same architecture
+    why = engine_mismatch(eng(gpu="NVIDIA H100 PCIe"), H100, "10.13.0")  # same architecture, other model
+    assert why is not None and "H100 PCIe" in why
+    assert engine_mismatch(eng(gpu="nvidia  h100 80gb hbm3"), H100, "10.13.0") is None  # case/space-insensitive
     a100 = eng(gpu="NVIDIA A100", compute_capability="8.0", path=Path("a.plan"))
-    pcie = eng(gpu="NVIDIA H100 PCIe", path=Path("pcie.plan"), max_batch=512)
-    exact = eng(path=Path("exact.plan"), max_batch=64)
-    chosen, reasons = select_engine([a100, pcie, exact], H100, "10.13.0.35")
-    assert chosen is exact and len(reasons) == 1  # exact GPU name wins over a larger max batch
-    chosen, _ = select_engine([a100, pcie], H100, "10.13.0.35")
-    assert chosen is pcie
+    small = eng(path=Path("small.plan"), max_batch=64)
+    big = eng(path=Path("big.plan"), max_batch=512)
+    chosen, reasons = select_engine([a100, small, big], H100, "10.13.0.35")
+    assert chosen is big and len(reasons) == 1
     chosen, reasons = select_engine([a100], H100, "10.13.0.35")
     assert chosen is None and "A100" in reasons[0]
 
@@ -436,6 +436,7 @@ def test_fake_tensorrt_runs_and_batches(trt_bundle: tuple[Path, Any], monkeypatc
     [
         (FakeDevice(name="NVIDIA A100-SXM4-80GB", cc=(8, 0)), {}, r"compute capability 8\.0"),
         (FakeDevice(), {"version": "10.7.0"}, r"this is TensorRT 10\.7\.0"),
+        (FakeDevice(name="NVIDIA H100 PCIe"), {}, "this GPU is 'NVIDIA H100 PCIe'"),
         (FakeDevice(), {"refuse": True}, "refused to load"),
         (FakeDevice(count=0), {}, "no CUDA GPU"),
     ],

@@ -1,7 +1,7 @@
 """The TensorRT backend: runs a plan from the bundle with the TensorRT 10 runtime API and cuda-python.
 
-A TensorRT plan only runs on the GPU architecture (compute capability) and the TensorRT version that
-built it. The manifest records both for every engine (CONTRACTS §6); :func:`select_engine` picks a
+A TensorRT plan only runs on the GPU model (name and compute capability) and the TensorRT version that
+built it. The manifest records these for every engine (CONTRACTS §6); :func:`select_engine` picks a
 matching one before anything is deserialized, and the backend refuses with a message saying how to
 rebuild when none matches. A plan that TensorRT itself refuses to deserialize is reported the same way.
 
@@ -133,25 +133,31 @@ def _normalize_cc(cc: str) -> str:
     return f"{t[0]}.{t[1] if len(t) > 1 else 0}" if t else str(cc)
 
 
+def _same_gpu_name(a: str, b: str) -> bool:
+    return " ".join(a.split()).lower() == " ".join(b.split()).lower()
+
+
 def engine_mismatch(engine: EngineInfo, gpu: GpuInfo, trt_version: str) -> str | None:
     """Why ``engine`` cannot run on ``gpu`` with TensorRT ``trt_version``, or None if it can.
 
-    The compute capability and TensorRT version must match; a different GPU name with the same
-    compute capability is accepted (TensorRT itself only warns about it).
+    The compute capability, the GPU model name (tactics are tuned per model; the rule of
+    ``zsbir_export.tensorrt_build``) and the TensorRT major.minor.patch must all match.
     """
     if _normalize_cc(engine.compute_capability) != _normalize_cc(gpu.compute_capability):
         return (
             f"{engine.path.name} was built for {engine.gpu} (compute capability {engine.compute_capability}), "
             f"this GPU is {gpu.name} (compute capability {gpu.compute_capability})"
         )
+    if not _same_gpu_name(engine.gpu, gpu.name):
+        return f"{engine.path.name} was built for {engine.gpu!r}, this GPU is {gpu.name!r}"
     if not same_tensorrt_version(engine.tensorrt, trt_version):
         return f"{engine.path.name} was built with TensorRT {engine.tensorrt}, this is TensorRT {trt_version}"
     return None
 
 
 def select_engine(engines: Sequence[EngineInfo], gpu: GpuInfo, trt_version: str) -> tuple[EngineInfo | None, list[str]]:
-    """Pick the engine to run: compatible ones only, preferring an exact GPU-name match, then the largest
-    max batch. Returns ``(engine or None, reasons the others were refused)``."""
+    """Pick the engine to run: a compatible one (see :func:`engine_mismatch`) with the largest max batch.
+    Returns ``(engine or None, why each other engine was refused)``."""
     ok: list[EngineInfo] = []
     reasons: list[str] = []
     for e in engines:
@@ -162,7 +168,7 @@ def select_engine(engines: Sequence[EngineInfo], gpu: GpuInfo, trt_version: str)
             reasons.append(why)
     if not ok:
         return None, reasons
-    ok.sort(key=lambda e: (e.gpu.strip().lower() != gpu.name.strip().lower(), -e.max_batch))
+    ok.sort(key=lambda e: -e.max_batch)
     return ok[0], reasons
 
 
@@ -170,7 +176,7 @@ def rebuild_hint(bundle: Bundle, precision: str) -> str:
     """How to get an engine for this machine."""
     return (
         f"build one on this machine with `zsbir export CHECKPOINT -o {bundle.path} --precision {precision} "
-        "--tensorrt` (a TensorRT plan only runs on the GPU architecture and TensorRT version that built it), "
+        "--trt` (a TensorRT plan only runs on the GPU model and TensorRT version that built it), "
         "or use --backend ort-cuda / ort-cpu"
     )
 
@@ -211,8 +217,6 @@ class TensorRTBackend(Backend):
                 f"no {precision} TensorRT engine in the bundle fits this machine ({'; '.join(reasons)}); "
                 + rebuild_hint(bundle, precision)
             )
-        if engine_info.gpu.strip().lower() != gpu.name.strip().lower():
-            log.warning("engine %s was built on %s, running it on %s", engine_info.path.name, engine_info.gpu, gpu.name)
         self.engine_info = engine_info
         self.gpu = gpu
         self.precision = precision
