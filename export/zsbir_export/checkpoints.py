@@ -14,8 +14,9 @@ refused rather than executed. Layouts recognised by their keys (after dropping `
 
 * ``original_model.layer0.conv1.weight`` + ``original_model.second_last_linear.weight``:
   ``CSEResnetModel_KDHashing`` (DSN, and SAKE's released 64-d models). DSN and SAKE write the same
-  keys for this model, so the keys cannot tell them apart: ``official_format`` (or a path mentioning
-  "sake") picks the label, default ``"dsn"``; loading is identical.
+  keys for this model, so the keys cannot tell them apart: ``official_format`` picks the label, else
+  the path (DSN's save-folder markers ``dsn``/``contrastive(``/``memory(`` first, then ``sake``),
+  default ``"dsn"``; loading is identical.
 * ``original_model.layer0.conv1.weight`` without ``second_last_linear``: SAKE's ``CSEResnetModel_KD``
   (the embedding is the 2048-d pooled feature).
 * ``linear.cpars`` instead of ``linear.weight``: the EMS-loss classifier; it is dropped (it does not
@@ -46,7 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from zsbir_export.models.cse_resnet import CSE_DEPTHS, CSEResNetModel
-from zsbir_export.models.factory import build_model
+from zsbir_export.models.factory import EmbeddingModel, build_model
 
 __all__ = [
     "FORMAT_NAME",
@@ -88,13 +89,13 @@ class LoadedModel:
     """A model ready for ``model.embed(images, tag)`` (eval mode) and its config (CONTRACTS §5).
 
     Attributes:
-        model: the torch module, in eval mode, on the CPU.
+        model: the torch module (``CSEResNetModel`` or ``EmbeddingNet``), in eval mode, on the CPU.
         config: the checkpoint config (ours as stored; for official files, built from the weights).
         source_format: ``"zsbir"``, ``"dsn"`` or ``"sake"``.
         sha256: hex SHA-256 of the weights file (``.safetensors`` for ours, the ``.pth.tar`` otherwise).
     """
 
-    model: nn.Module
+    model: EmbeddingModel
     config: dict[str, Any]
     source_format: str
     sha256: str
@@ -234,8 +235,6 @@ def _load_ours(weights_path: Path, json_path: Path) -> LoadedModel:
 
     if not json_path.is_file():
         raise FileNotFoundError(f"checkpoint config not found: {json_path} (the weights {weights_path} need it)")
-    if not weights_path.is_file():
-        raise FileNotFoundError(f"checkpoint weights not found: {weights_path} (named by {json_path})")
     try:
         cfg = json.loads(json_path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -250,6 +249,8 @@ def _load_ours(weights_path: Path, json_path: Path) -> LoadedModel:
         )
     if not isinstance(cfg.get("arch"), dict):
         raise CheckpointError(f"{json_path}: config has no 'arch' block")
+    if not weights_path.is_file():
+        raise FileNotFoundError(f"checkpoint weights not found: {weights_path} (named by {json_path})")
     sha = _sha256(weights_path)
     recorded = cfg.get("weights_sha256")
     if recorded is not None and recorded != sha:
@@ -286,7 +287,7 @@ def _torch_load(path: Path) -> Any:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         msg = str(exc)
-        m = re.search(r"Unsupported (?:global|class)[^\n.]*", msg)
+        m = re.search(r"Unsupported (?:global|class)[: ]+(?:GLOBAL )?[\w.]+", msg)
         if "Weights only load failed" in msg and m is not None:
             raise CheckpointError(
                 f"{path} holds Python objects other than tensors and plain containers ({m.group(0).strip()}); "
@@ -360,6 +361,18 @@ def _official_arch(state: Mapping[str, Tensor], path: Path) -> tuple[dict[str, A
     return arch, notes
 
 
+def _guess_official_label(path: Path) -> str:
+    """``"dsn"`` or ``"sake"`` from a checkpoint path (the keys cannot tell them apart).
+
+    DSN's default save folder is named like ``sketchy_kd(1.0)_kdneg(0.3)_sake(1.0)_dim(64)_contrastive(...)
+    _T(0.07)_memory(...)``: it mentions "sake" too, so DSN's markers are checked first.
+    """
+    text = str(path).lower()
+    if "dsn" in text or "contrastive(" in text or "memory(" in text:
+        return "dsn"
+    return "sake" if "sake" in text else "dsn"
+
+
 def _load_official(path: Path, official_format: str | None) -> LoadedModel:
     obj = _torch_load(path)
     meta: dict[str, Any] = {}
@@ -398,7 +411,7 @@ def _load_official(path: Path, official_format: str | None) -> LoadedModel:
     elif official_format is not None:
         fmt = official_format
     else:
-        fmt = "sake" if "sake" in str(path).lower() else "dsn"
+        fmt = _guess_official_label(path)
         notes.append("DSN and SAKE hashing checkpoints have identical keys; label chosen from the path (default dsn)")
     if fmt not in ("dsn", "sake"):
         raise ValueError(f"official_format must be 'dsn' or 'sake', got {official_format!r}")

@@ -6,11 +6,12 @@ Every embedding model has ``forward(x, tag) -> ModelOutput`` (training) and
 
 from zsbir_export.models.cse_resnet import CSEResNetModel, ModelOutput, cse_resnet
 from zsbir_export.models.embedding import EmbeddingNet
-from zsbir_export.models.factory import build_model
+from zsbir_export.models.factory import EmbeddingModel, build_model
 from zsbir_export.models.resnet import ResNet, build_resnet, load_pretrained, resnet18, resnet34, resnet50
 
 __all__ = [
     "CSEResNetModel",
+    "EmbeddingModel",
     "EmbeddingNet",
     "ModelOutput",
     "ResNet",

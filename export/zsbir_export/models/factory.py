@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
-
-from torch import nn
+from typing import Any, TypeAlias
 
 from zsbir_export.models.cse_resnet import CSE_DEPTHS, CSEResNetModel
 from zsbir_export.models.embedding import EmbeddingNet
 
-__all__ = ["ARCH_KEYS", "build_model"]
+__all__ = ["ARCH_KEYS", "EmbeddingModel", "build_model"]
+
+#: Every model class of the project: each has ``forward(x, tag)``, ``embed(x, tag)`` and ``arch_config()``.
+EmbeddingModel: TypeAlias = CSEResNetModel | EmbeddingNet
 
 #: Keys ``build_model`` understands (others are rejected so that typos do not pass silently).
 ARCH_KEYS = frozenset(
@@ -28,7 +29,7 @@ ARCH_KEYS = frozenset(
 _PLAIN = ("resnet18", "resnet34", "resnet50")
 
 
-def build_model(arch_config: Mapping[str, Any]) -> nn.Module:
+def build_model(arch_config: Mapping[str, Any]) -> EmbeddingModel:
     """Build a model from an ``arch`` block.
 
     ``backbone``: ``resnet18|34|50`` (plain :class:`EmbeddingNet`, the tag is ignored) or
