@@ -125,17 +125,14 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def canonical_json(obj: Any) -> str:
-    """The canonical JSON text used in the fingerprint: sorted keys, no spaces."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-
-
 def fingerprint(model_bytes: bytes, preprocess: Mapping[str, Any]) -> str:
-    """CONTRACTS §6: sha256 of the fp32 model bytes followed by the canonical preprocess JSON, first 16 hex."""
-    h = hashlib.sha256()
-    h.update(model_bytes)
-    h.update(canonical_json(preprocess).encode("utf-8"))
-    return h.hexdigest()[:16]
+    """CONTRACTS §6: sha256 of the fp32 model bytes followed by the canonical preprocess JSON, first 16 hex.
+
+    Delegates to the runtime reader's definition so that writer and reader can never disagree.
+    """
+    from zsbir_infer.bundle import compute_fingerprint
+
+    return compute_fingerprint(model_bytes, preprocess)
 
 
 def _versions(exporter: str, opset: int) -> dict[str, Any]:

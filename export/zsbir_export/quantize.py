@@ -163,6 +163,8 @@ def quantize_int8(
         extra["CalibPercentile"] = PERCENTILE
     # Interleave the domains so that every calibration batch holds both (entropy/percentile histograms
     # are collected per batch; a one-domain tail batch would be harmless but this keeps them mixed).
+    # ORT's histogram collectors stack per-batch arrays, so every batch must have the same size.
+    batch_size = max(b for b in range(1, min(batch_size, len(calibration)) + 1) if len(calibration) % b == 0)
     order = _interleave(calibration.domains)
     mixed = ImageSet(calibration.images[order], calibration.domains[order], calibration.labels[order], [])
     with tempfile.TemporaryDirectory(prefix="zsbir-quant-") as tmp:

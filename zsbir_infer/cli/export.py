@@ -119,8 +119,6 @@ def command(
         checkpoint = default_checkpoint_path()
         if not checkpoint.is_file():
             raise click.ClickException(f"the embedded default checkpoint is missing: {checkpoint}")
-    if not checkpoint.exists():
-        raise click.ClickException(f"checkpoint not found: {checkpoint}")
     if eval_count is not None and eval_count < 1:
         raise click.BadParameter("must be positive", param_hint="--eval-count")
 

@@ -1,0 +1,670 @@
+"""`zsbir export`: ONNX fp32/fp16/int8 graphs, verification, manifest, atomic bundles and CLI errors.
+
+The models here are tiny torch modules defined in this file (a residual CNN with an optional
+domain-conditioned squeeze-excitation, like CSE-ResNet) plus, where the checkpoint loader is present,
+real checkpoints of ours and in the official DSN layout. Inputs are 32x32 so the whole file stays fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.torch
+
+torch = pytest.importorskip("torch")
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from click.testing import CliRunner  # noqa: E402
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+from torch import nn  # noqa: E402
+from zsbir_export.bundle import BundleError, ExportOptions, VerificationFailed, export_bundle  # noqa: E402
+from zsbir_export.calibration import CalibrationError, ImageSet, open_source  # noqa: E402
+from zsbir_export.fp16 import convert_to_fp16  # noqa: E402
+from zsbir_export.onnx_export import ExportError, export_onnx  # noqa: E402
+from zsbir_export.quantize import quantize_int8  # noqa: E402
+from zsbir_export.tensorrt_build import (  # noqa: E402
+    INSTALL_HINT,
+    EngineSpec,
+    GpuInfo,
+    PlanMismatchError,
+    TensorRTUnavailable,
+    build_engine,
+    check_plan_compatible,
+    tensorrt_available,
+)
+from zsbir_export.verify import Tolerances, compare, topk_overlap  # noqa: E402
+
+from zsbir_infer.cli import main  # noqa: E402
+
+SIZE = 32
+SPEC = {
+    "size": [SIZE, SIZE],
+    "resize": "squash",
+    "interpolation": "bilinear",
+    "mean": [0.485, 0.456, 0.406],
+    "std": [0.229, 0.224, 0.225],
+    "color": "rgb",
+    "background": "white",
+}
+
+
+class TinyNet(nn.Module):
+    """Conv-BN-ReLU stem, one residual block, optional domain-conditioned SE gate, linear head, L2 norm."""
+
+    def __init__(self, conditioned: bool, dim: int = 16, width: int = 16) -> None:
+        super().__init__()
+        self.conditioned = conditioned
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 2, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        self.block = nn.Sequential(nn.Conv2d(width, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width))
+        self.se = nn.Linear(width + 1, width)
+        self.head = nn.Linear(width, dim)
+        for bn in (self.stem[1], self.block[1]):
+            assert isinstance(bn, nn.BatchNorm2d)
+            bn.running_mean.uniform_(-0.1, 0.1)
+            bn.running_var.uniform_(0.5, 1.5)
+
+    def embed(self, x: torch.Tensor, tag: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        h = torch.relu(h + self.block(h))
+        pooled = h.mean(dim=(2, 3))
+        if self.conditioned:
+            gate = torch.sigmoid(self.se(torch.cat([pooled, tag.to(pooled.dtype)[:, None]], dim=1)))
+            h = h * gate[:, :, None, None]
+        return nn.functional.normalize(self.head(h.mean(dim=(2, 3))), dim=1)
+
+
+def config_for(conditioned: bool) -> dict[str, Any]:
+    return {
+        "format": "zsbir-checkpoint",
+        "version": 1,
+        "method": "none",
+        "arch": {"backbone": "tiny", "domain_conditioned": conditioned, "embed_dim": 16},
+        "preprocess": {"photo": dict(SPEC), "sketch": dict(SPEC)},
+    }
+
+
+def tiny(conditioned: bool) -> TinyNet:
+    torch.manual_seed(0)
+    return TinyNet(conditioned).eval()
+
+
+SOURCE = {"path": "tiny", "sha256": "0" * 64, "format": "zsbir", "method": "none"}
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small synthetic benchmark (CONTRACTS §1) for calibration and the unseen-split checks."""
+    from zsbir_infer.datasets.synth import SynthConfig, generate_synthetic
+
+    root = tmp_path_factory.mktemp("bench") / "synth"
+    cfg = SynthConfig(classes=8, unseen=4, photos_per_class=6, sketches_per_class=3, size=32, seed=3)
+    generate_synthetic(root, cfg, workers=1, progress=False)
+    return root
+
+
+def run_onnx(path: Path, images: np.ndarray, domains: np.ndarray | None) -> np.ndarray:
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feed = {"image": images}
+    if domains is not None:
+        feed["domain"] = domains
+    return np.asarray(sess.run(["embedding"], feed)[0])
+
+
+# ----------------------------------------------------------------------------------------------- ONNX
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_onnx_export_domain_input_dynamic_batch(tmp_path: Path, exporter: str) -> None:
+    model = tiny(True)
+    info = export_onnx(model, tmp_path / "m.onnx", domain_conditioned=True, input_size=(SIZE, SIZE), exporter=exporter)
+    assert info.embedding_dim == 16
+    graph = onnx.load(str(tmp_path / "m.onnx")).graph
+    inputs = {i.name: i for i in graph.input}
+    assert set(inputs) == {"image", "domain"}
+    assert inputs["domain"].type.tensor_type.elem_type == TensorProto.INT64
+    assert inputs["image"].type.tensor_type.shape.dim[0].dim_param == "batch"
+    assert [o.name for o in graph.output] == ["embedding"]
+    assert not any(n.op_type == "BatchNormalization" for n in graph.node), "BN should be folded into conv"
+    rng = np.random.default_rng(0)
+    for batch in (1, 5):
+        x = rng.standard_normal((batch, 3, SIZE, SIZE)).astype(np.float32)
+        tags = (np.arange(batch) % 2).astype(np.int64)
+        got = run_onnx(tmp_path / "m.onnx", x, tags)
+        with torch.no_grad():
+            ref = model.embed(torch.from_numpy(x), torch.from_numpy(tags)).numpy()
+        np.testing.assert_allclose(got, ref, atol=1e-5)
+        np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+    # the tag matters: the same image embeds differently as photo and as sketch
+    x = rng.standard_normal((1, 3, SIZE, SIZE)).astype(np.float32)
+    photo = run_onnx(tmp_path / "m.onnx", x, np.array([1], dtype=np.int64))
+    sketch = run_onnx(tmp_path / "m.onnx", x, np.array([0], dtype=np.int64))
+    assert np.abs(photo - sketch).max() > 1e-4
+
+
+def test_onnx_export_unconditioned_has_no_domain_input(tmp_path: Path) -> None:
+    export_onnx(
+        tiny(False), tmp_path / "m.onnx", domain_conditioned=False, input_size=(SIZE, SIZE), exporter="torchscript"
+    )
+    graph = onnx.load(str(tmp_path / "m.onnx")).graph
+    assert [i.name for i in graph.input] == ["image"]
+
+
+def test_onnx_export_rejects_config_that_hides_domain_use(tmp_path: Path) -> None:
+    with pytest.raises(ExportError, match="domain_conditioned false"):
+        export_onnx(
+            tiny(True), tmp_path / "m.onnx", domain_conditioned=False, input_size=(SIZE, SIZE), exporter="torchscript"
+        )
+
+
+def test_onnx_export_rejects_model_without_embed(tmp_path: Path) -> None:
+    with pytest.raises(ExportError, match="embed"):
+        export_onnx(nn.Linear(2, 2), tmp_path / "m.onnx", domain_conditioned=True, input_size=(SIZE, SIZE))
+
+
+# ----------------------------------------------------------------------------------------------- FP16
+
+
+def _hand_graph() -> tuple[onnx.ModelProto, np.ndarray, np.ndarray]:
+    """y = normalize(x @ W + b): a MatMul/Add body and a ReduceL2/Div tail."""
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((6, 4)).astype(np.float32)
+    b = rng.standard_normal(4).astype(np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"),
+        helper.make_node("Add", ["h", "b"], ["z"], name="add"),
+        helper.make_node("ReduceL2", ["z", "axes"], ["n"], keepdims=1, name="l2"),
+        helper.make_node("Div", ["z", "n"], ["y"], name="div"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+        initializer=[
+            numpy_helper.from_array(w, "W"),
+            numpy_helper.from_array(b, "b"),
+            numpy_helper.from_array(np.array([1], dtype=np.int64), "axes"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    return model, w, b
+
+
+def test_fp16_converter_hand_graph() -> None:
+    model, w, b = _hand_graph()
+    half = convert_to_fp16(model)
+    g = half.graph
+    assert g.input[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    assert g.output[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    inits = {i.name: i for i in g.initializer}
+    mm = next(n for n in g.node if n.name == "mm")
+    assert inits[mm.input[1]].data_type == TensorProto.FLOAT16
+    # the normalization tail (after the last MatMul) computes in float32
+    l2 = next(n for n in g.node if n.name == "l2")
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in g.value_info}
+    assert types[l2.input[0]] == TensorProto.FLOAT
+    x = np.random.default_rng(2).standard_normal((3, 6)).astype(np.float32)
+    sess = ort.InferenceSession(half.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"x": x})[0]
+    # reference computed with the same fp16-rounded weights and inputs
+    z = (x.astype(np.float16).astype(np.float32) @ w.astype(np.float16).astype(np.float32)) + b.astype(np.float16)
+    ref = z / np.linalg.norm(z, axis=1, keepdims=True)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, ref, atol=3e-3)
+
+
+def test_fp16_converter_rejects_out_of_range_weights() -> None:
+    from zsbir_export.fp16 import Fp16Error
+
+    model, _, _ = _hand_graph()
+    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.full((6, 4), 1e6, dtype=np.float32), "W"))
+    with pytest.raises(Fp16Error, match="float16 range"):
+        convert_to_fp16(model)
+
+
+# ----------------------------------------------------------------------------------------------- INT8
+
+
+def test_int8_qdq_structure(tmp_path: Path) -> None:
+    model = tiny(True)
+    export_onnx(model, tmp_path / "m.onnx", domain_conditioned=True, input_size=(SIZE, SIZE), exporter="torchscript")
+    rng = np.random.default_rng(0)
+    calib = ImageSet(
+        rng.standard_normal((16, 3, SIZE, SIZE)).astype(np.float32),
+        (np.arange(16) % 2).astype(np.int64),
+        np.full(16, -1, dtype=np.int64),
+    )
+    report = quantize_int8(tmp_path / "m.onnx", tmp_path / "q.onnx", calib, method="percentile", batch_size=4)
+    assert report.per_domain == {"photo": 8, "sketch": 8}
+    q = onnx.load(str(tmp_path / "q.onnx"))
+    g = q.graph
+    inits = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+    qnodes = [n for n in g.node if n.op_type == "QuantizeLinear"]
+    dqnodes = [n for n in g.node if n.op_type == "DequantizeLinear"]
+    assert qnodes and dqnodes
+    for n in qnodes + dqnodes:  # symmetric int8 everywhere: zero point 0
+        zp = inits[n.input[2]]
+        assert zp.dtype == np.int8 and not zp.any()
+    producer = {o: n for n in g.node for o in n.output}
+    convs = [n for n in g.node if n.op_type == "Conv"]
+    assert convs and all(producer[c.input[1]].op_type == "DequantizeLinear" for c in convs)
+    # weights per output channel: one scale per filter
+    w_scale = inits[producer[convs[0].input[1]].input[1]]
+    assert w_scale.ndim == 1 and w_scale.size == 16
+    # the domain input and the normalization stay float: nothing quantizes them
+    assert not any("domain" in n.input for n in qnodes)
+    l2 = next(n for n in g.node if n.op_type == "ReduceL2")
+    assert producer[l2.input[0]].op_type != "DequantizeLinear"
+    x = rng.standard_normal((4, 3, SIZE, SIZE)).astype(np.float32)
+    tags = np.array([0, 1, 0, 1], dtype=np.int64)
+    got = run_onnx(tmp_path / "q.onnx", x, tags)
+    with torch.no_grad():
+        ref = model.embed(torch.from_numpy(x), torch.from_numpy(tags)).numpy()
+    assert compare(ref, got)["min_cosine"] > 0.99
+
+
+# ------------------------------------------------------------------------------------------ verification
+
+
+def test_compare_and_overlap_hand_cases() -> None:
+    a = np.array([[1.0, 0.0], [0.0, 1.0]], dtype=np.float32)
+    b = np.array([[1.0, 0.0], [1.0, 1.0]], dtype=np.float32) / np.array([[1.0], [np.sqrt(2)]], dtype=np.float32)
+    res = compare(a, b)
+    assert res["min_cosine"] == pytest.approx(1 / np.sqrt(2), abs=1e-6)
+    assert res["mean_cosine"] == pytest.approx((1 + 1 / np.sqrt(2)) / 2, abs=1e-6)
+    assert res["max_abs_diff"] == pytest.approx(1 / np.sqrt(2), abs=1e-6)  # row 2, first coordinate
+    q = np.array([[1.0, 0.0]], dtype=np.float32)
+    g1 = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]], dtype=np.float32)  # top-2: items 0, 1
+    g2 = np.array([[1.0, 0.0], [0.0, 1.0], [0.9, 0.1]], dtype=np.float32)  # top-2: items 0, 2
+    assert topk_overlap(q, g1, q, g1, k=2) == 1.0
+    assert topk_overlap(q, g1, q, g2, k=2) == 0.5
+
+
+# -------------------------------------------------------------------------------------------- bundles
+
+
+def _assert_manifest(bundle: Path, manifest: dict[str, Any], conditioned: bool, precisions: list[str]) -> None:
+    on_disk = json.loads((bundle / "manifest.json").read_text())
+    assert on_disk == manifest
+    assert manifest["format"] == "zsbir-bundle" and manifest["format_version"] == 1
+    assert manifest["metric"] == "ip" and manifest["normalized"] is True
+    assert manifest["embedding_dim"] == 16
+    assert manifest["domain_handling"] == ("input" if conditioned else "none")
+    assert manifest["inputs"]["image"] == {"name": "image", "shape": ["batch", 3, SIZE, SIZE], "dtype": "float32"}
+    if conditioned:
+        assert manifest["inputs"]["domain"] == {
+            "name": "domain",
+            "shape": ["batch"],
+            "dtype": "int64",
+            "photo": 1,
+            "sketch": 0,
+        }
+    else:
+        assert "domain" not in manifest["inputs"]
+    assert manifest["outputs"]["embedding"] == {"name": "embedding", "shape": ["batch", 16], "dtype": "float32"}
+    assert manifest["preprocess"] == {"photo": SPEC, "sketch": SPEC}
+    assert sorted(manifest["models"]) == sorted(precisions)
+    for entry in manifest["models"].values():
+        data = (bundle / entry["file"]).read_bytes()
+        assert entry["sha256"] == hashlib.sha256(data).hexdigest()
+        assert entry["bytes"] == len(data)
+    fp32 = (bundle / "model.onnx").read_bytes()
+    canon = json.dumps({"photo": SPEC, "sketch": SPEC}, sort_keys=True, separators=(",", ":"))
+    assert manifest["fingerprint"] == hashlib.sha256(fp32 + canon.encode()).hexdigest()[:16]
+    assert manifest["source"] == SOURCE
+    assert manifest["engines"] == []
+    for key in ("torch", "onnx", "onnxruntime"):
+        assert manifest["versions"][key]
+    assert manifest["verification"]["passed"] is True
+    assert manifest["created"]
+    # the runtime reader accepts what the writer wrote
+    from zsbir_infer.bundle import Bundle
+
+    opened = Bundle.open(bundle)
+    opened.verify()
+    assert opened.fingerprint == manifest["fingerprint"]
+
+
+def test_bundle_all_precisions_with_benchmark(tmp_path: Path, bench: Path) -> None:
+    out = tmp_path / "bundle"
+    options = ExportOptions(
+        precisions=("fp16", "int8"),
+        calib_dir=bench,
+        calib_count=24,
+        calib_method="entropy",
+        exporter="torchscript",
+        verify_count=8,
+    )
+    result = export_bundle(tiny(True), config_for(True), out, options, source=SOURCE)
+    m = result.manifest
+    _assert_manifest(out, m, True, ["fp32", "fp16", "int8"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"], "no temporary folder may remain"
+    v = m["verification"]
+    assert v["fp32"]["vs_torch"]["min_cosine"] >= 0.99999
+    assert v["fp16"]["vs_torch"]["min_cosine"] >= 0.999
+    assert v["samples"]["photo"] == 8 and v["samples"]["sketch"] == 8
+    assert "unseen" in v["samples"]["source"]
+    # retrieval checks on the unseen split: 4 classes x 6 photos, 4 x 3 sketches
+    assert v["evaluation"] == {"queries": 12, "gallery": 24, "labelled": True}
+    for p in ("fp16", "int8"):
+        assert 0.0 <= v[p]["top10_overlap"] <= 1.0
+        assert v[p]["delta_map_all"] == pytest.approx(v[p]["retrieval"]["map_all"] - v["fp32"]["retrieval"]["map_all"])
+    assert abs(v["fp16"]["delta_map_all"]) <= 0.002
+    names = {c["name"] for c in v["checks"]}
+    assert {
+        "fp32 min cosine vs torch",
+        "fp16 min cosine vs torch",
+        "int8 top-10 overlap with fp32",
+        "int8 |delta mAP@all| vs fp32",
+    } <= names
+    cal = m["calibration"]
+    assert cal["method"] == "entropy" and cal["format"] == "QDQ"
+    assert cal["per_domain"] == {"photo": 12, "sketch": 12}
+    assert cal["source"]["kind"] == "benchmark" and cal["source"]["calibration_split"] == "seen"
+
+
+def test_bundle_fp32_unconditioned_random_samples(tmp_path: Path) -> None:
+    out = tmp_path / "b"
+    result = export_bundle(
+        tiny(False), config_for(False), out, ExportOptions(exporter="torchscript", verify_count=4), source=SOURCE
+    )
+    _assert_manifest(out, result.manifest, False, ["fp32"])
+    assert result.manifest["calibration"] is None
+    assert "random" in result.manifest["verification"]["samples"]["source"]
+
+
+def test_bundle_plain_calibration_folder(tmp_path: Path, bench: Path) -> None:
+    plain = tmp_path / "plain"
+    for domain in ("photo", "sketch"):
+        files = sorted((bench / domain).rglob("*.*"))[:10]
+        (plain / domain).mkdir(parents=True)
+        for i, f in enumerate(files):
+            (plain / domain / f"{i}{f.suffix}").write_bytes(f.read_bytes())
+    src = open_source(plain)
+    assert src.kind == "folder" and len(src.calibration["photo"]) == 10
+    options = ExportOptions(
+        precisions=("int8",),
+        calib_dir=plain,
+        calib_count=10,
+        calib_method="minmax",
+        exporter="torchscript",
+        verify_count=4,
+    )
+    result = export_bundle(tiny(True), config_for(True), tmp_path / "b", options, source=SOURCE)
+    v = result.manifest["verification"]
+    assert v["evaluation"]["labelled"] is False
+    assert "retrieval" not in v["int8"] and 0.0 <= v["int8"]["top10_overlap"] <= 1.0
+    assert result.manifest["calibration"]["method"] == "minmax"
+
+
+def test_failed_verification_is_not_a_bundle(tmp_path: Path, bench: Path) -> None:
+    out = tmp_path / "b"
+    options = ExportOptions(
+        precisions=("int8",),
+        calib_dir=bench,
+        calib_count=8,
+        exporter="torchscript",
+        verify_count=4,
+        tolerances=Tolerances(int8_min_top10_overlap=1.01),  # impossible on purpose
+    )
+    with pytest.raises(VerificationFailed, match=r"int8 top-10 overlap with fp32 .* < 1\.01 \(FAILED\)") as err:
+        export_bundle(tiny(True), config_for(True), out, options, source=SOURCE)
+    assert not out.exists()
+    failed = tmp_path / "b.failed"
+    assert err.value.failed_dir == failed
+    manifest = json.loads((failed / "manifest.json").read_text())
+    assert manifest["verification"]["passed"] is False
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.failed"]
+
+
+def test_bundle_option_errors(tmp_path: Path, bench: Path) -> None:
+    model, cfg = tiny(True), config_for(True)
+    with pytest.raises(BundleError, match="--calib"):
+        export_bundle(model, cfg, tmp_path / "b", ExportOptions(precisions=("int8",)), source=SOURCE)
+    with pytest.raises(BundleError, match="unknown precision int4"):
+        export_bundle(model, cfg, tmp_path / "b", ExportOptions(precisions=("int4",)), source=SOURCE)
+    with pytest.raises(BundleError, match="opt-batch"):
+        export_bundle(model, cfg, tmp_path / "b", ExportOptions(opt_batch=64, max_batch=8), source=SOURCE)
+    bad = dict(cfg, preprocess={"photo": SPEC, "sketch": dict(SPEC, size=[64, 64])})
+    with pytest.raises(BundleError, match="sizes differ"):
+        export_bundle(model, bad, tmp_path / "b", ExportOptions(), source=SOURCE)
+    (tmp_path / "exists").mkdir()
+    with pytest.raises(BundleError, match="--overwrite"):
+        export_bundle(model, cfg, tmp_path / "exists", ExportOptions(), source=SOURCE)
+    empty = tmp_path / "empty"
+    (empty / "photo").mkdir(parents=True)
+    (empty / "sketch").mkdir()
+    with pytest.raises(CalibrationError, match="no photo and no sketch images"):
+        open_source(empty)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "exists"]
+
+
+# ------------------------------------------------------------------------------------------- TensorRT
+
+
+def test_tensorrt_absent_message(tmp_path: Path) -> None:
+    if tensorrt_available():
+        pytest.skip("TensorRT is installed here")
+    spec = EngineSpec("fp16", tmp_path / "m.onnx", tmp_path / "m.plan", (3, SIZE, SIZE), True)
+    with pytest.raises(TensorRTUnavailable, match=r"pip install 'zsbir\[tensorrt\]'"):
+        build_engine(spec)
+    with pytest.raises(BundleError, match="TensorRT is not installed"):
+        export_bundle(tiny(True), config_for(True), tmp_path / "b", ExportOptions(trt=True), source=SOURCE)
+    assert not any(tmp_path.iterdir())
+
+
+def test_plan_compatibility_check() -> None:
+    engine = {
+        "precision": "int8",
+        "file": "model.int8.h100.plan",
+        "gpu": "NVIDIA H100 80GB HBM3",
+        "compute_capability": "9.0",
+        "tensorrt": "10.13.0.35",
+    }
+    h100 = GpuInfo("NVIDIA H100 80GB HBM3", "9.0")
+    assert h100.slug == "h100-80gb-hbm3"
+    check_plan_compatible(engine, gpu=h100, tensorrt_version="10.13.0.40")  # build number may differ
+    with pytest.raises(PlanMismatchError, match=r"compute capability 9\.0 \(this GPU: 8\.9\).*--precision int8 --trt"):
+        check_plan_compatible(engine, gpu=GpuInfo("NVIDIA L4", "8.9"), tensorrt_version="10.13.0.35")
+    with pytest.raises(PlanMismatchError, match=r"TensorRT 10\.13\.0\.35 \(installed: 10\.14\.1\)"):
+        check_plan_compatible(engine, gpu=h100, tensorrt_version="10.14.1")
+
+
+@pytest.mark.gpu
+def test_tensorrt_engines_build(tmp_path: Path, bench: Path) -> None:
+    if not tensorrt_available():
+        pytest.skip("TensorRT is not installed")
+    options = ExportOptions(
+        precisions=("fp16", "int8"),
+        calib_dir=bench,
+        calib_count=16,
+        exporter="torchscript",
+        trt=True,
+        opt_batch=4,
+        max_batch=16,
+        timing_cache=tmp_path / "cache.bin",
+        tolerances=Tolerances(int8_min_top10_overlap=0.0, int8_max_map_delta=1.0),
+    )
+    result = export_bundle(tiny(True), config_for(True), tmp_path / "b", options, source=SOURCE)
+    engines = result.manifest["engines"]
+    assert [e["precision"] for e in engines] == ["fp32", "fp16", "int8"]
+    assert engines[2]["strongly_typed"] is True
+    assert (tmp_path / "cache.bin").stat().st_size > 0
+    for e in engines:
+        assert (tmp_path / "b" / e["file"]).stat().st_size == e["bytes"]
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+class _Loaded:
+    def __init__(self, conditioned: bool) -> None:
+        self.model = tiny(conditioned)
+        self.config = config_for(conditioned)
+        self.source_format = "zsbir"
+        self.sha256 = "ab" * 32
+
+
+@pytest.fixture
+def fake_loader(monkeypatch: pytest.MonkeyPatch) -> None:
+    import zsbir_infer.cli.export as cli_export
+
+    monkeypatch.setattr(cli_export, "_load", lambda path, log: _Loaded(True))
+
+
+def test_cli_export_writes_bundle(tmp_path: Path, bench: Path, fake_loader: None) -> None:
+    res = CliRunner().invoke(
+        main,
+        [
+            "export",
+            str(tmp_path / "ckpt.safetensors"),
+            "-o",
+            str(tmp_path / "b"),
+            "--precision",
+            "fp32,fp16",
+            "--calib",
+            str(bench),
+            "--exporter",
+            "torchscript",
+            "--verify-count",
+            "4",
+            "-q",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert "wrote" in res.output and "model.fp16.onnx" in res.output
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert manifest["source"]["sha256"] == "ab" * 32 and manifest["source"]["format"] == "zsbir"
+    # exporting again without --overwrite refuses; with it, replaces
+    res = CliRunner().invoke(main, ["export", "x", "-o", str(tmp_path / "b"), "--exporter", "torchscript", "-q"])
+    assert res.exit_code != 0 and "--overwrite" in res.output
+    res = CliRunner().invoke(
+        main, ["export", "x", "-o", str(tmp_path / "b"), "--exporter", "torchscript", "-q", "--overwrite"]
+    )
+    assert res.exit_code == 0, res.output
+    assert sorted(json.loads((tmp_path / "b" / "manifest.json").read_text())["models"]) == ["fp32"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--precision", "int8"], "INT8 needs calibration images: pass --calib DIR"),
+        (["--precision", "fp64"], "give a comma-separated list of fp32, fp16, int8"),
+        (["--calib-method", "mse"], "Invalid value for '--calib-method'"),
+        (["--precision", "int8", "--calib", "/no/such/folder"], "calibration folder does not exist"),
+        (["--opt-batch", "64", "--max-batch", "8"], "1 <= --opt-batch <= --max-batch"),
+        (["--default"], "either CHECKPOINT or --default"),
+    ],
+)
+def test_cli_export_option_errors(tmp_path: Path, fake_loader: None, args: list[str], message: str) -> None:
+    res = CliRunner().invoke(main, ["export", "ckpt", "-o", str(tmp_path / "b"), *args])
+    assert res.exit_code != 0
+    assert message in res.output
+    assert not any(tmp_path.iterdir())
+
+
+def test_cli_export_without_checkpoint(tmp_path: Path) -> None:
+    res = CliRunner().invoke(main, ["export", "-o", str(tmp_path / "b")])
+    assert res.exit_code != 0 and "missing CHECKPOINT" in res.output
+
+
+def test_cli_trt_absent_leaves_nothing(tmp_path: Path, fake_loader: None) -> None:
+    if tensorrt_available():
+        pytest.skip("TensorRT is installed here")
+    res = CliRunner().invoke(main, ["export", "ckpt", "-o", str(tmp_path / "b"), "--trt"])
+    assert res.exit_code != 0
+    assert INSTALL_HINT in res.output
+    assert not any(tmp_path.iterdir())
+
+
+def test_cli_import_does_not_pull_torch() -> None:
+    import subprocess
+
+    code = "import sys, zsbir_infer.cli.export\nassert 'torch' not in sys.modules\n"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ------------------------------------------------------------------------- real checkpoints (loader)
+
+
+def test_cli_bad_checkpoint_files(tmp_path: Path) -> None:
+    pytest.importorskip("zsbir_export.checkpoints")
+    garbage = tmp_path / "model_best.pth.tar"
+    garbage.write_bytes(b"this is not a checkpoint")
+    out = tmp_path / "b"
+    res = CliRunner().invoke(main, ["export", str(garbage), "-o", str(out)])
+    assert res.exit_code != 0 and "cannot load checkpoint" in res.output
+    res = CliRunner().invoke(main, ["export", str(tmp_path / "missing.safetensors"), "-o", str(out)])
+    assert res.exit_code != 0 and "cannot load checkpoint" in res.output
+    assert not out.exists()
+
+
+def test_export_our_checkpoint_and_official_dsn_layout(tmp_path: Path, bench: Path) -> None:
+    ckpts = pytest.importorskip("zsbir_export.checkpoints")
+    models = pytest.importorskip("zsbir_export.models")
+    torch.manual_seed(0)
+    plain = models.build_model({"backbone": "resnet18", "width": 8, "embed_dim": 16}).eval()
+    ckpts.save_checkpoint(plain, {"preprocess": {"photo": SPEC, "sketch": SPEC}}, tmp_path / "ours")
+    res = CliRunner().invoke(
+        main,
+        [
+            "export",
+            str(tmp_path / "ours.safetensors"),
+            "-o",
+            str(tmp_path / "b1"),
+            "--precision",
+            "fp16",
+            "--exporter",
+            "torchscript",
+            "--verify-count",
+            "4",
+            "-q",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    m1 = json.loads((tmp_path / "b1" / "manifest.json").read_text())
+    assert m1["domain_handling"] == "none" and m1["source"]["format"] == "zsbir"
+    assert m1["source"]["sha256"] == hashlib.sha256((tmp_path / "ours.safetensors").read_bytes()).hexdigest()
+
+    # A CSE-ResNet50 (DSN architecture, narrow so that the test is quick) saved as the official
+    # model_best.pth.tar: {"state_dict": ...} with the DSN key names.
+    cse = models.build_model(
+        {"backbone": "cse_resnet50", "width": 8, "embed_dim": 16, "domain_conditioned": True}
+    ).eval()
+    official = tmp_path / "model_best.pth.tar"
+    torch.save({"epoch": 1, "state_dict": cse.state_dict()}, official)
+    try:
+        loaded = ckpts.load_checkpoint(official)
+    except ckpts.CheckpointError as exc:  # pragma: no cover - depends on the loader's official layout
+        pytest.skip(f"loader does not take this synthetic DSN file: {exc}")
+    assert loaded.source_format in ("dsn", "sake")
+    res = CliRunner().invoke(
+        main,
+        [
+            "export",
+            str(official),
+            "-o",
+            str(tmp_path / "b2"),
+            "--precision",
+            "fp16",
+            "--exporter",
+            "torchscript",
+            "--verify-count",
+            "2",
+            "-q",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    m2 = json.loads((tmp_path / "b2" / "manifest.json").read_text())
+    assert m2["domain_handling"] == "input" and m2["inputs"]["domain"]["photo"] == 1
+    assert m2["source"]["format"] == loaded.source_format
+    assert m2["verification"]["fp16"]["vs_torch"]["min_cosine"] >= 0.999
