@@ -1,0 +1,483 @@
+"""The on-disk gallery: persistence, atomic batches, incremental bookkeeping, model identity, search modes."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from zsbir_infer.gallery import (
+    FileRecord,
+    FileStat,
+    Gallery,
+    GalleryError,
+    Hit,
+    ModelMismatchError,
+    store,
+)
+from zsbir_infer.gallery.search import reference_topk
+from zsbir_infer.itq import ITQ, hamming_distance
+
+FP = "0123456789abcdef"
+
+
+def _unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
+    x = rng.standard_normal((n, d))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _records(names: list[str], size: int = 10, mtime: int = 1000) -> list[FileRecord]:
+    return [FileRecord(n, size, mtime, f"sha-{n}") for n in names]
+
+
+def _ref_hits(g: Gallery, stored: np.ndarray, paths: list[str], queries: np.ndarray, k: int, dead=None):
+    ids = reference_topk(stored, queries, k, dead)
+    return [[(paths[i], int(i)) for i in row] for row in ids]
+
+
+def _as_pairs(hits: list[list[Hit]]) -> list[list[tuple[str, int]]]:
+    return [[(h.path, h.id) for h in row] for row in hits]
+
+
+# ---------------------------------------------------------------------------------------------- basics
+
+
+def test_create_add_reopen_persists(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    x = _unit(rng, 300, 16)
+    names = [f"cls{i % 3}/img{i:04d}.jpg" for i in range(300)]
+    g = Gallery.create(tmp_path / "g", FP, 16, segment_rows=128)
+    assert g.add(_records(names[:200]), x[:200]) == list(range(200))
+    assert g.add(_records(names[200:]), x[200:]) == list(range(200, 300))
+    before = g.search(x[:5], k=7, exact=True)
+    g.close()
+    manifest = json.loads((tmp_path / "g" / "manifest.json").read_text())
+    assert manifest["format"] == "zsbir-gallery" and manifest["format_version"] == 1
+    assert manifest["fingerprint"] == FP and manifest["dim"] == 16 and manifest["metric"] == "ip"
+    assert manifest["storage"] == "float16"
+    with Gallery.open(tmp_path / "g", fingerprint=FP) as g2:
+        assert len(g2) == 300
+        assert g2.search(x[:5], k=7, exact=True) == before
+        st = g2.stats()
+        assert (st.files_indexed, st.rows, st.dead_rows, st.segments) == (300, 300, 0, 3)
+        assert st.bytes_vectors == 300 * 16 * 2
+        stored = g2.vectors(np.arange(300))
+        np.testing.assert_array_equal(stored, x.astype(np.float16).astype(np.float32))
+        # Every vector finds its own file first.
+        hits = g2.search(x, k=1, exact=True)
+        assert [h[0].path for h in hits] == names
+
+
+def test_create_errors(tmp_path: Path) -> None:
+    with pytest.raises(GalleryError, match="storage must be one of"):
+        Gallery.create(tmp_path / "a", FP, 8, storage="float64")
+    with pytest.raises(GalleryError, match="needs a fitted ITQ model"):
+        Gallery.create(tmp_path / "b", FP, 8, storage="itq")
+    with pytest.raises(GalleryError, match="dim must be"):
+        Gallery.create(tmp_path / "c", FP, 0)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "x.txt").write_text("x")
+    with pytest.raises(GalleryError, match="not an empty directory"):
+        Gallery.create(tmp_path / "d", FP, 8)
+    Gallery.create(tmp_path / "e", FP, 8).close()
+    with pytest.raises(GalleryError, match="already holds a gallery"):
+        Gallery.create(tmp_path / "e", FP, 8)
+    Gallery.create(tmp_path / "e", FP, 8, exist_ok=True).close()
+    with pytest.raises(ModelMismatchError):
+        Gallery.create(tmp_path / "e", "other", 8, exist_ok=True)
+
+
+def test_open_errors(tmp_path: Path) -> None:
+    with pytest.raises(GalleryError, match="is not a gallery"):
+        Gallery.open(tmp_path)
+    Gallery.create(tmp_path / "g", FP, 8).close()
+    m = json.loads((tmp_path / "g" / "manifest.json").read_text())
+    m["format_version"] = 99
+    (tmp_path / "g" / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(GalleryError, match="format version 99"):
+        Gallery.open(tmp_path / "g")
+
+
+def test_model_mismatch_is_clear(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    g = Gallery.create(tmp_path / "g", FP, 8)
+    g.add(_records(["a.jpg"]), _unit(rng, 1, 8))
+    with pytest.raises(ModelMismatchError) as e:
+        g.search(_unit(rng, 1, 8), k=1, fingerprint="feedbeeffeedbeef")
+    msg = str(e.value)
+    assert FP in msg and "feedbeeffeedbeef" in msg and "re-index" in msg
+    assert e.value.gallery_fingerprint == FP and e.value.model_fingerprint == "feedbeeffeedbeef"
+    g.close()
+    with pytest.raises(ModelMismatchError, match="feedbeeffeedbeef"):
+        Gallery.open(tmp_path / "g", fingerprint="feedbeeffeedbeef")
+    with Gallery.open(tmp_path / "g", fingerprint=FP) as g2:
+        assert g2.search(_unit(rng, 1, 8), k=1, fingerprint=FP)[0][0].path == "a.jpg"
+
+
+def test_add_validation_writes_nothing(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    g = Gallery.create(tmp_path / "g", FP, 8)
+    x = _unit(rng, 2, 8)
+    with pytest.raises(GalleryError, match="shape"):
+        g.add(_records(["a", "b"]), x[:1])
+    with pytest.raises(GalleryError, match="L2-normalized"):
+        g.add(_records(["a", "b"]), x * 2)
+    bad = x.copy()
+    bad[1, 0] = np.nan
+    with pytest.raises(GalleryError, match="NaN"):
+        g.add(_records(["a", "b"]), bad)
+    with pytest.raises(GalleryError, match="twice"):
+        g.add(_records(["a", "a"]), x)
+    for rel in ["/abs.jpg", "../up.jpg", "a/./b.jpg", "a\\b.jpg", "", "a//b.jpg"]:
+        with pytest.raises(GalleryError, match="path"):
+            g.add(_records([rel]), x[:1])
+    with pytest.raises(GalleryError, match=r"dimension|shape"):
+        g.add(_records(["a"]), _unit(rng, 1, 9))
+    assert len(g) == 0 and g.stats().rows == 0
+    assert not any((tmp_path / "g" / "segments").iterdir())
+    with pytest.raises(GalleryError, match="k must be"):
+        g.search(x, k=0)
+    with pytest.raises(GalleryError, match="queries must have shape"):
+        g.search(np.ones((1, 3), np.float32), k=1)
+    g.close()
+
+
+# ------------------------------------------------------------------------------------------ atomicity
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_crash_between_append_and_commit_leaves_no_trace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(3)
+    x = _unit(rng, 150, 8)
+    g = Gallery.create(tmp_path / "g", FP, 8, segment_rows=100)
+    g.add(_records([f"a{i}" for i in range(60)]), x[:60])
+
+    def crash() -> None:
+        raise _Crash
+
+    monkeypatch.setattr(store, "_BEFORE_COMMIT", crash)
+    with pytest.raises(_Crash):
+        g.add(_records([f"b{i}" for i in range(70)]), x[60:130])  # spans segment 0 and a new segment 1
+    monkeypatch.setattr(store, "_BEFORE_COMMIT", None)
+    seg = tmp_path / "g" / "segments"
+    # The vectors were written (garbage past the committed length) ...
+    assert (seg / "000000.f16").stat().st_size == 100 * 8 * 2
+    assert (seg / "000001.f16").stat().st_size == 30 * 8 * 2
+    g.close()
+    # ... but the reopened gallery ignores them.
+    g = Gallery.open(tmp_path / "g")
+    assert len(g) == 60 and g.stats().rows == 60
+    assert all(h.path.startswith("a") for row in g.search(x[60:130], k=5, exact=True) for h in row)
+    assert {p for p, _ in g.indexed()} == {f"a{i}" for i in range(60)}
+    # The next batch overwrites the garbage and is found.
+    assert g.add(_records([f"c{i}" for i in range(50)]), x[100:150]) == list(range(60, 110))
+    assert (seg / "000000.f16").stat().st_size == 100 * 8 * 2
+    assert (seg / "000001.f16").stat().st_size == 10 * 8 * 2
+    hits = g.search(x[100:150], k=1, exact=True)
+    assert [h[0].path for h in hits] == [f"c{i}" for i in range(50)]
+    g.close()
+
+
+_KILL_SCRIPT = textwrap.dedent(
+    """
+    import os, sys
+    import numpy as np
+    from zsbir_infer.gallery import FileRecord, Gallery, store
+
+    path, n_ok, n_total = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    x = np.load(sys.argv[4])
+    g = Gallery.open(path)
+    plan = g.plan([(f"p{i}.jpg", 1, i) for i in range(n_total)])
+    todo = [int(f.relpath[1:-4]) for f in plan.new + plan.changed]
+    batches = [todo[i : i + 40] for i in range(0, len(todo), 40)]
+    done = 0
+    for b in batches:
+        if done + len(b) > n_ok:
+            store._BEFORE_COMMIT = lambda: os._exit(9)  # killed after the append, before the commit
+        g.add([FileRecord(f"p{i}.jpg", 1, i) for i in b], x[b])
+        done += len(b)
+    print("finished", done)
+    """
+)
+
+
+def test_killed_indexer_rerun_indexes_every_file_exactly_once(tmp_path: Path) -> None:
+    rng = np.random.default_rng(4)
+    n = 200
+    x = _unit(rng, n, 8)
+    np.save(tmp_path / "x.npy", x)
+    Gallery.create(tmp_path / "g", FP, 8, segment_rows=64).close()
+    script = tmp_path / "indexer.py"
+    script.write_text(_KILL_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = [sys.executable, str(script), str(tmp_path / "g")]
+    first = subprocess.run([*args, "100", str(n), str(tmp_path / "x.npy")], capture_output=True, text=True, env=env)
+    assert first.returncode == 9, first.stderr
+    with Gallery.open(tmp_path / "g") as g:
+        assert len(g) == 80  # two batches of 40 committed, the third was killed
+    second = subprocess.run([*args, str(n), str(n), str(tmp_path / "x.npy")], capture_output=True, text=True, env=env)
+    assert second.returncode == 0, second.stderr
+    assert "finished 120" in second.stdout
+    with Gallery.open(tmp_path / "g") as g:
+        indexed = g.indexed()
+        assert len(indexed) == n and len({p for p, _ in indexed}) == n
+        assert sorted(i for _, i in indexed) == list(range(n))  # no row wasted: garbage was overwritten
+        hits = g.search(x, k=1, exact=True)
+        assert [h[0].path for h in hits] == [f"p{i}.jpg" for i in range(n)]
+        assert g.plan([(f"p{i}.jpg", 1, i) for i in range(n)]).unchanged == [f"p{i}.jpg" for i in range(n)]
+
+
+def test_manifest_written_atomically(tmp_path: Path) -> None:
+    Gallery.create(tmp_path / "g", FP, 8).close()
+    assert not list(tmp_path.glob("g/*.tmp"))
+    # A directory without a manifest (a create interrupted before its last step) is not a gallery.
+    (tmp_path / "g" / "manifest.json").unlink()
+    with pytest.raises(GalleryError, match="not a gallery"):
+        Gallery.open(tmp_path / "g")
+
+
+# ----------------------------------------------------------------------------- incremental bookkeeping
+
+
+def test_plan_skip_delete_change(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    x = _unit(rng, 10, 8)
+    g = Gallery.create(tmp_path / "g", FP, 8)
+    g.add([FileRecord("a.jpg", 1, 10), FileRecord("b.jpg", 2, 20), FileRecord("c.jpg", 3, 30)], x[:3])
+    g.skip(FileStat("broken.jpg", 5, 50), "cannot decode: truncated JPEG")
+    listing = [("a.jpg", 1, 10), ("b.jpg", 2, 21), ("broken.jpg", 5, 50), ("d.jpg", 4, 40)]
+    plan = g.plan(listing)
+    assert [f.relpath for f in plan.new] == ["d.jpg"]
+    assert plan.new[0] == FileStat("d.jpg", 4, 40)
+    assert [f.relpath for f in plan.changed] == ["b.jpg"]
+    assert sorted(plan.unchanged) == ["a.jpg", "broken.jpg"]
+    assert plan.deleted == ["c.jpg"]
+    assert g.skipped() == [("broken.jpg", "cannot decode: truncated JPEG")]
+    with pytest.raises(GalleryError, match="twice"):
+        g.plan([("a.jpg", 1, 1), ("a.jpg", 1, 1)])
+
+    # Apply the plan.
+    assert g.delete(plan.deleted) == 1
+    assert g.delete(["c.jpg", "never-seen.jpg"]) == 0
+    g.add([FileRecord("b.jpg", 2, 21), FileRecord("d.jpg", 4, 40)], x[3:5])
+    st = g.stats()
+    assert (st.files_indexed, st.files_skipped, st.files_deleted) == (3, 1, 1)
+    assert (st.rows, st.dead_rows) == (5, 2)  # old b and c are tombstones
+    assert g.plan(listing).new == [] and g.plan(listing).changed == [] and g.plan(listing).deleted == []
+    hits = g.search(x[:5], k=5, exact=True)
+    assert all(h.path != "c.jpg" for row in hits for h in row)
+    assert hits[1][0].path != "b.jpg" or hits[1][0].id == 3  # b.jpg now points at its new vector
+    assert dict(g.indexed()) == {"a.jpg": 0, "b.jpg": 3, "d.jpg": 4}
+    assert len(hits[0]) == 3  # only 3 live files
+
+    # A skipped file that changes is retried; a deleted file that reappears is new; skipping an indexed
+    # file tombstones its vector.
+    plan2 = g.plan([("broken.jpg", 6, 51), ("c.jpg", 3, 30), ("a.jpg", 1, 10), ("b.jpg", 2, 21), ("d.jpg", 4, 40)])
+    assert [f.relpath for f in plan2.changed] == ["broken.jpg"] and [f.relpath for f in plan2.new] == ["c.jpg"]
+    g.skip("a.jpg", "unreadable now")
+    assert all(h.path != "a.jpg" for h in g.search(x[0], k=5, exact=True)[0])
+    g.close()
+
+
+def test_deleted_rows_never_returned_by_any_mode(tmp_path: Path) -> None:
+    rng = np.random.default_rng(6)
+    x = _unit(rng, 500, 16)
+    names = [f"f{i}.jpg" for i in range(500)]
+    g = Gallery.create(tmp_path / "g", FP, 16)
+    g.add(_records(names), x)
+    g.search(x[:1], k=3)  # builds the ANN index before the deletions
+    gone = [names[i] for i in range(0, 500, 3)]
+    g.delete(gone)
+    dead = np.zeros(500, bool)
+    dead[::3] = True
+    stored = g.vectors(np.arange(500))
+    for exact in (True, False):
+        hits = g.search(x[:20], k=10, exact=exact)
+        assert all(h.path not in set(gone) for row in hits for h in row)
+    assert _as_pairs(g.search(x[:20], k=10, exact=True)) == _ref_hits(g, stored, names, x[:20], 10, dead)
+    st = g.stats()
+    assert not st.ann_stale and st.ann_vectors == 500 - len(gone)
+    g.close()
+
+
+# ------------------------------------------------------------------------------------------- searching
+
+
+def test_exact_search_matches_float64_reference_with_ties(tmp_path: Path) -> None:
+    rng = np.random.default_rng(7)
+    x = _unit(rng, 3_000, 32)
+    x[1_000:1_005] = x[42]  # exact duplicates: ties ordered by id
+    names = [f"d{i // 1000}/{i}.png" for i in range(3_000)]
+    g = Gallery.create(tmp_path / "g", FP, 32, segment_rows=700)
+    for s in range(0, 3_000, 450):
+        g.add(_records(names[s : s + 450]), x[s : s + 450])
+    stored = g.vectors(np.arange(3_000))
+    q = np.concatenate([x[42:43], _unit(rng, 30, 32)])
+    hits = g.search(q, k=12, exact=True)
+    assert _as_pairs(hits) == _ref_hits(g, stored, names, q, 12)
+    assert [h.id for h in hits[0][:6]] == [42, 1000, 1001, 1002, 1003, 1004]
+    ref = (q.astype(np.float64) @ stored.astype(np.float64).T).astype(np.float32)
+    for qi, row in enumerate(hits):
+        assert all(r.score >= s.score for r, s in itertools.pairwise(row))
+        for h in row:
+            assert h.score == ref[qi, h.id]
+    # Single query as a 1-D vector.
+    assert _as_pairs(g.search(q[3], k=4, exact=True)) == [_as_pairs(hits)[3][:4]]
+    g.close()
+
+
+def test_ann_recall_persistence_and_staleness(tmp_path: Path) -> None:
+    rng = np.random.default_rng(8)
+    n, d = 4_000, 32
+    x = _unit(rng, n, d)
+    names = [f"{i}.jpg" for i in range(n)]
+    g = Gallery.create(tmp_path / "g", FP, d)
+    g.add(_records(names[:3_000]), x[:3_000])
+    q = x[rng.choice(3_000, 50, replace=False)] + 0.3 * _unit(rng, 50, d)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    exact = g.search(q, k=10, exact=True)
+    approx = g.search(q, k=10)
+    recall = np.mean([len({h.id for h in a} & {h.id for h in e}) / 10 for a, e in zip(approx, exact, strict=True)])
+    assert recall >= 0.9
+    # Scores of ANN hits are the exact scores of those rows.
+    exact_scores = {(i, h.id): h.score for i, row in enumerate(g.search(q, k=3_000, exact=True)) for h in row}
+    assert all(h.score == exact_scores[(i, h.id)] for i, row in enumerate(approx) for h in row)
+    assert (tmp_path / "g" / "ann.usearch").exists() and not g.stats().ann_stale
+    # New rows make it stale; the next ANN search updates it and finds them.
+    g.add(_records(names[3_000:]), x[3_000:])
+    assert g.stats().ann_stale
+    new_hits = g.search(x[3_000:3_100], k=1)
+    assert np.mean([row[0].id == 3_000 + i for i, row in enumerate(new_hits)]) >= 0.95
+    assert not g.stats().ann_stale and g.stats().ann_vectors == n
+    g.close()
+    # Reopened: the saved index is reused (not rebuilt) and gives the same answers.
+    with Gallery.open(tmp_path / "g") as g2:
+        mtime = (tmp_path / "g" / "ann.usearch").stat().st_mtime_ns
+        again = g2.search(x[3_000:3_100], k=1)
+        assert _as_pairs(again) == _as_pairs(new_hits)
+        assert (tmp_path / "g" / "ann.usearch").stat().st_mtime_ns == mtime
+    # A damaged index file is rebuilt, not trusted.
+    (tmp_path / "g" / "ann.usearch").write_bytes(b"garbage")
+    with Gallery.open(tmp_path / "g") as g3:
+        assert _as_pairs(g3.search(x[3_000:3_100], k=1)) == _as_pairs(new_hits)
+        assert g3.build_index() == n
+
+
+def test_int8_storage(tmp_path: Path) -> None:
+    rng = np.random.default_rng(9)
+    x = _unit(rng, 1_500, 24)
+    names = [f"{i}.jpg" for i in range(1_500)]
+    g = Gallery.create(tmp_path / "g", FP, 24, storage="int8", segment_rows=1_000)
+    g.add(_records(names), x)
+    stored = g.vectors(np.arange(1_500))
+    # Per-vector scale: max |component| maps to 127, so the error per component is at most scale / 2.
+    scale = np.abs(x).max(axis=1) / 127
+    assert np.all(np.abs(stored - x) <= scale[:, None] / 2 + 1e-7)
+    assert g.stats().bytes_vectors == 1_500 * (24 + 4)
+    q = _unit(rng, 10, 24)
+    assert _as_pairs(g.search(q, k=8, exact=True)) == _ref_hits(g, stored, names, q, 8)
+    approx = g.search(q, k=8)
+    assert np.mean([a[0].id == e[0] for a, e in zip(approx, reference_topk(stored, q, 1), strict=True)]) >= 0.9
+    g.close()
+    with Gallery.open(tmp_path / "g") as g2:
+        np.testing.assert_array_equal(g2.vectors(np.arange(1_500)), stored)
+
+
+def test_itq_storage_hamming_search(tmp_path: Path) -> None:
+    rng = np.random.default_rng(10)
+    x = _unit(rng, 2_000, 64)
+    itq = ITQ.fit(x, n_bits=64, n_iter=10, seed=0)
+    names = [f"{i}.jpg" for i in range(2_000)]
+    g = Gallery.create(tmp_path / "g", FP, 64, storage="itq", itq=itq, segment_rows=900)
+    g.add(_records(names[:1_000]), x[:1_000])
+    g.add(_records(names[1_000:]), x[1_000:])
+    g.delete(["5.jpg"])
+    assert g.stats().bytes_vectors == 2_000 * 8 and g.manifest["itq"]["n_bits"] == 64
+    codes = itq.transform(x)
+    np.testing.assert_array_equal(g.vectors(np.arange(2_000)), codes)
+    q = _unit(rng, 6, 64)
+    qcodes = itq.transform(q)
+    dist = hamming_distance(qcodes, codes)
+    dist[:, 5] = 10_000  # deleted
+    for exact in (True, False):  # ITQ galleries always search exhaustively
+        hits = g.search(q, k=15, exact=exact)
+        for qi, row in enumerate(hits):
+            order = np.lexsort((np.arange(2_000), dist[qi]))[:15]
+            assert [h.id for h in row] == order.tolist()
+            assert [h.score for h in row] == [float(64 - 2 * dist[qi, i]) for i in order]
+    with pytest.raises(GalleryError, match="no ANN index"):
+        g.build_index()
+    g.close()
+    with Gallery.open(tmp_path / "g") as g2:  # the ITQ model is stored in the gallery
+        assert _as_pairs(g2.search(q, k=15)) == _as_pairs(hits)
+
+
+def test_concurrent_searches_and_a_writer(tmp_path: Path) -> None:
+    rng = np.random.default_rng(12)
+    x = _unit(rng, 3_000, 16)
+    names = [f"{i}.jpg" for i in range(3_000)]
+    g = Gallery.create(tmp_path / "g", FP, 16, segment_rows=1_000)
+    g.add(_records(names[:2_000]), x[:2_000])
+    q = _unit(rng, 40, 16)
+    expected_exact = _as_pairs(g.search(q, k=5, exact=True))
+    expected_ann = _as_pairs(g.search(q, k=5))
+    errors: list[BaseException] = []
+    seen_sizes: list[int] = []
+
+    def reader(i: int) -> None:
+        try:
+            for _ in range(15):
+                res = _as_pairs(g.search(q[i : i + 4], k=5, exact=True))
+                # Either before or after the writer's batch: the batch is atomic, so results are one of the two.
+                assert res == expected_exact[i : i + 4] or all(len(r) == 5 for r in res)
+                assert _as_pairs(g.search(q[i : i + 4], k=5))  # ANN path under concurrency
+                seen_sizes.append(len(g))
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    def writer() -> None:
+        try:
+            for s in range(2_000, 3_000, 250):
+                g.add(_records(names[s : s + 250]), x[s : s + 250])
+        except BaseException as e:  # pragma: no cover
+            errors.append(e)
+
+    threads = [threading.Thread(target=reader, args=(i,)) for i in range(0, 32, 4)]
+    threads.append(threading.Thread(target=writer))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert set(seen_sizes) <= {2_000, 2_250, 2_500, 2_750, 3_000}
+    stored = g.vectors(np.arange(3_000))
+    assert _as_pairs(g.search(q, k=5, exact=True)) == _ref_hits(g, stored, names, q, 5)
+    assert expected_ann  # ANN was usable before the writer ran
+    g.close()
+
+
+def test_two_handles_see_each_others_commits(tmp_path: Path) -> None:
+    rng = np.random.default_rng(13)
+    x = _unit(rng, 20, 8)
+    writer = Gallery.create(tmp_path / "g", FP, 8)
+    reader = Gallery.open(tmp_path / "g")
+    assert reader.search(x[:1], k=3, exact=True) == [[]]
+    writer.add(_records([f"{i}" for i in range(20)]), x)
+    assert reader.search(x[:1], k=1, exact=True)[0][0].path == "0"
+    writer.delete(["0"])
+    assert reader.search(x[:1], k=1, exact=True)[0][0].path != "0"
+    writer.close()
+    reader.close()
+    with pytest.raises(GalleryError, match="closed"):
+        reader.search(x[:1], k=1)
