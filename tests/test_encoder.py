@@ -464,3 +464,61 @@ def test_fake_tensorrt_no_engine_for_precision(trt_bundle: tuple[Path, Any]) -> 
     dev = FakeDevice()
     with pytest.raises(BackendUnavailable, match="no fp32 TensorRT engine"):
         TensorRTBackend(Bundle.open(root), "fp32", trt=fake_trt(w, dev), cudart=dev)
+
+
+# ------------------------------------------------------------------- with the real exporter (torch)
+
+
+@pytest.mark.torch
+def test_encoder_matches_torch_through_exported_bundle(tmp_path: Path) -> None:
+    """zsbir_export writes a bundle (fp32, fp16, int8 QDQ); every precision embeds like the torch model."""
+    torch = pytest.importorskip("torch")
+    from zsbir_export.bundle import ExportOptions, export_bundle
+
+    from zsbir_infer.datasets import open_benchmark
+    from zsbir_infer.datasets.synth import SynthConfig, generate_synthetic
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 3, 2, 1)
+            self.gate = torch.nn.Linear(1, 8)
+            self.head = torch.nn.Linear(8, 12)
+
+        def embed(self, x: Any, tag: Any) -> Any:
+            h = torch.relu(self.conv(x)).mean(dim=(2, 3))
+            h = h * torch.sigmoid(self.gate(tag.to(h.dtype)[:, None]))
+            return torch.nn.functional.normalize(self.head(h), dim=1)
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    spec = {"size": [32, 32]}
+    config = {
+        "format": "zsbir-checkpoint",
+        "version": 1,
+        "method": "none",
+        "arch": {"backbone": "tiny", "domain_conditioned": True, "embed_dim": 12},
+        "preprocess": {"photo": spec, "sketch": spec},
+    }
+    data = tmp_path / "synth"
+    generate_synthetic(
+        data,
+        SynthConfig(classes=6, unseen=3, photos_per_class=4, sketches_per_class=3, size=48),
+        workers=1,
+        progress=False,
+    )
+    options = ExportOptions(
+        precisions=("fp16", "int8"), calib_dir=data, calib_count=16, exporter="torchscript", verify_count=4
+    )
+    source = {"path": "net", "sha256": "0" * 64, "format": "zsbir", "method": "none"}
+    export_bundle(model, config, tmp_path / "bundle", options, source=source)
+    part = open_benchmark(data).split("unseen")
+    for domain, samples, tag in (("sketch", part.sketches, 0), ("photo", part.photos, 1)):
+        paths = [s.path for s in samples]
+        for precision, min_cos in (("fp32", 0.99999), ("fp16", 0.999), ("int8", 0.99)):
+            with Encoder.open(tmp_path / "bundle", precision=precision, backend="ort-cpu", threads=1) as enc:
+                got = enc.embed(paths, domain)
+                x = preprocess_batch(paths, enc.bundle.preprocess_spec(domain))
+            with torch.no_grad():
+                ref = model.embed(torch.from_numpy(x), torch.full((len(paths),), tag)).numpy()
+            assert (got * ref).sum(axis=1).min() > min_cos, (domain, precision)
