@@ -390,3 +390,65 @@ def test_build_model_from_arch_block() -> None:
         build_model({"backbone": "cse_resnet50", "domain_conditioned": False})
     with pytest.raises(ValueError, match="needs 'backbone'"):
         build_model({"width": 8})
+
+
+def _fake_se_resnet_imagenet(model: CSEResNetModel, seed: int = 0) -> dict[str, torch.Tensor]:
+    """An SE-ResNet ImageNet state dict in Cadene's layout (SE as 1x1 convs, no tag column) fitting ``model``."""
+    g = torch.Generator().manual_seed(seed)
+    out: dict[str, torch.Tensor] = {}
+    for k, v in model.state_dict().items():
+        if not k.startswith("original_model.layer"):
+            continue
+        name = k[len("original_model.") :]
+        if ".se_module.fc1.weight" in name:
+            out[name] = torch.randn(v.shape[0], v.shape[1], 1, 1, generator=g)
+        elif ".se_module.fc2.weight" in name:
+            out[name] = torch.randn(v.shape[0], v.shape[1] - 1, 1, 1, generator=g)
+        elif v.dtype == torch.int64:
+            out[name] = v.clone()
+        else:
+            out[name] = torch.randn(v.shape, generator=g) * 0.1 + (1.0 if "running_var" in name else 0.0)
+    feat = model.original_model.feature_dim
+    out["last_linear.weight"] = torch.randn(1000, feat, generator=g) * 0.05
+    out["last_linear.bias"] = torch.randn(1000, generator=g)
+    return out
+
+
+def test_load_se_resnet50_imagenet(tmp_path: Path) -> None:
+    from zsbir_export.models import load_se_resnet50_imagenet
+
+    torch.manual_seed(0)
+    # embed_dim = feature_dim (8 * 8 * 4 = 256): the SVD split is then exact.
+    model = cse_resnet("cse_resnet50", width=8, embed_dim=256, num_classes=5).eval()
+    se = _fake_se_resnet_imagenet(model)
+    path = tmp_path / "se_resnet50-ce0d4300.pth"
+    torch.save(se, path)
+    load_se_resnet50_imagenet(model, path)
+    sd = model.state_dict()
+    fc2 = sd["original_model.layer3.1.se_module.fc2.weight"]
+    assert torch.equal(fc2[:, :-1], se["layer3.1.se_module.fc2.weight"][:, :, 0, 0])
+    assert torch.count_nonzero(fc2[:, -1]) == 0  # the tag column starts at zero
+    assert torch.equal(sd["original_model.layer0.conv1.weight"], se["layer0.conv1.weight"])
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        # A zero tag column: the network starts out domain-independent.
+        torch.testing.assert_close(model.embed(x, torch.tensor([1, 1])), model.embed(x, torch.tensor([0, 0])))
+        out = model(x, torch.tensor([1, 0]))
+        assert out.imagenet_logits is not None
+        expected = F.linear(out.features, se["last_linear.weight"], se["last_linear.bias"])
+        torch.testing.assert_close(out.imagenet_logits, expected, rtol=1e-4, atol=1e-4)
+    # The SAKE/DSN teacher (no hashing layer) copies the ImageNet head as is.
+    teacher = cse_resnet("cse_resnet50", width=8, embed_dim=None, num_classes=0).eval()
+    load_se_resnet50_imagenet(teacher, path)
+    assert teacher.original_model.last_linear is not None
+    assert torch.equal(teacher.original_model.last_linear.weight, se["last_linear.weight"])
+    # Weights of another width do not fit.
+    with pytest.raises(PretrainedLoadError, match="shape mismatch"):
+        load_se_resnet50_imagenet(cse_resnet("cse_resnet50", width=16, embed_dim=64, num_classes=5), path)
+    # Bottleneck weights for a basic-block network: the conv3/bn3 tensors have no place.
+    with pytest.raises(PretrainedLoadError, match=r"102 unexpected: original_model\.layer1\.0\.conv3\.weight"):
+        load_se_resnet50_imagenet(cse_resnet("cse_resnet34", width=8, embed_dim=64, num_classes=5), path)
+    partial = tmp_path / "partial.pth"
+    torch.save({k: v for k, v in se.items() if not k.startswith("layer4.2.")}, partial)
+    with pytest.raises(PretrainedLoadError, match=r"missing: original_model\.layer4\.2\.conv1\.weight"):
+        load_se_resnet50_imagenet(cse_resnet("cse_resnet50", width=8, embed_dim=64, num_classes=5), partial)

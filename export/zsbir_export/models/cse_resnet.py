@@ -44,7 +44,9 @@ small variants for training on a CPU; they keep the official module names.
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
@@ -60,6 +62,7 @@ __all__ = [
     "CSEResNetModel",
     "ModelOutput",
     "cse_resnet",
+    "load_se_resnet50_imagenet",
     "tag_column",
 ]
 
@@ -347,3 +350,69 @@ def cse_resnet(
 ) -> CSEResNetModel:
     """Build a CSE-ResNet embedding model (``cse_resnet50`` at width 64 = the official DSN/SAKE model)."""
     return CSEResNetModel(depth, width=width, embed_dim=embed_dim, num_classes=num_classes, imagenet_head=imagenet_head)
+
+
+def load_se_resnet50_imagenet(model: CSEResNetModel, path: str | os.PathLike[str]) -> None:
+    """Initialise a CSE-ResNet from an ImageNet SE-ResNet file, the way the official code does.
+
+    The file is Cadene's ``pretrainedmodels`` ``se_resnet50-ce0d4300.pth`` (or any file with its key
+    layout: ``layer0.conv1``, ``layer1.0.se_module.fc1`` as 1x1 convolutions, ``last_linear``), read
+    with ``torch.load(weights_only=True)``. As in ``initialize_pretrained_model_hashing`` of the
+    official ``senet.py``: SE 1x1 convolution weights are squeezed to linear weights, ``fc2`` gets a
+    zero column for the tag (so the network starts out tag-independent), and with a hashing layer
+    the ImageNet head ``W`` (1000 x 2048) is split by SVD, ``W ~ U_d (S_d V_d)``: ``second_last_linear``
+    gets ``S_d V_d`` and ``last_linear`` gets ``U_d``. Unlike the official code (which leaves both
+    biases at their random initialisation) ``last_linear.bias`` takes the ImageNet bias and
+    ``second_last_linear.bias`` is zero, so the two layers start as the rank-``d`` approximation of
+    the ImageNet classifier. Without a hashing layer ``last_linear`` is copied as is (the SAKE/DSN
+    teacher). The training-class classifier (``linear``) keeps its initialisation.
+
+    Raises:
+        FileNotFoundError, PretrainedLoadError: missing/unreadable file or keys/shapes that do not fit.
+    """
+    from zsbir_export.models.resnet import PretrainedLoadError, _read_state_dict
+
+    p = Path(path)
+    state = _read_state_dict(p)
+    converted: dict[str, Tensor] = {}
+    for k, v in state.items():
+        if ".se_module.fc1.weight" in k or ".se_module.fc2.weight" in k:
+            v = v.reshape(v.shape[0], v.shape[1])
+            if ".fc2." in k:
+                v = torch.cat([v, torch.zeros(v.shape[0], 1, dtype=v.dtype)], dim=1)
+        converted["original_model." + k] = v
+    head_w = converted.pop("original_model.last_linear.weight", None)
+    head_b = converted.pop("original_model.last_linear.bias", None)
+    trunk = model.original_model
+    if head_w is not None and head_b is not None and trunk.last_linear is not None:
+        if trunk.second_last_linear is None:
+            converted["original_model.last_linear.weight"] = head_w
+            converted["original_model.last_linear.bias"] = head_b
+        else:
+            d = trunk.embed_dim
+            u, s, vh = torch.linalg.svd(head_w.double(), full_matrices=False)
+            if d > s.shape[0]:
+                raise PretrainedLoadError(f"embed_dim {d} exceeds the rank bound {s.shape[0]} of {p}'s ImageNet head")
+            converted["original_model.second_last_linear.weight"] = (s[:d, None] * vh[:d]).to(head_w.dtype)
+            converted["original_model.second_last_linear.bias"] = torch.zeros(d, dtype=head_w.dtype)
+            converted["original_model.last_linear.weight"] = u[:, :d].to(head_w.dtype)
+            converted["original_model.last_linear.bias"] = head_b
+    own = model.state_dict()
+    trunk_keys = [k for k in own if k.startswith("original_model.layer")]
+    missing = [k for k in trunk_keys if k not in converted]
+    unexpected = [k for k in converted if k not in own]
+    mismatched = [
+        f"{k}: file {tuple(converted[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in converted
+        if k in own and converted[k].shape != own[k].shape
+    ]
+    if missing or unexpected or mismatched:
+        problems = [
+            f"{len(x)} {what}: {', '.join(x[:5])}{' ...' if len(x) > 5 else ''}"
+            for what, x in (("missing", missing), ("unexpected", unexpected), ("shape mismatch(es)", mismatched))
+            if x
+        ]
+        raise PretrainedLoadError(
+            f"{p} does not fit this CSE-ResNet as SE-ResNet ImageNet weights: " + "; ".join(problems)
+        )
+    model.load_state_dict(converted, strict=False)
