@@ -58,7 +58,7 @@ def main() -> None:
     q, ql, g, gl = _make(args.queries, args.gallery, args.dim, args.classes, seed=0)
     print(
         f"evaluate: {args.queries} queries x {args.gallery} gallery, dim {args.dim}, {args.classes} classes, "
-        f"{os.cpu_count()} CPUs, numpy {np.__version__}"
+        f"{os.cpu_count()} CPUs, numpy {np.__version__}, load average before {os.getloadavg()[0]:.2f}"
     )
     figures: dict[str, object] = {
         "queries": args.queries,
@@ -68,6 +68,7 @@ def main() -> None:
         "cpus": os.cpu_count(),
         "numpy": np.__version__,
         "machine": platform.processor() or platform.machine(),
+        "loadavg_1min_before": os.getloadavg()[0],
     }
     for protocol in ("sake", "zse"):
         med, times, res = _time(
@@ -93,6 +94,8 @@ def main() -> None:
     print(f"  hamming sake: median {med:.2f} s  (runs {', '.join(f'{t:.2f}' for t in times)})  {res}")
     figures["hamming_sake_s"] = med
     figures["hamming_sake_metrics"] = res
+    figures["loadavg_1min_after"] = os.getloadavg()[0]
+    print(f"load average after {os.getloadavg()[0]:.2f} (other processes share these CPUs: compare with care)")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(figures, indent=2) + "\n")

@@ -13,8 +13,9 @@ names, same functions), for a query with ``n`` relevant items in a gallery of ``
   ``(1 / n) Σ_k p̂_k`` (``VOCap`` sums recall steps of ``1/n`` times the interpolated precision).
 * **AP@200 (mAP@200)**: the same computed on the top ``t = min(200, G)`` items only, divided by
   ``min(t, n)`` instead of ``n`` (``eval_AP_inner(..., top=200)``): ``(1 / min(t, n)) Σ_{k: r_k <= t}
-  p̂ᵗ_k`` where ``p̂ᵗ`` takes its maximum over hits inside the top ``t`` only.
-* **P@K**: hits in the top ``min(K, G)`` divided by ``min(K, G)`` (``eval_precision``).
+  p̂ᵗ_k`` where ``p̂ᵗ`` takes its maximum over hits inside the top ``t`` only. (Their test scripts
+  print mAP@all and P@100; the @200 figures come from the same functions' ``top`` arguments.)
+* **P@K**: hits in the top ``min(K, G)`` divided by ``min(K, G)`` (``eval_precision(..., top=K)``).
 * A query with no relevant item: AP and AP@200 are NaN (their code raises on 0/0 and returns NaN),
   P@K is 0. NaN values are left out of the averages (``np.nanmean``), zeros are not.
 * ``average="class"`` is DSN's reported figure: the mean over query classes of the per-class mean
@@ -38,7 +39,8 @@ ordered by ascending gallery index (a stable sort). The reference code uses ``np
 default, unstable quicksort/introsort, so their order among tied items is an implementation detail
 of numpy; results agree exactly whenever no relevant item ties with an irrelevant one (ties among
 relevant items, or among irrelevant ones, never change any metric). Ties are common with Hamming
-distances, rare with float embeddings.
+distances; with float32 scores they are rarer but real (a 50,000-item gallery typically holds a
+few exactly equal float32 scores per query).
 
 Numerics: cosine scores are computed in float32 (matrix products in batches of ``batch_size``
 queries); metric arithmetic is float64. Only the ranks of the relevant items are needed, so no query's
@@ -83,45 +85,56 @@ _PREC_KS = (100, 200)
 # --------------------------------------------------------------------------- per-query arithmetic
 
 
-def _bin_keys(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Monotone bins of each row of float ``keys`` (B, G) and, per bin, the count of items in lower bins.
+class _RowRanker:
+    """Ranks of relevant items in one query's ranking, for float keys, with reusable row buffers.
 
-    Bin ``floor((k - min) * (nb - 1) / (max - min))`` never decreases as ``k`` grows (every step is a
-    monotone rounded operation), so an item in a lower bin always ranks before one in a higher bin.
+    Keys are bucketed into ``nb`` bins by ``floor((k - min) * (nb - 1.001) / (max - min))``, which never
+    decreases as ``k`` grows (each step is a monotone rounded operation; the 1e-3 margin keeps rounding
+    below ``nb``), so an item in a lower bin always ranks before one in a higher bin. The rank of a
+    relevant item is the count of items in lower bins plus its place among the items of its own bin,
+    found by a stable sort of only the items that share a bin with some relevant item. Work per query
+    is a few passes over G values that stay in cache (one buffer set per thread) and a sort of a few
+    times ``n`` values. The result equals a stable sort by key, then gallery index.
     """
-    b, g = keys.shape
-    nb = max(1024, g // 2)
-    lo = keys.min(axis=1, keepdims=True)
-    span = keys.max(axis=1, keepdims=True).astype(np.float64) - lo
-    # The 1e-3 margin keeps rounding from ever reaching bin nb - 1 + 1, so no clipping pass is needed.
-    scale = np.where(span > 0, (nb - 1.001) / np.where(span > 0, span, 1.0), 0.0).astype(keys.dtype)
-    tmp = np.subtract(keys, lo)  # >= 0
-    np.multiply(tmp, scale, out=tmp)
-    idx_dtype = np.int32 if b * nb < 2**31 else np.int64
-    bins = tmp.astype(idx_dtype)
-    del tmp
-    offsets = (np.arange(b, dtype=idx_dtype) * nb)[:, None]
-    np.add(bins, offsets, out=bins)
-    counts = np.bincount(bins.ravel(), minlength=b * nb).reshape(b, nb)
-    np.subtract(bins, offsets, out=bins)
-    below: np.ndarray = np.cumsum(counts, axis=1, dtype=idx_dtype)
-    np.subtract(below, counts, out=below)
-    return bins, below
 
+    def __init__(self, n_gallery: int) -> None:
+        self.g = n_gallery
+        self.nb = max(1024, n_gallery)
+        self.tmp = np.empty(n_gallery, dtype=np.float64)
+        self.bins = np.empty(n_gallery, dtype=np.int64)
+        self.below = np.empty(self.nb, dtype=np.int64)
+        self.hot = np.zeros(self.nb, dtype=bool)
+        self.is_pos = np.zeros(n_gallery, dtype=bool)
 
-def _ranks_from_bins(keys: np.ndarray, bins: np.ndarray, below: np.ndarray, pos: np.ndarray) -> np.ndarray:
-    # Sort (stably, so equal keys keep gallery-index order) only the items sharing a bin with a
-    # relevant item; the rank is the count of items in lower bins plus the position inside the bin.
-    hot = np.zeros(below.shape[0], dtype=bool)
-    hot[bins[pos]] = True
-    cand = np.flatnonzero(hot[bins])  # ascending gallery index
-    cand = cand[np.argsort(keys[cand], kind="stable")]  # now in ranking order
-    cb = bins[cand]
-    within = np.arange(cand.shape[0]) - np.searchsorted(cb, cb, side="left")
-    is_pos = np.zeros(bins.shape[0], dtype=bool)
-    is_pos[pos] = True
-    sel = is_pos[cand]
-    return (below[cb[sel]] + within[sel] + 1).astype(np.int64)
+    def ranks(self, keys: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        """Sorted 1-based ranks of gallery indices ``pos`` (non-empty) under float ``keys`` (G,)."""
+        lo, hi = keys.min(), keys.max()
+        span = float(hi) - float(lo)
+        scale = (self.nb - 1.001) / span if span > 0 else 0.0
+        tmp = self.tmp if keys.dtype == np.float64 else self.tmp.view(np.float32)[: self.g]
+        if keys.dtype not in (np.float32, np.float64):
+            keys = keys.astype(np.float64)
+            tmp = self.tmp
+        np.subtract(keys, lo, out=tmp)  # >= 0
+        np.multiply(tmp, tmp.dtype.type(scale), out=tmp)
+        bins = self.bins
+        np.copyto(bins, tmp, casting="unsafe")  # truncation = floor for values >= 0
+        counts = np.bincount(bins, minlength=self.nb)
+        below = self.below
+        np.cumsum(counts, out=below)
+        np.subtract(below, counts, out=below)  # items in strictly lower bins
+
+        pb = bins[pos]
+        self.hot[pb] = True
+        cand = np.flatnonzero(self.hot[bins])  # ascending gallery index
+        self.hot[pb] = False
+        cand = cand[np.argsort(keys[cand], kind="stable")]  # ranking order
+        cb = bins[cand]
+        within = np.arange(cand.shape[0]) - np.searchsorted(cb, cb, side="left")
+        self.is_pos[pos] = True
+        sel = self.is_pos[cand]
+        self.is_pos[pos] = False
+        return below[cb[sel]] + within[sel] + 1
 
 
 def _ranks_by_argsort(keys: np.ndarray, pos: np.ndarray) -> np.ndarray:
@@ -150,8 +163,7 @@ def positive_ranks(keys: np.ndarray, positives: ArrayLike) -> np.ndarray:
         return np.empty(0, dtype=np.int64)
     if not np.issubdtype(k.dtype, np.floating):
         return _ranks_by_argsort(k, pos)
-    bins, below = _bin_keys(k[None, :])
-    return _ranks_from_bins(k, bins[0], below[0], pos)
+    return _RowRanker(k.shape[0]).ranks(k, pos)
 
 
 def average_precision(ranks: ArrayLike, n_relevant: int, top: int | None = None) -> float:
@@ -259,15 +271,14 @@ def _run(
 
     def work(start: int, keys: np.ndarray, lo: int, hi: int) -> None:
         floating = np.issubdtype(keys.dtype, np.floating)
-        if floating:
-            bins, below = _bin_keys(keys[lo:hi])
+        ranker = _RowRanker(n_gallery) if floating else None
         for i in range(lo, hi):
             q = start + i
             pos = positives[q_codes[q]]
             if pos.size == 0:
                 ranks = pos
-            elif floating:
-                ranks = _ranks_from_bins(keys[i], bins[i - lo], below[i - lo], pos)
+            elif ranker is not None:
+                ranks = ranker.ranks(keys[i], pos)
             else:
                 ranks = _ranks_by_argsort(keys[i], pos)
             out[q] = _query_values(ranks, n_gallery, protocol)
