@@ -284,16 +284,17 @@ def hamming_scores(codes: np.ndarray, query_codes: np.ndarray, n_bits: int) -> n
     qc = np.ascontiguousarray(query_codes, dtype=np.uint8)
     cw: np.ndarray = codes
     qw: np.ndarray = qc
-    if codes.shape[1] % 8 == 0:
+    if codes.shape[1] % 8 == 0:  # whole 64-bit words (the usual 64-bit ITQ codes: one word)
         cw, qw = codes.view(np.uint64), qc.view(np.uint64)
-    out = np.empty((codes.shape[0], qc.shape[0]), dtype=np.float32)
-    for j in range(qw.shape[0]):
-        x = np.bitwise_xor(cw, qw[j])
-        if hasattr(np, "bitwise_count"):
-            d = np.bitwise_count(x).sum(axis=1, dtype=np.int32)
-        else:  # pragma: no cover - numpy < 2
-            d = _POP8[x.view(np.uint8)].reshape(x.shape[0], -1).sum(axis=1, dtype=np.int32)
-        out[:, j] = n_bits - 2 * d
+    if hasattr(np, "bitwise_count"):
+        counts = [np.bitwise_count(np.bitwise_xor(cw[:, w : w + 1], qw[None, :, w])) for w in range(cw.shape[1])]
+    else:  # pragma: no cover - numpy < 2
+        counts = [_POP8[np.bitwise_xor(cw[:, w : w + 1], qw[None, :, w]).view(np.uint8)] for w in range(cw.shape[1])]
+        counts = [c.reshape(codes.shape[0], qc.shape[0], -1).sum(axis=-1, dtype=np.int32) for c in counts]
+    d = counts[0] if len(counts) == 1 else np.sum(counts, axis=0, dtype=np.int32)
+    out: np.ndarray = np.asarray(d, dtype=np.float32)
+    out *= -2
+    out += n_bits
     return out
 
 
