@@ -25,6 +25,10 @@ from zsbir_infer.backends.base import Backend, BackendUnavailable
 from zsbir_infer.bundle import BundleError, EngineInfo
 
 if TYPE_CHECKING:
+    # Names from the tensorrt-stubs package, for readers. (mypy sees them as Any: the stubs ship without
+    # py.typed and do not parse with mypy 2.x, tensorrt_bindings/tensorrt.pyi line 6137.)
+    import tensorrt as trt_types
+
     from zsbir_infer.bundle import Bundle
 
 __all__ = [
@@ -224,16 +228,18 @@ class TensorRTBackend(Backend):
         plan = bundle.engine_path(engine_info).read_bytes()
 
         _cuda_call(cudart, cudart.cudaSetDevice(device_id), "cudaSetDevice")
-        self._logger = trt.Logger(trt.Logger.WARNING)
-        self._runtime = trt.Runtime(self._logger)
-        self._engine = self._runtime.deserialize_cuda_engine(plan)
-        if self._engine is None:
+        self._logger: trt_types.Logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime: trt_types.Runtime = trt.Runtime(self._logger)
+        engine: trt_types.ICudaEngine | None = self._runtime.deserialize_cuda_engine(plan)
+        if engine is None:
             raise BackendUnavailable(
                 f"TensorRT {trt_version} refused to load {engine_info.path.name}; " + rebuild_hint(bundle, precision)
             )
-        self._context = self._engine.create_execution_context()
-        if self._context is None:
+        self._engine: trt_types.ICudaEngine = engine
+        context: trt_types.IExecutionContext | None = engine.create_execution_context()
+        if context is None:
             raise BackendUnavailable("TensorRT could not create an execution context (out of GPU memory?)")
+        self._context: trt_types.IExecutionContext = context
         self._bind(bundle)
 
     def _bind(self, bundle: Bundle) -> None:
@@ -256,7 +262,7 @@ class TensorRTBackend(Backend):
         mins, opts, maxs = engine.get_tensor_profile_shape(self._image_name, 0)
         self.min_batch, self.opt_batch, self._max = int(mins[0]), int(opts[0]), int(maxs[0])
         self.max_batch = self._max
-        chw = tuple(int(d) for d in maxs[1:])
+        chw = tuple(int(maxs[i]) for i in range(1, len(maxs)))
         self._chw = chw
         self._stream = _cuda_call(cudart, cudart.cudaStreamCreate(), "cudaStreamCreate")
         dim = bundle.embedding_dim
@@ -306,7 +312,8 @@ class TensorRTBackend(Backend):
             )
         if not ctx.execute_async_v3(int(stream)):
             raise RuntimeError("TensorRT execution failed")
-        shape = tuple(int(d) for d in ctx.get_tensor_shape(self._output_name))
+        dims = ctx.get_tensor_shape(self._output_name)
+        shape = tuple(int(dims[i]) for i in range(len(dims)))
         out = np.empty(shape, dtype=self._dtypes[self._output_name])
         d2h = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
         _cuda_call(
