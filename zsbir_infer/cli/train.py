@@ -1,5 +1,136 @@
-"""`zsbir train` (placeholder until issue #3 (models and training) lands)."""
+"""``zsbir train``: train a ZS-SBIR model (Tursun et al. 2022 or DSN 2021) on a benchmark folder.
 
-from zsbir_infer.cli import not_built
+torch and the training code (``zsbir_export``, the ``train`` extra) are imported only when the command
+runs, so the rest of the CLI works without them.
+"""
 
-command = not_built("train", "issue #3 (models and training)")
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+import click
+
+__all__ = ["command"]
+
+
+@click.command(
+    name="train",
+    context_settings={"help_option_names": ["-h", "--help"]},
+    epilog=(
+        "Methods: 'tursun' (domain-balanced quadruplet + classification + semantic knowledge preservation), "
+        "'dsn' (CSE-ResNet; classification + SAKE distillation + cross-modal contrastive + sketch memory bank), "
+        "'none' (photo-only classification pre-training: the stand-in for ImageNet weights whose knowledge "
+        "the methods preserve; pass its RUN_DIR/checkpoint.json to --pretrained). "
+        "Writes RUN_DIR/checkpoint.safetensors + checkpoint.json, resume.pt, log.jsonl and metrics.json."
+    ),
+)
+@click.option("--method", type=click.Choice(["tursun", "dsn", "none"]), required=True, help="Training method.")
+@click.option(
+    "--data",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    required=True,
+    help="Benchmark folder (trains on its seen classes, validates on the unseen ones).",
+)
+@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), required=True, help="RUN_DIR.")
+@click.option("--backbone", default="resnet18", show_default=True, help="resnet18|34|50 (cse_ variant for dsn).")
+@click.option("--width", default=16, show_default=True, type=click.IntRange(1), help="Base channels (64 = standard).")
+@click.option("--embed-dim", default=64, show_default=True, type=click.IntRange(1), help="Embedding size.")
+@click.option("--size", default=96, show_default=True, type=click.IntRange(32), help="Input side in pixels.")
+@click.option("--epochs", default=10, show_default=True, type=click.IntRange(1))
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(4), help="Images per batch.")
+@click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option(
+    "--lr-final",
+    default=0.01,
+    show_default=True,
+    type=click.FloatRange(0, 1, min_open=True),
+    help="The LR decays exponentially to lr * lr-final.",
+)
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0))
+@click.option(
+    "--pretrained",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Initial weights and teacher: a zsbir checkpoint (e.g. a 'none' run with the same backbone/width).",
+)
+@click.option("--resume", is_flag=True, help="Continue RUN_DIR/resume.pt (same settings required).")
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
+@click.option("--amp/--no-amp", default=True, show_default=True, help="Mixed precision (GPU only).")
+@click.option("--ablation", is_flag=True, help="Drop the method-specific losses (see the epilog).")
+@click.option("--val-every", default=1, show_default=True, type=click.IntRange(1), help="Validate every N epochs.")
+@click.option("--threads", default=None, type=click.IntRange(1), help="torch threads (default: torch's).")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(0), help="Data-loading processes.")
+@click.option("--max-batches", default=None, type=click.IntRange(1), hidden=True)
+@click.option("--stop-after", default=None, type=click.IntRange(1), hidden=True)
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def command(
+    method: str,
+    data: Path,
+    out: Path,
+    backbone: str,
+    width: int,
+    embed_dim: int,
+    size: int,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    lr_final: float,
+    seed: int,
+    pretrained: Path | None,
+    resume: bool,
+    device: str,
+    amp: bool,
+    ablation: bool,
+    val_every: int,
+    threads: int | None,
+    workers: int,
+    max_batches: int | None,
+    stop_after: int | None,
+    quiet: bool,
+) -> None:
+    """Train a model on the seen classes of a benchmark folder; validate on its unseen classes."""
+    try:
+        from zsbir_export.train import TrainConfig, train
+    except ImportError as exc:  # pragma: no cover - depends on the installed extras
+        raise click.ClickException(
+            f"training needs torch and the zsbir_export package (pip install -e '.[train]'): {exc}"
+        ) from None
+    cfg = TrainConfig(
+        method=method,
+        data=str(data),
+        out=str(out),
+        backbone=backbone,
+        width=width,
+        embed_dim=embed_dim,
+        size=size,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        lr_final=lr_final,
+        seed=seed,
+        device=device,
+        amp=amp,
+        ablation=ablation,
+        pretrained=None if pretrained is None else str(pretrained),
+        val_every=val_every,
+        max_batches=max_batches,
+        threads=threads,
+        workers=workers,
+        progress=not quiet,
+        command="zsbir train " + " ".join(shlex.quote(a) for a in sys.argv[2:]),
+    )
+    try:
+        result = train(cfg, resume=resume, stop_after=stop_after, log=click.echo)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        raise click.ClickException(str(exc)) from None
+    unseen = result.metrics.get("unseen", {})
+    click.echo(
+        f"done in {result.seconds:.0f} s: unseen mAP@all={unseen.get('map_all', float('nan')):.4f} "
+        f"mAP@200={unseen.get('map_200', float('nan')):.4f} P@100={unseen.get('p_100', float('nan')):.4f}"
+    )
+    for key in ("itq", "itq_transductive"):
+        if key in unseen:
+            click.echo(f"  {key} ({unseen['itq_bits']} bits, Hamming): mAP@all={unseen[key]['map_all']:.4f}")
+    click.echo(f"checkpoint: {result.checkpoint.with_suffix('.json')}")
