@@ -102,6 +102,28 @@ def test_bad_file_names_the_file(bundle_dir: tuple[Path, Any], images: list[Path
             enc.embed([tmp_path / "missing.png"], "photo")
 
 
+def test_embed_stream_skips_bad_files(bundle_dir: tuple[Path, Any], images: list[Path], tmp_path: Path) -> None:
+    bad1, bad2, bad3 = tmp_path / "bad1.jpg", tmp_path / "bad2.png", tmp_path / "gone.png"
+    bad1.write_bytes(b"nope")
+    bad2.write_bytes(b"\x89PNG\r\n\x1a\n")
+    items = [images[0], bad1, images[1], bad2, bad3, images[2], images[3]]  # batch [3:6] has two failures
+    with Encoder.open(bundle_dir[0], backend="ort-cpu", batch_size=3, threads=1) as enc:
+        batches = list(enc.embed_stream(items, "photo", skip_errors=True))
+        assert [(b.start, b.size) for b in batches] == [(0, 3), (3, 3), (6, 1)]
+        indices = np.concatenate([b.indices for b in batches])
+        assert indices.tolist() == [0, 2, 5, 6]
+        failures = [f for b in batches for f in b.failures]
+        assert [i for i, _ in failures] == [1, 3, 4]
+        assert "bad1.jpg" in failures[0][1] and "bad2.png" in failures[1][1] and "gone.png" in failures[2][1]
+        emb = np.concatenate([b.embeddings for b in batches])
+        np.testing.assert_allclose(emb, enc.embed([items[i] for i in indices], "photo"), atol=1e-6)
+        # A batch with nothing decodable still yields, with an empty embedding block.
+        only_bad = list(enc.embed_stream([bad1, bad2], "photo", skip_errors=True))
+        assert only_bad[0].embeddings.shape == (0, 6) and len(only_bad[0].failures) == 2
+        with pytest.raises(ImageDecodeError, match=r"bad1\.jpg"):
+            list(enc.embed_stream(items, "photo"))
+
+
 def test_embed_input_validation(bundle_dir: tuple[Path, Any]) -> None:
     with Encoder.open(bundle_dir[0], backend="ort-cpu", threads=1) as enc:
         with pytest.raises(ValueError, match="domain"):

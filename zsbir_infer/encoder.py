@@ -9,6 +9,8 @@
 ``embed`` decodes and preprocesses images on a thread pool (PIL releases the GIL while decoding), a
 few batches ahead of the model, so decoding overlaps inference. Each domain uses the bundle's own
 preprocessing spec; domain-conditioned models also get the domain tag (photo 1, sketch 0).
+``embed_stream`` yields results batch by batch and can skip undecodable files (reporting each with
+its reason), for indexers that write as they go.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -27,13 +30,35 @@ from PIL import Image
 
 from zsbir_infer.backends.base import BACKENDS, Backend, open_backend
 from zsbir_infer.bundle import PRECISIONS, Bundle, check_domain
-from zsbir_infer.preprocess import ImageInput, preprocess_into
+from zsbir_infer.preprocess import ImageDecodeError, ImageInput, preprocess_into
 
-__all__ = ["DEFAULT_BATCH_SIZE", "Encoder", "EncoderError", "l2_normalize"]
+__all__ = ["DEFAULT_BATCH_SIZE", "EmbeddedBatch", "Encoder", "EncoderError", "PreprocessedBatch", "l2_normalize"]
 
 log = logging.getLogger("zsbir.encoder")
 
 DEFAULT_BATCH_SIZE = 32
+
+
+@dataclass
+class PreprocessedBatch:
+    """Inputs ``start .. start+size-1`` preprocessed; ``indices`` are the positions that decoded."""
+
+    start: int
+    size: int
+    indices: np.ndarray  # int64 [k], positions in the input sequence
+    images: np.ndarray  # float32 [k, 3, H, W]
+    failures: list[tuple[int, str]]  # (position, reason) of inputs that could not be decoded
+
+
+@dataclass
+class EmbeddedBatch:
+    """Inputs ``start .. start+size-1`` embedded; row ``j`` of ``embeddings`` is input ``indices[j]``."""
+
+    start: int
+    size: int
+    indices: np.ndarray  # int64 [k]
+    embeddings: np.ndarray  # float32 [k, D], L2-normalized
+    failures: list[tuple[int, str]]  # (position, reason) of inputs skipped (skip_errors=True only)
 
 
 class EncoderError(RuntimeError):
@@ -174,10 +199,19 @@ class Encoder:
         return out
 
     def iter_batches(
-        self, images: Sequence[ImageInput], domain: str, *, batch_size: int | None = None
-    ) -> Iterator[tuple[int, np.ndarray]]:
-        """Yield ``(start, float32 [n, 3, H, W])`` preprocessed batches, decoded on the thread pool a few
-        batches ahead of the consumer. A decoding error is raised when its batch is reached."""
+        self,
+        images: Sequence[ImageInput],
+        domain: str,
+        *,
+        batch_size: int | None = None,
+        skip_errors: bool = False,
+    ) -> Iterator[PreprocessedBatch]:
+        """Yield preprocessed batches of ``images``, decoded on the thread pool a few batches ahead.
+
+        With ``skip_errors=False`` the first undecodable input raises its
+        :class:`~zsbir_infer.preprocess.ImageDecodeError` when its batch is reached; with ``True`` it is
+        left out of the batch and reported in ``failures``.
+        """
         spec = self.bundle.preprocess_spec(domain)
         bs = batch_size or self.batch_size
         if bs < 1:
@@ -208,14 +242,49 @@ class Encoder:
             try:
                 while pending:
                     start, buf, futs = pending.popleft()
-                    for f in futs:
-                        f.result()
+                    failures: list[tuple[int, str]] = []
+                    for i, f in enumerate(futs):
+                        try:
+                            f.result()
+                        except ImageDecodeError as exc:
+                            if not skip_errors:
+                                raise
+                            failures.append((start + i, str(exc)))
                     submit()
-                    yield start, buf
+                    indices = np.arange(start, start + len(futs), dtype=np.int64)
+                    if failures:
+                        keep = np.ones(len(futs), dtype=bool)
+                        keep[[i - start for i, _ in failures]] = False
+                        buf, indices = buf[keep], indices[keep]
+                    yield PreprocessedBatch(start=start, size=len(futs), indices=indices, images=buf, failures=failures)
             finally:
                 for _, _, futs in pending:
                     for f in futs:
                         f.cancel()
+
+    def embed_stream(
+        self,
+        images: Sequence[ImageInput],
+        domain: str,
+        *,
+        batch_size: int | None = None,
+        skip_errors: bool = False,
+    ) -> Iterator[EmbeddedBatch]:
+        """Embed ``images`` batch by batch, for consumers that write results as they come (galleries).
+
+        Each :class:`EmbeddedBatch` holds the input positions it embedded, their L2-normalized
+        embeddings, and (with ``skip_errors=True``) the inputs that could not be decoded, with the
+        reason. Decoding of later batches overlaps the inference of the current one.
+        """
+        check_domain(domain)
+        for batch in self.iter_batches(images, domain, batch_size=batch_size, skip_errors=skip_errors):
+            if batch.images.shape[0]:
+                emb = self._run(batch.images, domain)
+            else:
+                emb = np.empty((0, self.embedding_dim), dtype=np.float32)
+            yield EmbeddedBatch(
+                start=batch.start, size=batch.size, indices=batch.indices, embeddings=emb, failures=batch.failures
+            )
 
     def embed(
         self,
@@ -242,10 +311,10 @@ class Encoder:
         else:
             items = list(images)
         out = np.empty((len(items), self.embedding_dim), dtype=np.float32)
-        for start, batch in self.iter_batches(items, domain, batch_size=batch_size):
-            out[start : start + batch.shape[0]] = self._run(batch, domain) if batch.shape[0] else 0
+        for batch in self.embed_stream(items, domain, batch_size=batch_size):
+            out[batch.indices] = batch.embeddings
             if progress is not None:
-                progress(batch.shape[0])
+                progress(batch.size)
         return out
 
     # ------------------------------------------------------------------------------------- lifecycle
