@@ -90,7 +90,7 @@ extern "C" int zsbir_hamming_topk(const void* query_codes, const void* codes, in
                                   int64_t code_bytes, int64_t k, int32_t* out_distances, int64_t* out_indices,
                                   void* stream) {
   using namespace zsbir;
-  if (num_queries < 0 || num_codes < 0 || num_queries >= kMaxRows || num_codes >= kMaxRows) return ZSBIR_ERR_BAD_SHAPE;
+  if (num_queries < 0 || num_codes < 0 || num_queries > kMaxRows || num_codes > kMaxRows) return ZSBIR_ERR_BAD_SHAPE;
   if (code_bytes < 8 || code_bytes > 128 || code_bytes % 8 != 0) return ZSBIR_ERR_BAD_CODE_BYTES;
   if (k < 1 || k > kMaxK) return ZSBIR_ERR_BAD_K;
   if (num_queries == 0) return ZSBIR_OK;

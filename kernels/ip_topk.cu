@@ -427,7 +427,7 @@ extern "C" int zsbir_topk_ip(const void* queries, const void* gallery, const flo
                              int64_t num_queries, int64_t num_gallery, int64_t dim, int64_t k, float* out_scores,
                              int64_t* out_indices, int path, void* stream) {
   using namespace zsbir;
-  if (num_queries < 0 || num_gallery < 0 || num_queries >= kMaxRows || num_gallery >= kMaxRows) {
+  if (num_queries < 0 || num_gallery < 0 || num_queries > kMaxRows || num_gallery > kMaxRows) {
     return ZSBIR_ERR_BAD_SHAPE;
   }
   if (dim < 1 || dim > kMaxDim) return ZSBIR_ERR_BAD_DIM;
