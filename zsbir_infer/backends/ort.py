@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -13,6 +14,8 @@ if TYPE_CHECKING:
     from zsbir_infer.bundle import Bundle
 
 __all__ = ["OrtBackend", "ort_session_options"]
+
+log = logging.getLogger("zsbir.backends.ort")
 
 _ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
@@ -88,6 +91,8 @@ class OrtBackend(Backend):
         self.device_id = device_id
         self.precision = precision
         self._bind(bundle, path)
+        if provider == "cpu" and precision == "fp16":
+            log.warning("fp16 models run on the CPU through float16 emulation; fp32 is usually faster there")
 
     def _bind(self, bundle: Bundle, path: object) -> None:
         inputs = {i.name: i for i in self.session.get_inputs()}
@@ -122,7 +127,9 @@ class OrtBackend(Backend):
 
     def describe(self) -> str:
         """Backend name, providers and precision."""
-        return f"{self.name} ({', '.join(self.session.get_providers())}, {self.precision})"
+        session = self.__dict__.get("session")
+        providers = ", ".join(session.get_providers()) if session is not None else "closed"
+        return f"{self.name} ({providers}, {self.precision})"
 
     def close(self) -> None:
         """Drop the session."""
