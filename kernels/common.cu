@@ -17,6 +17,22 @@ int device_info(DeviceInfo* info) {
   return cuda_status(cudaDeviceGetAttribute(&info->smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
 }
 
+int keep_pool_memory() {
+  static bool done[64] = {};
+  int dev = 0;
+  int st = cuda_status(cudaGetDevice(&dev));
+  if (st != ZSBIR_OK) return st;
+  if (dev >= 0 && dev < 64 && done[dev]) return ZSBIR_OK;
+  cudaMemPool_t pool;
+  st = cuda_status(cudaDeviceGetDefaultMemPool(&pool, dev));
+  if (st != ZSBIR_OK) return st;
+  uint64_t threshold = UINT64_MAX;
+  st = cuda_status(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &threshold));
+  if (st != ZSBIR_OK) return st;
+  if (dev >= 0 && dev < 64) done[dev] = true;
+  return ZSBIR_OK;
+}
+
 ChunkPlan plan_chunks(int64_t n, int k, int query_groups, int blocks_per_sm, int sms, int align) {
   ChunkPlan plan;
   if (n <= 0) {

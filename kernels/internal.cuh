@@ -37,6 +37,10 @@ ChunkPlan plan_chunks(int64_t n, int k, int query_groups, int blocks_per_sm, int
 int launch_merge(const skey_t* ws, int nq, int nchunks, int k, float* out_scores, int32_t* out_dist,
                  int64_t* out_idx, int mode, cudaStream_t stream);
 
+// Let the current device's default memory pool keep freed memory (instead of returning it to the driver
+// at every synchronisation), so the per-call workspace costs no driver allocation after the first call.
+int keep_pool_memory();
+
 // Stream-ordered temporary buffer.
 struct Workspace {
   void* ptr = nullptr;
@@ -47,6 +51,8 @@ struct Workspace {
   int alloc(size_t bytes, cudaStream_t s) {
     stream = s;
     if (bytes == 0) return ZSBIR_OK;
+    const int st = keep_pool_memory();
+    if (st != ZSBIR_OK) return st;
     return cuda_status(cudaMallocAsync(&ptr, bytes, s));
   }
 };

@@ -369,13 +369,16 @@ int run_ip(const __half* queries, const T* gallery, const float* scales, int64_t
       qg = 32;
       smem = wmma_fixed_bytes<32>() + selector_bytes(32, P);
     }
-    if (smem > static_cast<size_t>(dev.smem_optin)) return ZSBIR_ERR_SHARED_MEMORY;
+    if (smem > static_cast<size_t>(dev.smem_optin)) {
+      if (path == ZSBIR_PATH_TENSOR) return ZSBIR_ERR_SHARED_MEMORY;
+      tensor = false;  // auto: this device's shared memory is too small for the tensor tiles at this k
+    }
+  }
+  if (tensor) {
     if (qg == 64) {
-      kernel = vec ? ip_wmma_kernel<T, 64, true>
-                   : ip_wmma_kernel<T, 64, false>;
+      kernel = vec ? ip_wmma_kernel<T, 64, true> : ip_wmma_kernel<T, 64, false>;
     } else {
-      kernel = vec ? ip_wmma_kernel<T, 32, true>
-                   : ip_wmma_kernel<T, 32, false>;
+      kernel = vec ? ip_wmma_kernel<T, 32, true> : ip_wmma_kernel<T, 32, false>;
     }
   } else {
     tile = kSimtTile;
@@ -388,13 +391,14 @@ int run_ip(const __half* queries, const T* gallery, const float* scales, int64_t
       --qg;
     }
     if (smem > static_cast<size_t>(dev.smem_optin)) return ZSBIR_ERR_SHARED_MEMORY;
-    kernel = vec ? ip_simt_kernel<T, true>
-                 : ip_simt_kernel<T, false>;
+    kernel = vec ? ip_simt_kernel<T, true> : ip_simt_kernel<T, false>;
   }
-  st = cuda_status(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel), cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  const void* kernel_ptr = reinterpret_cast<const void*>(kernel);
+  st = cuda_status(
+      cudaFuncSetAttribute(kernel_ptr, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   if (st != ZSBIR_OK) return st;
   int bps = 0;
-  st = cuda_status(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&bps, reinterpret_cast<const void*>(kernel), kThreads, smem));
+  st = cuda_status(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&bps, kernel_ptr, kThreads, smem));
   if (st != ZSBIR_OK) return st;
   if (bps < 1) return ZSBIR_ERR_SHARED_MEMORY;
 
