@@ -6,6 +6,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from zsbir_infer.metrics import (
     METRIC_KEYS,
@@ -373,3 +375,27 @@ def test_positive_ranks_integer_and_skewed_keys() -> None:
         rank_of = np.empty(700, dtype=np.int64)
         rank_of[order] = np.arange(1, 701)
         np.testing.assert_array_equal(positive_ranks(keys, pos), np.sort(rank_of[pos]))
+
+
+_float_keys = st.lists(
+    st.one_of(
+        st.sampled_from([0.0, -0.0, 1.0, -1.0, 1e-40, -3e38, 3e38, 0.5]),
+        st.floats(min_value=-1e6, max_value=1e6, width=32),
+    ),
+    min_size=1,
+    max_size=80,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(values=_float_keys, data=st.data())
+def test_positive_ranks_property(values: list[float], data: st.DataObject) -> None:
+    # Arbitrary float32 keys (signed zeros, subnormals, near-overflow values, many ties) against lexsort.
+    keys = np.array(values, dtype=np.float32)
+    g = keys.shape[0]
+    pos = np.array(sorted(data.draw(st.sets(st.integers(0, g - 1), min_size=1, max_size=g))), dtype=np.int64)
+    order = np.lexsort((np.arange(g), keys))
+    rank_of = np.empty(g, dtype=np.int64)
+    rank_of[order] = np.arange(1, g + 1)
+    np.testing.assert_array_equal(positive_ranks(keys, pos), np.sort(rank_of[pos]))
+    np.testing.assert_array_equal(positive_ranks(keys.astype(np.float64), pos), np.sort(rank_of[pos]))

@@ -111,11 +111,14 @@ class _RowRanker:
         lo, hi = keys.min(), keys.max()
         span = float(hi) - float(lo)
         scale = (self.nb - 1.001) / span if span > 0 else 0.0
-        tmp = self.tmp if keys.dtype == np.float64 else self.tmp.view(np.float32)[: self.g]
         if keys.dtype not in (np.float32, np.float64):
             keys = keys.astype(np.float64)
-            tmp = self.tmp
-        np.subtract(keys, lo, out=tmp)  # >= 0
+        if not np.isfinite(scale) or scale > 1e300:  # span near the float64 underflow limit
+            return _ranks_by_argsort(keys, pos)
+        # float32 arithmetic is faster; float64 where (k - min) or the scale could overflow float32.
+        use32 = keys.dtype == np.float32 and span < 1e37 and scale < 1e37
+        tmp = self.tmp.view(np.float32)[: self.g] if use32 else self.tmp
+        np.subtract(keys, lo, out=tmp, dtype=tmp.dtype)  # >= 0, computed in the buffer's precision
         np.multiply(tmp, tmp.dtype.type(scale), out=tmp)
         bins = self.bins
         np.copyto(bins, tmp, casting="unsafe")  # truncation = floor for values >= 0
