@@ -1,5 +1,118 @@
-"""`zsbir index` (placeholder until issue #5 (runtime and gallery) lands)."""
+"""``zsbir index``: index a folder of photos into a gallery (incremental, resumable, never crashing on bad files)."""
 
-from zsbir_infer.cli import not_built
+from __future__ import annotations
 
-command = not_built("index", "issue #5 (runtime and gallery)")
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from zsbir_infer.cli.embed import encoder_options, open_encoder
+
+#: Skipped files listed one by one in the text summary (the rest are counted).
+SHOW_SKIPPED = 20
+
+
+@click.command(
+    name="index",
+    context_settings={"help_option_names": ["-h", "--help"]},
+    epilog="Example: zsbir index ./photos   (then: zsbir query sketch.png)",
+)
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option(
+    "-o",
+    "--gallery",
+    "gallery",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Gallery folder (default: ./.zsbir, where 'zsbir query' finds it).",
+)
+@encoder_options
+@click.option(
+    "--storage",
+    type=click.Choice(["float16", "int8"]),
+    default="float16",
+    show_default=True,
+    help="How a new gallery stores vectors.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def command(
+    folder: Path,
+    gallery: Path | None,
+    model: Path | None,
+    precision: str,
+    backend: str,
+    batch_size: int,
+    workers: int | None,
+    storage: str,
+    as_json: bool,
+    quiet: bool,
+) -> None:
+    """Index the photos below FOLDER into a gallery; a rerun only embeds new or changed files.
+
+    Files that cannot be used (not an image, empty, truncated, too large, unreadable, odd names, symbolic
+    link loops) are skipped with a reason. Interrupting is safe: rerun to continue.
+    """
+    from tqdm import tqdm
+
+    from zsbir_infer.gallery import GalleryError
+    from zsbir_infer.indexer import DEFAULT_GALLERY_DIRNAME, IndexingError, index_folder, read_indexer_info
+    from zsbir_infer.retriever import resolve_model
+
+    gdir = gallery if gallery is not None else Path.cwd() / DEFAULT_GALLERY_DIRNAME
+    if not folder.is_dir():
+        raise click.ClickException(f"{folder} is not a folder (give the folder that holds the photos)")
+    model_arg = resolve_model(gdir, model) if (gdir / "manifest.json").is_file() else model
+    recorded = read_indexer_info(gdir).get("model") if model is None else None
+    enc = open_encoder(Path(model_arg) if model_arg else None, precision, backend, batch_size, workers)
+    model_name = str(Path(model_arg).resolve()) if model_arg else None
+    bar = tqdm(total=0, desc="index", unit="file", file=sys.stderr, disable=quiet, dynamic_ncols=True, mininterval=0.5)
+
+    def on_plan(n: int) -> None:
+        bar.reset(total=n)
+
+    try:
+        report = index_folder(
+            folder,
+            gdir,
+            enc,
+            model=model_name,
+            batch_size=batch_size,
+            workers=workers,
+            storage=storage,
+            progress=bar.update,
+            on_plan=on_plan,
+        )
+    except KeyboardInterrupt:
+        bar.close()
+        click.echo(f"\ninterrupted: committed batches are kept in {gdir}; rerun the same command to continue", err=True)
+        sys.exit(130)
+    except (IndexingError, GalleryError) as exc:
+        bar.close()
+        hint = ""
+        if recorded and model_arg is None:
+            hint = f" (the gallery was built with {recorded}, which is gone; pass --model)"
+        raise click.ClickException(f"{exc}{hint}") from None
+    finally:
+        bar.close()
+        enc.close()
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+        return
+    counts = ", ".join(f"{n} {code}" for code, n in report.skip_counts().items())
+    click.echo(
+        f"indexed {report.indexed} of {report.new + report.changed} new or changed files, "
+        f"{report.unchanged} unchanged, "
+        f"{len(report.skipped)} skipped{f' ({counts})' if counts else ''}, {report.deleted} deleted "
+        f"in {report.seconds:.1f} s ({report.files_per_s:.1f} files/s)"
+    )
+    for rel, why in report.skipped[:SHOW_SKIPPED]:
+        click.echo(f"  skipped {rel}: {why}")
+    if len(report.skipped) > SHOW_SKIPPED:
+        click.echo(f"  ... and {len(report.skipped) - SHOW_SKIPPED} more (zsbir index --json lists them all)")
+    click.echo(
+        f"gallery {report.gallery}: {report.total_indexed} photos from {report.root} "
+        f"(model {report.fingerprint}, {report.backend} {report.precision})"
+    )

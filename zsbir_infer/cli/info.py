@@ -1,5 +1,63 @@
-"""`zsbir info` (placeholder until issue #5 (runtime and gallery) lands)."""
+"""``zsbir info``: describe a gallery (model, counts, sizes on disk, format)."""
 
-from zsbir_infer.cli import not_built
+from __future__ import annotations
 
-command = not_built("info", "issue #5 (runtime and gallery)")
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import click
+
+
+def _size(n: int) -> str:
+    """Bytes in decimal units: 512 B, 1.5 KB, 2.0 MB, ..."""
+    value = float(n)
+    for unit in ("B", "KB", "MB"):
+        if value < 1000:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{value:.1f} GB"
+
+
+@click.command(name="info", context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("gallery", required=False, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def command(gallery: Path | None, as_json: bool) -> None:
+    """Describe GALLERY (default: the nearest .zsbir): model fingerprint, file counts, sizes, format version."""
+    from zsbir_infer.gallery import Gallery, GalleryError
+    from zsbir_infer.indexer import read_indexer_info
+    from zsbir_infer.retriever import RetrieverError, resolve_gallery
+
+    try:
+        gdir = resolve_gallery(gallery)
+        with Gallery.open(gdir) as g:
+            st = g.stats()
+    except (RetrieverError, GalleryError) as exc:
+        raise click.ClickException(str(exc)) from None
+    info = read_indexer_info(gdir)
+    last: dict[str, Any] = info.get("last_run") or {}
+    doc: dict[str, Any] = {
+        **asdict(st),
+        "root": info.get("root"),
+        "model": info.get("model"),
+        "last_run": {k: v for k, v in last.items() if k != "skipped"} if last else None,
+    }
+    if as_json:
+        click.echo(json.dumps(doc, indent=2))
+        return
+    click.echo(f"gallery      {st.path}")
+    click.echo(f"format       {st.storage} vectors, format version {st.format_version}, created {st.created}")
+    click.echo(f"photos from  {info.get('root') or '(unknown: not made by zsbir index)'}")
+    click.echo(f"model        {st.fingerprint} ({info.get('model') or 'embedded default'}), dim {st.dim}, {st.metric}")
+    click.echo(f"files        {st.files_indexed} indexed, {st.files_skipped} skipped, {st.files_deleted} deleted")
+    click.echo(f"rows         {st.rows} vectors ({st.dead_rows} dead), {st.segments} segment(s)")
+    ann = f"{st.ann_vectors} vectors{' (stale)' if st.ann_stale else ''}" if st.ann_vectors else "not built"
+    click.echo(f"ANN index    {ann}")
+    click.echo(f"on disk      {_size(st.bytes_total)} ({_size(st.bytes_vectors)} vectors)")
+    if last:
+        click.echo(
+            f"last run     {last.get('indexed', 0)} indexed, {last.get('unchanged', 0)} unchanged, "
+            f"{len(last.get('skipped', []))} skipped, {last.get('deleted', 0)} deleted "
+            f"in {last.get('seconds', 0):.1f} s"
+        )

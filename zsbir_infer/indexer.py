@@ -1,0 +1,604 @@
+"""The indexing pipeline: a folder of photos in, an up-to-date gallery out (``zsbir index`` is built on it).
+
+    from zsbir_infer.encoder import Encoder
+    from zsbir_infer.indexer import index_folder
+
+    enc = Encoder.open(None)                                   # the embedded default model
+    report = index_folder("photos", ".zsbir", enc)             # creates or updates the gallery
+    print(report.indexed, report.unchanged, report.deleted, report.skip_counts())
+
+What a run does:
+
+1. **Walk** the root (:func:`walk`): regular files and symbolic links to files are listed; symbolic links to
+   directories are followed once (a link back to an ancestor is a loop, a second path to a directory
+   already walked is a duplicate: both are skipped with a reason, never followed). Names starting with
+   ``.`` are ignored (``.git``, ``.zsbir``, macOS ``._*`` files), and so is the gallery folder itself.
+   Files with a name that is not valid UTF-8 or holds a control character (newline, tab, ...) or a
+   backslash are skipped with a reason; they are reported by every run and never stored in the gallery
+   (their names cannot be printed or stored faithfully).
+2. **Plan** with :meth:`Gallery.plan`: compare (path, size, mtime) with the gallery. Only new and changed
+   files are read; files gone from the folder are marked deleted; a file skipped before stays skipped
+   until it changes.
+3. **Decode** new and changed images on a thread pool (each file read once, hashed with SHA-256,
+   decoded with reduced-size JPEG decoding and preprocessed into the batch buffer), a few batches
+   ahead of the model, so decoding overlaps inference. A file that cannot be used is skipped with a
+   reason: not an image, empty, too large (decompression bomb), truncated or corrupt, unreadable.
+4. **Embed** each batch (domain ``photo``) and **commit** it to the gallery atomically
+   (:meth:`Gallery.add`). A run killed at any moment leaves a gallery that opens; the next run sees the
+   committed files as unchanged and indexes the rest, so every file ends up in the gallery exactly once.
+
+The gallery folder also holds ``indexer.json`` (written atomically): the indexed root (absolute path),
+the model bundle used (``null`` for the embedded default) and the summary of the last run. ``zsbir query``
+uses it to print full paths and to pick the same model; one gallery indexes one root.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import stat as stat_mod
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from zsbir_infer.encoder import Encoder
+    from zsbir_infer.gallery import Gallery
+    from zsbir_infer.preprocess import PreprocessSpec
+
+__all__ = [
+    "DEFAULT_GALLERY_DIRNAME",
+    "IMAGE_EXTENSIONS",
+    "INDEXER_FILE",
+    "MAX_FILE_BYTES",
+    "IndexReport",
+    "IndexingError",
+    "Listing",
+    "WalkEntry",
+    "find_gallery",
+    "index_folder",
+    "open_or_create_gallery",
+    "read_indexer_info",
+    "walk",
+]
+
+#: Extensions (lower case) of the files the indexer tries to decode; everything else is "not an image".
+IMAGE_EXTENSIONS: frozenset[str] = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
+)
+#: Files larger than this are skipped without being read (no photo is that large).
+MAX_FILE_BYTES = 256 * 1024 * 1024
+#: Name of the file in the gallery folder that records the indexed root, the model and the last run.
+INDEXER_FILE = "indexer.json"
+#: Default gallery folder name, in the current directory (``zsbir query`` looks for it walking up).
+DEFAULT_GALLERY_DIRNAME = ".zsbir"
+RUN_LOCK_FILE = ".index.lock"
+
+# Skip codes (the part of a reason before the first ": ").
+SKIP_NOT_IMAGE = "not-an-image"
+SKIP_EMPTY = "empty"
+SKIP_TOO_LARGE = "too-large"
+SKIP_TRUNCATED = "truncated"
+SKIP_CORRUPT = "corrupt"
+SKIP_UNREADABLE = "unreadable"
+SKIP_SYMLINK_LOOP = "symlink-loop"
+SKIP_BROKEN_LINK = "broken-symlink"
+SKIP_DUPLICATE_DIR = "duplicate-directory"
+SKIP_ODD_NAME = "odd-name"
+SKIP_NOT_FILE = "not-a-regular-file"
+
+_BAD_NAME_CHARS = frozenset([chr(c) for c in range(32)] + ["\x7f", "\x85", "\u2028", "\u2029", "\\"])
+
+
+class IndexingError(RuntimeError):
+    """Indexing cannot start or continue (bad root, gallery of another root or model, run in progress)."""
+
+
+# ---------------------------------------------------------------------------------------------- walking
+
+
+@dataclass(frozen=True)
+class WalkEntry:
+    """One listed path below the root.
+
+    ``relpath`` uses ``/`` separators; ``path`` is the filesystem path (bytes, so that any name works).
+    ``skip`` is the reason the entry will not be embedded (decided without reading it), or ``None`` for
+    a candidate image. ``stored`` is False for entries that cannot be recorded in the gallery (odd names).
+    """
+
+    relpath: str
+    path: bytes
+    size: int
+    mtime_ns: int
+    skip: str | None = None
+    stored: bool = True
+
+
+@dataclass
+class Listing:
+    """The result of :func:`walk`: entries to plan with, and skips that never reach the gallery."""
+
+    entries: list[WalkEntry] = field(default_factory=list)
+    unstored: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _reason(code: str, detail: str) -> str:
+    return f"{code}: {detail}"
+
+
+def _name_problem(name: bytes) -> tuple[str | None, str]:
+    """(problem, display name) of a directory entry name."""
+    try:
+        text = name.decode("utf-8")
+    except UnicodeDecodeError:
+        return "the file name is not valid UTF-8", name.decode("utf-8", "backslashreplace")
+    if any(c in _BAD_NAME_CHARS for c in text):
+        shown = text.encode("unicode_escape").decode("ascii")
+        return "the file name holds a control character (newline, tab, ...) or a backslash", shown
+    return None, text
+
+
+def walk(root: str | os.PathLike[str], *, exclude: Sequence[str | os.PathLike[str]] = ()) -> Listing:
+    """List the files below ``root`` (see the module docstring for what is followed, ignored and skipped).
+
+    Args:
+        root: the folder to index.
+        exclude: folders not to enter (the gallery itself, when it lies inside the root).
+
+    Raises:
+        IndexingError: if ``root`` is not a readable directory.
+    """
+    root_p = Path(root)
+    try:
+        st_root = os.stat(root_p)
+    except OSError as exc:
+        raise IndexingError(f"cannot index {root_p}: {exc.strerror or exc}") from None
+    if not stat_mod.S_ISDIR(st_root.st_mode):
+        raise IndexingError(f"cannot index {root_p}: not a directory (give the folder that holds the photos)")
+    excluded: set[tuple[int, int]] = set()
+    for ex in exclude:
+        with contextlib.suppress(OSError):
+            s = os.stat(ex)
+            excluded.add((s.st_dev, s.st_ino))
+    out = Listing()
+    visited: set[tuple[int, int]] = {(st_root.st_dev, st_root.st_ino)}
+    # Stack of (directory path, relative prefix, ancestors' (dev, ino)).
+    stack: list[tuple[bytes, str, frozenset[tuple[int, int]]]] = [
+        (os.fsencode(root_p), "", frozenset({(st_root.st_dev, st_root.st_ino)}))
+    ]
+    try:
+        with os.scandir(stack[0][0]) as it:
+            next(iter(it), None)
+    except OSError as exc:
+        raise IndexingError(f"cannot read {root_p}: {exc.strerror or exc}") from None
+    while stack:
+        dir_b, prefix, ancestors = stack.pop()
+        try:
+            with os.scandir(dir_b) as it:
+                children = sorted(it, key=lambda e: e.name)
+        except OSError as exc:
+            rel = prefix.rstrip("/")
+            if rel:
+                out.entries.append(
+                    WalkEntry(
+                        rel, dir_b, -1, -1, _reason(SKIP_UNREADABLE, f"cannot read directory: {exc.strerror or exc}")
+                    )
+                )
+            continue
+        subdirs: list[tuple[bytes, str, frozenset[tuple[int, int]]]] = []
+        for e in children:
+            name_b: bytes = e.name
+            if name_b.startswith(b"."):
+                continue
+            problem, shown = _name_problem(name_b)
+            rel = prefix + shown
+            if problem is not None:
+                out.unstored.append((rel, _reason(SKIP_ODD_NAME, problem)))
+                continue
+            path_b: bytes = e.path
+            try:
+                is_link = e.is_symlink()
+                lst = e.stat(follow_symlinks=False)
+            except OSError as exc:
+                out.entries.append(
+                    WalkEntry(rel, path_b, -1, -1, _reason(SKIP_UNREADABLE, f"cannot stat: {exc.strerror or exc}"))
+                )
+                continue
+            try:
+                st = os.stat(path_b) if is_link else lst
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    why = _reason(SKIP_SYMLINK_LOOP, "the symbolic link points to itself (loop)")
+                elif exc.errno == errno.ENOENT:
+                    why = _reason(SKIP_BROKEN_LINK, "the symbolic link points to nothing")
+                else:
+                    why = _reason(SKIP_UNREADABLE, f"cannot stat: {exc.strerror or exc}")
+                out.entries.append(WalkEntry(rel, path_b, lst.st_size, lst.st_mtime_ns, why))
+                continue
+            if stat_mod.S_ISDIR(st.st_mode):
+                key = (st.st_dev, st.st_ino)
+                if key in excluded:
+                    continue
+                if key in ancestors:
+                    why = _reason(SKIP_SYMLINK_LOOP, "the symbolic link points to a folder that contains it (loop)")
+                    out.entries.append(WalkEntry(rel, path_b, lst.st_size, lst.st_mtime_ns, why))
+                    continue
+                if key in visited:
+                    why = _reason(SKIP_DUPLICATE_DIR, "this folder is already indexed through another path")
+                    out.entries.append(WalkEntry(rel, path_b, lst.st_size, lst.st_mtime_ns, why))
+                    continue
+                visited.add(key)
+                subdirs.append((path_b, rel + "/", ancestors | {key}))
+                continue
+            if not stat_mod.S_ISREG(st.st_mode):
+                out.entries.append(
+                    WalkEntry(rel, path_b, 0, st.st_mtime_ns, _reason(SKIP_NOT_FILE, "not a regular file"))
+                )
+                continue
+            ext = os.path.splitext(shown)[1].lower()
+            skip = None
+            if ext not in IMAGE_EXTENSIONS:
+                skip = _reason(SKIP_NOT_IMAGE, f"extension {ext!r} is not an image type" if ext else "no extension")
+            elif st.st_size == 0:
+                skip = _reason(SKIP_EMPTY, "the file is empty (0 bytes)")
+            elif st.st_size > MAX_FILE_BYTES:
+                skip = _reason(SKIP_TOO_LARGE, f"{st.st_size} bytes (limit {MAX_FILE_BYTES})")
+            out.entries.append(WalkEntry(rel, path_b, int(st.st_size), int(st.st_mtime_ns), skip))
+        # Depth first, in name order.
+        stack.extend(reversed(subdirs))
+    return out
+
+
+# --------------------------------------------------------------------------------------------- decoding
+
+
+def _read_file(path: bytes) -> bytes:
+    """Read a whole file (a seam for tests that simulate unreadable files)."""
+    with open(path, "rb") as fh:
+        return fh.read(MAX_FILE_BYTES + 1)
+
+
+def _classify_decode_error(message: str) -> str:
+    low = message.lower()
+    if "too large" in low or "decompression" in low:
+        return SKIP_TOO_LARGE
+    if "truncated" in low:
+        return SKIP_TRUNCATED
+    if "not a recognised image" in low or "cannot identify" in low:
+        return SKIP_NOT_IMAGE
+    return SKIP_CORRUPT
+
+
+def _prepare(entry: WalkEntry, spec: PreprocessSpec, out: np.ndarray) -> tuple[bool, str]:
+    """Read, hash, decode and preprocess one file into ``out``: (True, sha256) or (False, skip reason)."""
+    from zsbir_infer.preprocess import ImageDecodeError, preprocess_into
+
+    try:
+        data = _read_file(entry.path)
+    except OSError as exc:
+        return False, _reason(SKIP_UNREADABLE, f"cannot read: {exc.strerror or exc}")
+    if not data:
+        return False, _reason(SKIP_EMPTY, "the file is empty (0 bytes)")
+    if len(data) > MAX_FILE_BYTES:
+        return False, _reason(SKIP_TOO_LARGE, f"more than {MAX_FILE_BYTES} bytes")
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        preprocess_into(data, spec, out)
+    except ImageDecodeError as exc:
+        msg = str(exc)
+        if msg.startswith("<") and ": " in msg:  # "<N bytes>: why" -> "why"
+            msg = msg.split(": ", 1)[1]
+        return False, _reason(_classify_decode_error(msg), msg)
+    except Exception as exc:  # a broken file must never stop the run
+        return False, _reason(SKIP_CORRUPT, f"cannot decode image: {type(exc).__name__}: {exc}")
+    return True, digest
+
+
+# ---------------------------------------------------------------------------------------------- the run
+
+
+@dataclass
+class IndexReport:
+    """What one indexing run did (``zsbir index --json`` prints :meth:`to_dict`).
+
+    ``indexed`` counts files embedded by this run (``new`` + ``changed`` minus those that failed);
+    ``skipped`` lists ``(relpath, reason)`` of the files skipped by this run (reasons start with a code
+    such as ``not-an-image:``); ``total_indexed`` / ``total_skipped`` are the gallery's counts afterwards.
+    """
+
+    root: str
+    gallery: str
+    fingerprint: str
+    backend: str
+    precision: str
+    listed: int = 0
+    new: int = 0
+    changed: int = 0
+    indexed: int = 0
+    unchanged: int = 0
+    deleted: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    total_indexed: int = 0
+    total_skipped: int = 0
+    seconds: float = 0.0
+    embed_seconds: float = 0.0
+    interrupted: bool = False
+
+    @property
+    def files_per_s(self) -> float:
+        """Files read and embedded per second over the decode + embed phase."""
+        return (self.indexed + self._failed()) / self.embed_seconds if self.embed_seconds > 0 else 0.0
+
+    def _failed(self) -> int:
+        return max(0, self.new + self.changed - self.indexed)
+
+    def skip_counts(self) -> dict[str, int]:
+        """Number of skipped files of this run per skip code."""
+        return dict(sorted(Counter(r.split(":", 1)[0] for _, r in self.skipped).items()))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary."""
+        d = asdict(self)
+        d["skipped"] = [{"path": p, "reason": r} for p, r in self.skipped]
+        d["skip_counts"] = self.skip_counts()
+        d["files_per_s"] = round(self.files_per_s, 3)
+        d["seconds"] = round(self.seconds, 3)
+        d["embed_seconds"] = round(self.embed_seconds, 3)
+        return d
+
+
+def _write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_indexer_info(gallery: str | os.PathLike[str]) -> dict[str, Any]:
+    """The gallery's ``indexer.json`` (root, model, last run), or ``{}`` when absent or unreadable."""
+    p = Path(gallery) / INDEXER_FILE
+    try:
+        obj = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return obj if isinstance(obj, dict) else {}
+
+
+def find_gallery(start: str | os.PathLike[str] | None = None) -> Path | None:
+    """The nearest ``.zsbir`` gallery in ``start`` (default: the current directory) or one of its parents."""
+    here = Path(start if start is not None else os.getcwd()).resolve()
+    for d in (here, *here.parents):
+        cand = d / DEFAULT_GALLERY_DIRNAME
+        if (cand / "manifest.json").is_file():
+            return cand
+    return None
+
+
+@contextlib.contextmanager
+def _run_lock(gallery_dir: Path) -> Iterator[None]:
+    import fcntl
+
+    fd = os.open(gallery_dir / RUN_LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise IndexingError(
+                f"another 'zsbir index' is updating {gallery_dir}; wait for it to finish (or stop it) and rerun"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def open_or_create_gallery(
+    gallery_dir: Path, root: Path, encoder: Encoder, *, storage: str = "float16", model: str | None = None
+) -> Gallery:
+    """Open the gallery at ``gallery_dir`` for indexing ``root`` with ``encoder`` (creating it if absent).
+
+    Raises:
+        IndexingError: the gallery indexes another root.
+        zsbir_infer.gallery.ModelMismatchError: the gallery was built with another model.
+    """
+    from zsbir_infer.gallery import Gallery
+
+    if (gallery_dir / "manifest.json").is_file():
+        g = Gallery.open(gallery_dir, fingerprint=encoder.fingerprint)
+        info = read_indexer_info(gallery_dir)
+        old_root = info.get("root")
+        if old_root and Path(old_root) != root:
+            g.close()
+            raise IndexingError(
+                f"gallery {gallery_dir} indexes {old_root}, not {root}; a gallery indexes one folder. Use another "
+                f"gallery (-o DIR), or delete {gallery_dir} to start over"
+            )
+    else:
+        g = Gallery.create(gallery_dir, fingerprint=encoder.fingerprint, dim=encoder.embedding_dim, storage=storage)
+    info = read_indexer_info(gallery_dir)
+    if info.get("root") != str(root) or "model" not in info:
+        info.update({"format": "zsbir-indexer", "version": 1, "root": str(root), "model": model})
+        _write_json_atomic(gallery_dir / INDEXER_FILE, info)
+    return g
+
+
+def index_folder(
+    root: str | os.PathLike[str],
+    gallery: str | os.PathLike[str],
+    encoder: Encoder,
+    *,
+    model: str | None = None,
+    batch_size: int | None = None,
+    workers: int | None = None,
+    storage: str = "float16",
+    progress: Callable[[int], Any] | None = None,
+    on_plan: Callable[[int], Any] | None = None,
+    build_ann_from: int | None = None,
+) -> IndexReport:
+    """Index (or update the index of) the photos below ``root`` into the gallery folder ``gallery``.
+
+    Args:
+        root: folder of photos.
+        gallery: gallery folder (created when absent; must then be absent or empty).
+        encoder: an opened :class:`~zsbir_infer.encoder.Encoder` (its fingerprint must match the gallery's).
+        model: how to name the model in ``indexer.json`` (the bundle folder; ``None`` = embedded default).
+        batch_size: images per model call and per gallery commit (default: the encoder's).
+        workers: decoding threads (default: the encoder's).
+        storage: gallery storage for a new gallery (``"float16"`` or ``"int8"``).
+        progress: called with the number of files just finished (embedded or skipped), after each commit.
+        on_plan: called once with the number of files to read, before reading starts (to size a progress bar).
+        build_ann_from: build the ANN index at the end when the gallery holds at least this many files
+            (default :data:`zsbir_infer.retriever.ANN_MIN_ROWS`); 0 disables.
+
+    Returns:
+        An :class:`IndexReport`. On ``KeyboardInterrupt`` the committed batches stay committed and the
+        exception propagates (a rerun continues where this run stopped).
+
+    Raises:
+        IndexingError: bad root, a gallery of another root, or another run in progress on the gallery.
+        zsbir_infer.gallery.ModelMismatchError: the gallery was built with another model.
+    """
+    t0 = time.perf_counter()
+    root_p = Path(root).resolve()
+    gdir = Path(gallery).absolute()
+    listing = walk(root_p, exclude=[gdir])
+    gdir.parent.mkdir(parents=True, exist_ok=True)
+    g = open_or_create_gallery(gdir, root_p, encoder, storage=storage, model=model)
+    report = IndexReport(
+        root=str(root_p),
+        gallery=str(gdir),
+        fingerprint=encoder.fingerprint,
+        backend=encoder.backend,
+        precision=encoder.precision,
+    )
+    try:
+        with _run_lock(gdir):
+            _run(g, listing, encoder, report, batch_size, workers, progress, on_plan)
+            report.seconds = time.perf_counter() - t0
+            threshold = build_ann_from
+            if threshold is None:
+                from zsbir_infer.retriever import ANN_MIN_ROWS
+
+                threshold = ANN_MIN_ROWS
+            st = g.stats()
+            report.total_indexed, report.total_skipped = st.files_indexed, st.files_skipped
+            if threshold and st.files_indexed >= threshold and g.storage != "itq" and st.ann_stale:
+                g.build_index()
+            info = read_indexer_info(gdir)
+            info["last_run"] = report.to_dict()
+            _write_json_atomic(gdir / INDEXER_FILE, info)
+    except KeyboardInterrupt:
+        report.interrupted = True
+        raise
+    finally:
+        g.close()
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _run(
+    g: Gallery,
+    listing: Listing,
+    encoder: Encoder,
+    report: IndexReport,
+    batch_size: int | None,
+    workers: int | None,
+    progress: Callable[[int], Any] | None,
+    on_plan: Callable[[int], Any] | None,
+) -> None:
+    from zsbir_infer.gallery import FileRecord, FileStat
+
+    stored = [e for e in listing.entries if e.stored]
+    report.listed = len(stored) + len(listing.unstored)
+    report.skipped.extend(listing.unstored)
+    by_rel = {e.relpath: e for e in stored}
+    plan = g.plan([FileStat(e.relpath, e.size, e.mtime_ns) for e in stored])
+    report.unchanged = len(plan.unchanged)
+    report.new, report.changed = len(plan.new), len(plan.changed)
+    report.deleted = g.delete(plan.deleted) if plan.deleted else 0
+    todo = [by_rel[f.relpath] for f in (*plan.new, *plan.changed)]
+    pre_skipped = [e for e in todo if e.skip is not None]
+    candidates = [e for e in todo if e.skip is None]
+    if on_plan is not None:
+        on_plan(len(todo))
+    for e in pre_skipped:
+        g.skip(FileStat(e.relpath, e.size, e.mtime_ns), e.skip)  # type: ignore[arg-type]
+        report.skipped.append((e.relpath, str(e.skip)))
+    if progress is not None and pre_skipped:
+        progress(len(pre_skipped))
+    t_embed = time.perf_counter()
+    try:
+        for part, batch, results in _decoded_batches(candidates, encoder, batch_size, workers):
+            ok = [i for i, (good, _) in enumerate(results) if good]
+            if ok:
+                rows = batch if len(ok) == len(results) else batch[ok]
+                vecs = encoder.embed_arrays(rows, "photo")
+                recs = [FileRecord(part[i].relpath, part[i].size, part[i].mtime_ns, results[i][1]) for i in ok]
+                g.add(recs, vecs)
+                report.indexed += len(recs)
+            for e, (good, why) in zip(part, results, strict=True):
+                if not good:
+                    g.skip(FileStat(e.relpath, e.size, e.mtime_ns), why)
+                    report.skipped.append((e.relpath, why))
+            if progress is not None:
+                progress(len(results))
+    finally:
+        report.embed_seconds = time.perf_counter() - t_embed
+
+
+def _decoded_batches(
+    entries: Sequence[WalkEntry], encoder: Encoder, batch_size: int | None, workers: int | None
+) -> Iterator[tuple[Sequence[WalkEntry], np.ndarray, list[tuple[bool, str]]]]:
+    """Yield (slice of entries, preprocessed batch, per-file (ok, sha256-or-reason)) for consecutive slices
+    of ``entries``, decoded on a thread pool a few batches ahead of the consumer."""
+    n = len(entries)
+    if n == 0:
+        return
+    spec = encoder.bundle.preprocess_spec("photo")
+    bs = int(batch_size or encoder.batch_size)
+    if bs < 1:
+        raise ValueError(f"batch_size must be >= 1, got {bs}")
+    nw = int(workers or encoder.workers)
+    # Enough batches in flight to keep every decoding thread busy while the model runs one batch.
+    ahead = max(2, -(-2 * nw // bs))
+    pool = ThreadPoolExecutor(max_workers=nw, thread_name_prefix="zsbir-index")
+    pending: deque[tuple[int, np.ndarray, list[Future[tuple[bool, str]]]]] = deque()
+    starts = iter(range(0, n, bs))
+
+    def submit() -> None:
+        start = next(starts, None)
+        if start is None:
+            return
+        stop = min(n, start + bs)
+        buf = np.empty((stop - start, 3, spec.height, spec.width), dtype=np.float32)
+        futs = [pool.submit(_prepare, entries[i], spec, buf[i - start]) for i in range(start, stop)]
+        pending.append((start, buf, futs))
+
+    try:
+        for _ in range(ahead + 1):
+            submit()
+        while pending:
+            start, buf, futs = pending.popleft()
+            results = [f.result() for f in futs]
+            submit()
+            yield entries[start : start + len(futs)], buf, results
+    finally:
+        for _, _, futs in pending:
+            for f in futs:
+                f.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,351 @@
+"""The library API: search an indexed photo gallery with sketches (or any images, or embeddings).
+
+Index a folder once (``zsbir index photos`` or :func:`zsbir_infer.indexer.index_folder`), then::
+
+    from zsbir_infer import Retriever
+
+    with Retriever.open(".zsbir") as r:                 # the model the gallery was built with (default model)
+        results = r.search(["cat.png", "bike.png"], k=5)  # one list of hits per query, best first
+        for hit in results[0]:
+            print(hit.rank, f"{hit.score:.3f}", hit.path)   # absolute path of the photo; hit.relpath too
+
+    r.search(pil_image, k=10)                          # a PIL image (or a uint8 HxWxC array) is one query
+    r.search(np.load("sketches.npy"), k=10)            # precomputed L2-normalized embeddings [Q, D] or [D]
+    r.search(["photo.jpg"], domain="photo")            # photo-to-photo search
+    r.embed(["a.png", "b.png"])                        # the query embeddings themselves
+
+``Retriever.open(gallery, model=None, backend="auto", device="cpu")``:
+
+* ``gallery``: a gallery folder (``None``: the nearest ``.zsbir`` in the current directory or a parent).
+* ``model``: a bundle folder; ``None`` takes the model recorded by ``zsbir index`` in the gallery, else the
+  embedded default model. A model other than the one the gallery was built with raises
+  :class:`~zsbir_infer.gallery.ModelMismatchError`.
+* ``backend``: the encoder backend (``auto``, ``tensorrt``, ``ort-cuda``, ``ort-cpu``).
+* ``device``: where the gallery search runs: ``"cpu"`` (default) or ``"cuda"`` (the gallery vectors are
+  uploaded once to the GPU and searched with the fused top-k kernels of :mod:`zsbir_infer.gpu`; where no
+  usable GPU is present it falls back to the CPU with a warning, and :attr:`Retriever.device` says
+  ``"cpu"``). Call :meth:`Retriever.refresh` after the gallery changed to re-upload it.
+
+Search: ``exact=True`` is an exhaustive search; ``exact=False`` (default) uses the gallery's HNSW index
+when it holds at least :data:`ANN_MIN_ROWS` files and the exhaustive search (which is then fast and
+exact) below that. Scores are cosine similarities. A :class:`Retriever` is safe to use from many threads
+at once; queries given together are embedded in one batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from zsbir_infer.encoder import Encoder
+    from zsbir_infer.gallery import Gallery
+
+__all__ = ["ANN_MIN_ROWS", "DEVICES", "Hit", "Retriever", "RetrieverError", "resolve_gallery", "resolve_model"]
+
+log = logging.getLogger("zsbir.retriever")
+
+#: Galleries with fewer files are searched exhaustively even when ``exact=False`` (fast and exact there).
+ANN_MIN_ROWS = 250_000
+DEVICES = ("cpu", "cuda")
+
+
+class RetrieverError(ValueError):
+    """Bad arguments, or no gallery to search."""
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One result: the photo's ``path`` (absolute when the gallery knows its root), its ``relpath`` below
+    the indexed root, the cosine ``score``, the gallery row ``id`` and the 1-based ``rank``."""
+
+    path: str
+    relpath: str
+    score: float
+    id: int
+    rank: int
+
+
+def resolve_gallery(gallery: str | os.PathLike[str] | None) -> Path:
+    """The gallery folder to use: ``gallery`` itself, else ``$ZSBIR_GALLERY``, else the nearest ``.zsbir``.
+
+    Raises:
+        RetrieverError: when no gallery is given and none is found.
+    """
+    from zsbir_infer.indexer import find_gallery
+
+    if gallery is not None:
+        return Path(gallery)
+    env = os.environ.get("ZSBIR_GALLERY", "").strip()
+    if env:
+        return Path(env)
+    found = find_gallery()
+    if found is None:
+        raise RetrieverError(
+            f"no gallery found in {Path.cwd()} or its parents (looked for a .zsbir folder); index photos first with "
+            "'zsbir index PHOTOS_DIR', or name the gallery (--gallery DIR / ZSBIR_GALLERY)"
+        )
+    return found
+
+
+def resolve_model(gallery: Path, model: str | os.PathLike[str] | None) -> str | None:
+    """The bundle to query ``gallery`` with: ``model`` if given, else the one ``zsbir index`` recorded (when it
+    still exists), else ``None`` (the embedded default)."""
+    if model is not None:
+        return os.fspath(model)
+    from zsbir_infer.indexer import read_indexer_info
+
+    recorded = read_indexer_info(gallery).get("model")
+    if isinstance(recorded, str) and (Path(recorded) / "manifest.json").is_file():
+        return recorded
+    return None
+
+
+def _is_embedding_array(x: Any) -> bool:
+    return isinstance(x, np.ndarray) and np.issubdtype(x.dtype, np.floating) and x.ndim in (1, 2)
+
+
+class Retriever:
+    """A gallery plus the model that embeds queries for it. Create with :meth:`Retriever.open`."""
+
+    def __init__(self, gallery: Gallery, encoder: Encoder, root: str | None, device: str, owns_encoder: bool) -> None:
+        """Wrap an opened gallery and encoder; prefer :meth:`open`."""
+        self.gallery = gallery
+        self.encoder = encoder
+        self.root = root
+        self.requested_device = device
+        self.device = "cpu"
+        self.device_note = ""
+        self._owns_encoder = owns_encoder
+        self._gpu: Any = None
+        self._gpu_ids: np.ndarray | None = None
+        self._gpu_lock = threading.Lock()
+        self._paths: dict[int, str] = {}
+        if device == "cuda":
+            self._setup_gpu()
+
+    @classmethod
+    def open(
+        cls,
+        gallery: str | os.PathLike[str] | None = None,
+        model: str | os.PathLike[str] | Encoder | None = None,
+        backend: str = "auto",
+        device: str = "cpu",
+        *,
+        precision: str = "fp32",
+        batch_size: int = 32,
+        workers: int | None = None,
+    ) -> Retriever:
+        """Open a gallery for searching (see the module docstring for the arguments).
+
+        ``model`` may also be an already opened :class:`~zsbir_infer.encoder.Encoder` (it is then not closed
+        by :meth:`close`).
+
+        Raises:
+            RetrieverError: no gallery found, or a bad ``device``.
+            zsbir_infer.gallery.GalleryError: the folder is not a readable gallery.
+            zsbir_infer.gallery.ModelMismatchError: the model is not the one the gallery was built with.
+            zsbir_infer.bundle.BundleError, zsbir_infer.backends.BackendUnavailable: the model cannot be opened.
+        """
+        from zsbir_infer.encoder import Encoder
+        from zsbir_infer.gallery import Gallery
+        from zsbir_infer.indexer import read_indexer_info
+
+        if device not in DEVICES:
+            raise RetrieverError(f"device must be one of {', '.join(DEVICES)}; got {device!r}")
+        gdir = resolve_gallery(gallery)
+        g = Gallery.open(gdir)
+        try:
+            if isinstance(model, Encoder):
+                enc, owns = model, False
+            else:
+                enc = Encoder.open(
+                    resolve_model(gdir, model),
+                    precision=precision,
+                    backend=backend,
+                    batch_size=batch_size,
+                    workers=workers,
+                )
+                owns = True
+            try:
+                g.check_model(enc.fingerprint)
+            except Exception:
+                if owns:
+                    enc.close()
+                raise
+        except Exception:
+            g.close()
+            raise
+        root = read_indexer_info(gdir).get("root")
+        return cls(g, enc, root if isinstance(root, str) else None, device, owns)
+
+    # ------------------------------------------------------------------------------------------ GPU
+
+    def _setup_gpu(self) -> None:
+        try:
+            from zsbir_infer import gpu
+
+            ok, why = gpu.availability()
+        except Exception as exc:  # missing cuda-python, broken driver, ...
+            ok, why = False, f"{type(exc).__name__}: {exc}"
+        if not ok:
+            self.device_note = f"device='cuda' unavailable ({why}); searching on the CPU"
+            warnings.warn(self.device_note, RuntimeWarning, stacklevel=3)
+            log.warning(self.device_note)
+            return
+        self.refresh()
+        self.device = "cuda"
+        self.device_note = why
+
+    def refresh(self) -> None:
+        """Re-read the gallery's live vectors onto the GPU (``device="cuda"`` only; no-op on the CPU)."""
+        if self.requested_device != "cuda":
+            return
+        from zsbir_infer import gpu
+
+        live = self.gallery.indexed()
+        ids = np.array([i for _, i in live], dtype=np.int64)
+        vecs = self.gallery.vectors(ids).astype(np.float16) if ids.size else np.zeros((0, self.gallery.dim), np.float16)
+        with self._gpu_lock:
+            if self._gpu is not None:
+                self._gpu.close()
+            self._gpu = gpu.GpuGallery(vecs, device="cuda") if ids.size else None
+            self._gpu_ids = ids
+            self._paths = {i: rel for rel, i in live}
+
+    # -------------------------------------------------------------------------------------- queries
+
+    @property
+    def fingerprint(self) -> str:
+        """The model fingerprint (equal to the gallery's)."""
+        return self.encoder.fingerprint
+
+    def __len__(self) -> int:
+        """Number of searchable photos."""
+        return len(self.gallery)
+
+    def embed(self, queries: Any, domain: str = "sketch") -> np.ndarray:
+        """Query embeddings ``[Q, D]`` (float32, unit rows) for paths / PIL images / pixel arrays /
+        precomputed embeddings (see :meth:`search`)."""
+        items = self._as_list(queries)
+        dim = self.gallery.dim
+        out = np.empty((len(items), dim), dtype=np.float32)
+        to_embed: list[int] = []
+        for i, q in enumerate(items):
+            if _is_embedding_array(q):
+                v = np.asarray(q, dtype=np.float32).reshape(-1)
+                if v.shape[0] != dim:
+                    raise RetrieverError(
+                        f"query embedding {i} has {v.shape[0]} values; this gallery has dimension {dim}"
+                    )
+                if not np.isfinite(v).all():
+                    raise RetrieverError(f"query embedding {i} contains NaN or infinity")
+                n = float(np.linalg.norm(v))
+                if n == 0.0:
+                    raise RetrieverError(f"query embedding {i} is all zeros")
+                out[i] = v / n
+            else:
+                to_embed.append(i)
+        if to_embed:
+            out[to_embed] = self.encoder.embed([items[i] for i in to_embed], domain)
+        return out
+
+    @staticmethod
+    def _as_list(queries: Any) -> list[Any]:
+        if isinstance(queries, np.ndarray):
+            if np.issubdtype(queries.dtype, np.floating) and queries.ndim == 2:
+                return list(queries)
+            return [queries]
+        if isinstance(queries, (str, bytes, os.PathLike)) or hasattr(queries, "getpixel") or hasattr(queries, "read"):
+            return [queries]
+        if isinstance(queries, Sequence) or hasattr(queries, "__iter__"):
+            items = list(queries)
+            if not items:
+                raise RetrieverError("no queries given")
+            return items
+        raise RetrieverError(
+            f"queries must be paths, PIL images, pixel arrays or embeddings; got {type(queries).__name__}"
+        )
+
+    def search(self, queries: Any, k: int = 10, domain: str = "sketch", exact: bool = False) -> list[list[Hit]]:
+        """The ``k`` best photos for each query.
+
+        Args:
+            queries: one query or a list of them; each a path, a PIL image, a uint8 pixel array, or a float
+                embedding ``[D]``; a float ``[Q, D]`` array is ``Q`` embeddings. Images are embedded together
+                in one batch.
+            k: results per query.
+            domain: what the query images are (``"sketch"`` or ``"photo"``); ignored for embeddings.
+            exact: force the exhaustive search (see the module docstring).
+
+        Returns:
+            One list of :class:`Hit` per query, best first (ties: smaller row id first).
+        """
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or int(k) < 1:
+            raise RetrieverError(f"k must be a positive integer; got {k!r}")
+        q = self.embed(queries, domain)
+        if self.device == "cuda":
+            raw = self._search_gpu(q, int(k))
+        else:
+            use_exact = bool(exact) or len(self.gallery) < ANN_MIN_ROWS
+            found = self.gallery.search(q, int(k), exact=use_exact, fingerprint=self.fingerprint)
+            raw = [[(h.path, h.score, h.id) for h in row] for row in found]
+        return [[self._hit(rel, s, i, r + 1) for r, (rel, s, i) in enumerate(row)] for row in raw]
+
+    def _search_gpu(self, q: np.ndarray, k: int) -> list[list[tuple[str, float, int]]]:
+        from zsbir_infer import gpu
+
+        with self._gpu_lock:
+            if self._gpu is None or self._gpu_ids is None:
+                return [[] for _ in range(q.shape[0])]
+            kk = min(k, gpu.MAX_K)
+            scores, idx = self._gpu.search(q.astype(np.float16), kk)
+            scores, idx = np.asarray(scores), np.asarray(idx)
+            ids, paths = self._gpu_ids, self._paths
+        out: list[list[tuple[str, float, int]]] = []
+        for qi in range(q.shape[0]):
+            row = []
+            for s, j in zip(scores[qi], idx[qi], strict=True):
+                if j < 0:
+                    break
+                vid = int(ids[int(j)])
+                row.append((paths[vid], float(s), vid))
+            out.append(row)
+        return out
+
+    def _hit(self, relpath: str, score: float, vid: int, rank: int) -> Hit:
+        path = os.path.join(self.root, *relpath.split("/")) if self.root else relpath
+        return Hit(path=path, relpath=relpath, score=float(score), id=vid, rank=rank)
+
+    # ------------------------------------------------------------------------------------ lifecycle
+
+    def close(self) -> None:
+        """Release the gallery, the GPU copy and (unless it was passed in) the encoder."""
+        with self._gpu_lock:
+            if self._gpu is not None:
+                self._gpu.close()
+                self._gpu = None
+        self.gallery.close()
+        if self._owns_encoder:
+            self.encoder.close()
+
+    def __enter__(self) -> Retriever:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        where = str(self.gallery.path)
+        return f"Retriever({where!r}, {len(self)} photos, device={self.device!r}, model={self.fingerprint!r})"
