@@ -199,9 +199,10 @@ def test_query_not_normalized_still_exact() -> None:
     np.testing.assert_allclose(scores, ref_s, rtol=1e-6, atol=1e-9)
 
 
-def test_near_ties_within_fp16_error_are_ranked_exactly(threads: int) -> None:
-    # 4000 rows whose scores against the query all lie within ~1e-4 of each other, the size of the
-    # fast kernel's error (query rounded to fp16): only the exact rescoring ranks them right.
+@pytest.mark.parametrize("storage", ["float16", "int8"])
+def test_near_ties_within_fast_kernel_error_are_ranked_exactly(storage: str, threads: int) -> None:
+    # 4000 rows whose scores against the query all lie within ~1e-4 of each other, less than the fast
+    # kernels' error (query rounded to fp16 / quantized to int8): only the exact rescoring ranks them right.
     rng = np.random.default_rng(11)
     d = 64
     q = _unit(rng, 1, d)[0]
@@ -215,10 +216,21 @@ def test_near_ties_within_fp16_error_are_ranked_exactly(threads: int) -> None:
     data = np.concatenate([noise[:7_000], rows, noise[7_000:]])
     k = 25
     queries = q[None, :].astype(np.float32)
-    scores, ids = search_blocks(_blocks(data, [10_000, 14_000]), F16Scorer(queries), k, threads=threads)
-    ref_s, ref_ids = _ref_scores_ids(data, queries, k)
+    if storage == "float16":
+        blocks = _blocks(data, [10_000, 14_000])
+        scorer: S.Scorer = F16Scorer(queries)
+        stored = data.astype(np.float64)
+    else:
+        x = data.astype(np.float32)
+        scale = (np.abs(x).max(axis=1) / 127).astype(np.float32)
+        codes = np.clip(np.rint(x / scale[:, None]), -127, 127).astype(np.int8)
+        blocks = _blocks(codes, [10_000, 14_000], scale=scale)
+        scorer = Int8Scorer(queries)
+        stored = codes.astype(np.float64) * scale[:, None].astype(np.float64)
+    scores, ids = search_blocks(blocks, scorer, k, threads=threads)
+    ref_s, ref_ids = _ref_scores_ids(stored, queries, k)
     # The fast kernel alone would get this wrong (the test is meaningful only if it does).
-    fast = np.asarray(F16Scorer(queries).score(Block(0, data), 0, data.shape[0]))[:, 0]
+    fast = np.concatenate([scorer.score(b, 0, b.rows)[:, 0] for b in blocks])
     assert np.lexsort((np.arange(data.shape[0]), -fast))[:k].tolist() != ref_ids[0].tolist()
     np.testing.assert_array_equal(ids, ref_ids)
     np.testing.assert_allclose(scores, ref_s, rtol=0, atol=2e-7)
