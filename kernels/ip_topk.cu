@@ -93,8 +93,8 @@ __device__ __forceinline__ size_t align16(size_t x) { return (x + 15) / 16 * 16;
 
 // ---------------------------------------------------------------------------------------------------
 // Stage 1, small Q: streaming kernel on CUDA cores.
-// grid = (nchunks, query groups of qg); block = 256 threads.
-template <typename T, bool VEC>
+// grid = (nchunks, query groups of qg <= QMAX); block = 256 threads.
+template <typename T, bool VEC, int QMAX>
 __global__ void __launch_bounds__(kThreads) ip_simt_kernel(const __half* __restrict__ queries,
                                                            const void* __restrict__ gallery_raw,
                                                            const float* __restrict__ scales, int nq, int n, int d,
@@ -124,7 +124,7 @@ __global__ void __launch_bounds__(kThreads) ip_simt_kernel(const __half* __restr
   skey_t thr = sub < nqb ? sel.threshold(sub) : 0ull;
 
   for (int64_t base = start; base < end; base += kSimtTile) {
-    float acc[kSimtRows][kMaxQG];
+    float acc[kSimtRows][QMAX];
     int64_t rows[kSimtRows];
     bool ok[kSimtRows];
 #pragma unroll
@@ -132,7 +132,7 @@ __global__ void __launch_bounds__(kThreads) ip_simt_kernel(const __half* __restr
       rows[r] = base + r * kSimtGroups + group;
       ok[r] = rows[r] < end;
 #pragma unroll
-      for (int q = 0; q < kMaxQG; ++q) acc[r][q] = 0.0f;
+      for (int q = 0; q < QMAX; ++q) acc[r][q] = 0.0f;
     }
     if (VEC) {
       for (int c = sub * 8; c < d; c += kSimtLanes * 8) {
@@ -147,7 +147,7 @@ __global__ void __launch_bounds__(kThreads) ip_simt_kernel(const __half* __restr
           }
         }
 #pragma unroll
-        for (int q = 0; q < kMaxQG; ++q) {
+        for (int q = 0; q < QMAX; ++q) {
           if (q < nqb) {
             float qv[8];
             unpack8(*reinterpret_cast<const uint4*>(qs + q * dp + c), qv);
@@ -165,7 +165,7 @@ __global__ void __launch_bounds__(kThreads) ip_simt_kernel(const __half* __restr
 #pragma unroll
         for (int r = 0; r < kSimtRows; ++r) gv[r] = ok[r] ? load1(gallery + rows[r] * d + c) : 0.0f;
 #pragma unroll
-        for (int q = 0; q < kMaxQG; ++q) {
+        for (int q = 0; q < QMAX; ++q) {
           if (q < nqb) {
             const float qv = __half2float(qs[q * dp + c]);
 #pragma unroll
@@ -176,7 +176,7 @@ __global__ void __launch_bounds__(kThreads) ip_simt_kernel(const __half* __restr
     }
     // Sum the 8 partial dot products of each lane group (lanes 8g..8g+7).
 #pragma unroll
-    for (int q = 0; q < kMaxQG; ++q) {
+    for (int q = 0; q < QMAX; ++q) {
       if (q < nqb) {
 #pragma unroll
         for (int r = 0; r < kSimtRows; ++r) {
@@ -195,7 +195,7 @@ __global__ void __launch_bounds__(kThreads) ip_simt_kernel(const __half* __restr
         if (ok[r]) {
           float s = 0.0f;
 #pragma unroll
-          for (int q = 0; q < kMaxQG; ++q) s = (q == sub) ? acc[r][q] : s;
+          for (int q = 0; q < QMAX; ++q) s = (q == sub) ? acc[r][q] : s;
           if (scales != nullptr) s *= scales[rows[r]];
           sel.offer(sub, make_key(s, static_cast<uint32_t>(rows[r])), thr);
         }
@@ -391,7 +391,11 @@ int run_ip(const __half* queries, const T* gallery, const float* scales, int64_t
       --qg;
     }
     if (smem > static_cast<size_t>(dev.smem_optin)) return ZSBIR_ERR_SHARED_MEMORY;
-    kernel = vec ? ip_simt_kernel<T, true> : ip_simt_kernel<T, false>;
+    if (qg == 1) {  // one query per block: a 1-wide accumulator keeps registers (and occupancy) free
+      kernel = vec ? ip_simt_kernel<T, true, 1> : ip_simt_kernel<T, false, 1>;
+    } else {
+      kernel = vec ? ip_simt_kernel<T, true, kMaxQG> : ip_simt_kernel<T, false, kMaxQG>;
+    }
   }
   const void* kernel_ptr = reinterpret_cast<const void*>(kernel);
   st = cuda_status(
