@@ -1,0 +1,219 @@
+"""zsbir_infer.retriever: results against a numpy brute force, every query kind, threads, model mismatch,
+gallery discovery, the ANN path and the device='cuda' fallback."""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("onnx")
+
+from indexer_support import write_photos, write_sketch
+from tiny_bundle import make_bundle, make_weights
+
+from zsbir_infer import Retriever, retriever
+from zsbir_infer.bundle import Bundle
+from zsbir_infer.encoder import Encoder
+from zsbir_infer.gallery import Gallery, ModelMismatchError
+from zsbir_infer.indexer import index_folder
+from zsbir_infer.retriever import Hit, RetrieverError, resolve_gallery
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    base = tmp_path_factory.mktemp("ret")
+    bundle = make_bundle(base / "bundle")[0]
+    other = make_bundle(base / "other", weights=make_weights(seed=3))[0]
+    rels = write_photos(base / "photos", 40, sub="x") + write_photos(base / "photos", 20, seed=1, sub="y")
+    sketches = [write_sketch(base / f"s{i}.png", seed=i) for i in range(5)]
+    enc = Encoder.open(bundle, backend="ort-cpu", threads=1)
+    index_folder(base / "photos", base / ".zsbir", enc, model=str(bundle))
+    enc.close()
+    return {"base": base, "bundle": bundle, "other": other, "rels": rels, "sketches": sketches}
+
+
+def brute_force(setup: dict[str, Any], queries: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
+    with Gallery.open(setup["base"] / ".zsbir") as g:
+        rows = g.indexed()
+        vecs = g.vectors([i for _, i in rows]).astype(np.float64)
+    ids = np.array([i for _, i in rows])
+    out = []
+    for q in queries.astype(np.float64):
+        s = vecs @ q
+        order = np.lexsort((ids, -s))[:k]
+        out.append([(rows[j][0], float(s[j])) for j in order])
+    return out
+
+
+def test_search_matches_brute_force(setup: dict[str, Any]) -> None:
+    with Retriever.open(setup["base"] / ".zsbir", backend="ort-cpu") as r:
+        assert len(r) == 60 and r.fingerprint == Bundle.open(setup["bundle"]).fingerprint
+        res = r.search([str(s) for s in setup["sketches"]], k=7)
+        q = r.embed([str(s) for s in setup["sketches"]])
+    ref = brute_force(setup, q, 7)
+    assert len(res) == 5
+    for hits, want in zip(res, ref, strict=True):
+        assert [h.relpath for h in hits] == [w[0] for w in want]
+        np.testing.assert_allclose([h.score for h in hits], [w[1] for w in want], atol=1e-5)
+        assert [h.rank for h in hits] == list(range(1, 8))
+        for h in hits:
+            assert isinstance(h, Hit) and Path(h.path).is_file()
+            assert Path(h.path) == setup["base"].resolve() / "photos" / h.relpath
+
+
+def test_query_kinds_agree(setup: dict[str, Any]) -> None:
+    s0 = setup["sketches"][0]
+    with Retriever.open(setup["base"] / ".zsbir") as r:
+        by_path = r.search(str(s0), k=5)
+        by_pathlib = r.search(s0, k=5)
+        by_pil = r.search(Image.open(s0), k=5)
+        by_pixels = r.search(np.asarray(Image.open(s0).convert("RGB")), k=5)
+        emb = r.embed([str(s0)])
+        by_emb_2d = r.search(emb, k=5)
+        by_emb_1d = r.search(emb[0] * 3.0, k=5)  # any scale: normalized here
+        mixed = r.search([emb[0], str(s0)], k=5)
+    for other in (by_pathlib, by_pil, by_pixels, by_emb_2d, by_emb_1d, mixed[:1], mixed[1:]):
+        assert [h.relpath for h in other[0]] == [h.relpath for h in by_path[0]]
+        np.testing.assert_allclose([h.score for h in other[0]], [h.score for h in by_path[0]], atol=1e-5)
+
+
+def test_photo_domain_finds_itself(setup: dict[str, Any]) -> None:
+    with Retriever.open(setup["base"] / ".zsbir") as r:
+        target = setup["rels"][5]
+        hits = r.search(setup["base"] / "photos" / target, k=1, domain="photo")[0]
+    assert hits[0].relpath == target and hits[0].score > 0.999
+
+
+def test_bad_queries(setup: dict[str, Any]) -> None:
+    with Retriever.open(setup["base"] / ".zsbir") as r:
+        with pytest.raises(RetrieverError, match="k must be a positive integer"):
+            r.search(str(setup["sketches"][0]), k=0)
+        with pytest.raises(RetrieverError, match="dimension 6"):
+            r.search(np.ones(5, dtype=np.float32))
+        with pytest.raises(RetrieverError, match="NaN"):
+            r.search(np.full(6, np.nan, dtype=np.float32))
+        with pytest.raises(RetrieverError, match="all zeros"):
+            r.search(np.zeros(6, dtype=np.float32))
+        with pytest.raises(RetrieverError, match="no queries"):
+            r.search([])
+        from zsbir_infer.preprocess import ImageDecodeError
+
+        with pytest.raises(ImageDecodeError, match=r"missing\.png"):
+            r.search(str(setup["base"] / "missing.png"))
+        assert len(r.search(np.ones(6, dtype=np.float32), k=500)[0]) == 60  # k > gallery size
+
+
+def test_model_mismatch_is_an_error(setup: dict[str, Any]) -> None:
+    with pytest.raises(ModelMismatchError, match="fingerprint"):
+        Retriever.open(setup["base"] / ".zsbir", model=setup["other"])
+
+
+def test_bad_device_and_missing_gallery(setup: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(RetrieverError, match="device"):
+        Retriever.open(setup["base"] / ".zsbir", device="tpu")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("ZSBIR_GALLERY", raising=False)
+    with pytest.raises(RetrieverError, match="no gallery found"):
+        Retriever.open()
+
+
+def test_gallery_discovery(setup: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    deep = setup["base"] / "photos" / "x"
+    monkeypatch.delenv("ZSBIR_GALLERY", raising=False)
+    monkeypatch.chdir(deep)
+    assert resolve_gallery(None) == (setup["base"] / ".zsbir").resolve()
+    with Retriever.open() as r:  # found walking up; model taken from the gallery's record
+        assert len(r) == 60
+    monkeypatch.setenv("ZSBIR_GALLERY", "/somewhere/else")
+    assert resolve_gallery(None) == Path("/somewhere/else")
+    assert resolve_gallery("explicit") == Path("explicit")
+
+
+def test_threads_share_one_retriever(setup: dict[str, Any]) -> None:
+    queries = [str(s) for s in setup["sketches"]]
+    with Retriever.open(setup["base"] / ".zsbir") as r:
+        want = [[(h.relpath, h.score) for h in row] for row in r.search(queries, k=5)]
+        errors: list[BaseException] = []
+        got: dict[int, Any] = {}
+
+        def work(t: int) -> None:
+            try:
+                for rep in range(4):
+                    i = (t + rep) % len(queries)
+                    got[t * 10 + rep] = (i, [(h.relpath, h.score) for h in r.search(queries[i], k=5)[0]])
+            except BaseException as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+    assert not errors
+    assert len(got) == 32
+    for i, row in got.values():
+        assert [p for p, _ in row] == [p for p, _ in want[i]]
+        np.testing.assert_allclose([s for _, s in row], [s for _, s in want[i]], atol=1e-5)
+
+
+def test_ann_path_agrees_with_exact(setup: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("usearch")
+    monkeypatch.setattr(retriever, "ANN_MIN_ROWS", 1)
+    with Retriever.open(setup["base"] / ".zsbir") as r:
+        q = r.embed([str(s) for s in setup["sketches"]])
+        approx = r.search(q, k=5, exact=False)
+        exact = r.search(q, k=5, exact=True)
+    # 60 vectors: HNSW is exhaustive in practice; the candidates are rescored exactly.
+    for a, e in zip(approx, exact, strict=True):
+        assert [h.relpath for h in a] == [h.relpath for h in e]
+
+
+def test_cuda_device_falls_back_with_a_warning(setup: dict[str, Any]) -> None:
+    from zsbir_infer import gpu
+
+    ok, _ = gpu.availability()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        r = Retriever.open(setup["base"] / ".zsbir", device="cuda")
+    try:
+        if ok:
+            assert r.device == "cuda"
+        else:
+            assert r.device == "cpu" and "unavailable" in r.device_note
+            assert any("device='cuda' unavailable" in str(w.message) for w in caught)
+        res = r.search(np.ones(6, dtype=np.float32), k=3)
+        with Retriever.open(setup["base"] / ".zsbir") as cpu:
+            ref = cpu.search(np.ones(6, dtype=np.float32), k=3)
+        assert [h.relpath for h in res[0]] == [h.relpath for h in ref[0]]
+        np.testing.assert_allclose([h.score for h in res[0]], [h.score for h in ref[0]], atol=2e-3)
+    finally:
+        r.close()
+
+
+@pytest.mark.gpu
+def test_cuda_device_on_a_gpu(setup: dict[str, Any]) -> None:
+    from zsbir_infer import gpu
+
+    if not gpu.is_available():
+        pytest.skip("GPU present but the kernels are not usable: " + gpu.availability()[1])
+    with Retriever.open(setup["base"] / ".zsbir", device="cuda") as r:
+        assert r.device == "cuda"
+        q = r.embed([str(s) for s in setup["sketches"]])
+        res = r.search(q, k=10)
+    ref = brute_force(setup, q, 10)
+    for hits, want in zip(res, ref, strict=True):
+        np.testing.assert_allclose([h.score for h in hits], [w[1] for w in want], atol=2e-3)
+
+
+def test_passed_encoder_is_not_closed(setup: dict[str, Any]) -> None:
+    enc = Encoder.open(setup["bundle"], backend="ort-cpu")
+    with Retriever.open(setup["base"] / ".zsbir", enc) as r:
+        r.search(np.ones(6, dtype=np.float32), k=1)
+    assert enc.embed(str(setup["sketches"][0]), "sketch").shape == (1, 6)  # still usable
+    enc.close()
