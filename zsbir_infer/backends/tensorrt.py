@@ -59,8 +59,11 @@ def import_tensorrt() -> Any:
     try:
         import tensorrt as trt
     except ImportError:
-        trt = None
-    if trt is None or not hasattr(trt, "Builder"):
+        trt_found = False
+    else:
+        # `tensorrt-stubs` alone makes `import tensorrt` succeed as an empty namespace package.
+        trt_found = hasattr(trt, "Builder")
+    if not trt_found:
         raise BackendUnavailable(
             "TensorRT is not installed (pip install 'zsbir[tensorrt]' on a machine with an NVIDIA GPU); "
             "use --backend ort-cuda or ort-cpu"
