@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from zsbir_infer import gpu
 from zsbir_infer.gpu import _cpu, _cuda
@@ -137,6 +139,35 @@ def test_cpu_integer_data_exact_including_ties(nq: int, n: int, d: int, k: int) 
     s, i = gpu.topk_ip(q, g, k, device="cpu")
     np.testing.assert_array_equal(i, idx)
     np.testing.assert_array_equal(s, val.astype(np.float32))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    nq=st.integers(1, 6),
+    n=st.integers(0, 300),
+    d=st.integers(1, 40),
+    k=st.integers(1, 400),
+    block=st.sampled_from([8, 64, 1 << 22]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_cpu_property_exact_on_integer_data(nq: int, n: int, d: int, k: int, block: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    q = int_valued(rng, (nq, d), -2, 2)
+    g = int_valued(rng, (n, d), -1, 1)
+    saved = _cpu._BLOCK_ELEMENTS
+    _cpu._BLOCK_ELEMENTS = block  # exercise chunk merging (restored below)
+    try:
+        s, i = gpu.topk_ip(q, g, k, device="cpu")
+        codes = rng.integers(0, 4, size=(n, 8), dtype=np.uint8)
+        dq, di = gpu.hamming_topk(codes[:1] if n else np.zeros((1, 8), np.uint8), codes, k, device="cpu")
+    finally:
+        _cpu._BLOCK_ELEMENTS = saved
+    _, val, idx = ref_topk_ip(q, g, k)
+    np.testing.assert_array_equal(i, idx)
+    np.testing.assert_array_equal(s, val.astype(np.float32))
+    dist, hidx = ref_hamming(codes[:1] if n else np.zeros((1, 8), np.uint8), codes, k)
+    np.testing.assert_array_equal(di, hidx)
+    np.testing.assert_array_equal(dq, dist)
 
 
 def test_cpu_chunked_merge_keeps_tie_order(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -534,6 +565,7 @@ class _DevBuf:
     def poison(self) -> None:
         rt = _cuda.runtime()
         _cuda.cuda_call(rt.cudaMemset(self.buf.ptr, 0x7F, self.buf.nbytes), "cudaMemset")
+        _cuda.cuda_call(rt.cudaDeviceSynchronize(), "cudaDeviceSynchronize")  # before any other stream runs
 
     def host(self) -> np.ndarray:
         out = np.empty(self.shape, self.dtype)
