@@ -272,6 +272,33 @@ def test_int8_qdq_structure(tmp_path: Path) -> None:
     assert compare(ref, got)["min_cosine"] > 0.99
 
 
+def test_int8_calibration_methods_ranges(tmp_path: Path) -> None:
+    """minmax: the image input's scale is max|x| / 127 (computed by hand); percentile and entropy clip
+    below that, and entropy is a real KL search (not silently the full range)."""
+    export_onnx(
+        tiny(True), tmp_path / "m.onnx", domain_conditioned=True, input_size=(SIZE, SIZE), exporter="torchscript"
+    )
+    rng = np.random.default_rng(5)
+    images = rng.standard_normal((64, 3, SIZE, SIZE)).astype(np.float32)
+    images[0, 0, 0, 0] = 9.0  # one outlier in ~2e5 values: min-max must cover it, the clipping methods should not
+    calib = ImageSet(images, (np.arange(64) % 2).astype(np.int64), np.full(64, -1, dtype=np.int64))
+    scales: dict[str, dict[str, float]] = {}
+    for method in ("minmax", "percentile", "entropy"):
+        quantize_int8(tmp_path / "m.onnx", tmp_path / f"{method}.onnx", calib, method=method, batch_size=16)
+        g = onnx.load(str(tmp_path / f"{method}.onnx")).graph
+        inits = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+        scales[method] = {n.input[0]: float(inits[n.input[1]]) for n in g.node if n.op_type == "QuantizeLinear"}
+    assert scales["minmax"]["image"] == pytest.approx(9.0 / 127, rel=1e-6)
+    # percentile: the smallest |x| covering 99.999% of the values (here the second largest, 4.82, not the
+    # outlier), to within the 2048-bin histogram's resolution
+    expected = float(np.quantile(np.abs(images), 0.99999, method="higher"))
+    assert 4.5 < expected < 5.0
+    assert scales["percentile"]["image"] * 127 == pytest.approx(expected, abs=0.05)
+    assert scales["entropy"]["image"] < 0.6 * scales["minmax"]["image"]
+    for method in ("percentile", "entropy"):
+        assert all(scales[method][k] <= scales["minmax"][k] * (1 + 1e-6) for k in scales["minmax"])
+
+
 # ------------------------------------------------------------------------------------------ verification
 
 
@@ -340,7 +367,7 @@ def test_bundle_all_precisions_with_benchmark(tmp_path: Path, bench: Path) -> No
         precisions=("fp16", "int8"),
         calib_dir=bench,
         calib_count=24,
-        calib_method="entropy",
+        calib_method="percentile",
         exporter="torchscript",
         verify_count=8,
     )
@@ -367,7 +394,7 @@ def test_bundle_all_precisions_with_benchmark(tmp_path: Path, bench: Path) -> No
         "int8 |delta mAP@all| vs fp32",
     } <= names
     cal = m["calibration"]
-    assert cal["method"] == "entropy" and cal["format"] == "QDQ"
+    assert cal["method"] == "percentile" and cal["format"] == "QDQ" and cal["percentile"] == 99.999
     assert cal["per_domain"] == {"photo": 12, "sketch": 12}
     assert cal["source"]["kind"] == "benchmark" and cal["source"]["calibration_split"] == "seen"
 

@@ -64,7 +64,7 @@ class ExportOptions:
     precisions: Sequence[str] = ("fp32",)
     calib_dir: Path | None = None
     calib_count: int = 512
-    calib_method: CalibMethod = "entropy"
+    calib_method: CalibMethod = "percentile"
     verify_count: int = 32
     eval_count: int | None = None
     trt: bool = False

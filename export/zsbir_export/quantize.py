@@ -4,9 +4,11 @@
 heavy ops (Conv, Gemm, MatMul) with
 
 * int8 weights, symmetric, per output channel;
-* int8 activations, symmetric (zero point 0), per tensor, ranges calibrated on real images of both domains
-  (``entropy``: the KL-divergence threshold of TensorRT's classic calibrator; ``percentile``: the 99.999th
-  percentile of |x|; ``minmax``: the observed range);
+* int8 activations, symmetric (zero point 0), per tensor, ranges calibrated on real images of both domains:
+  ``percentile`` (the default: the 99.999th percentile of |x| over a 2048-bin histogram), ``entropy`` (the
+  KL-divergence threshold of TensorRT's classic calibrator, 2048 bins folded to 128) or ``minmax`` (the
+  observed range). On our embedding models entropy clips too hard: on a small ResNet-18 the top-10 overlap
+  with fp32 was 0.79 with entropy, 0.90 with percentile and 0.88 with min-max, and entropy is 10x slower;
 * biases left in float (TensorRT fuses them; it has no int32 bias dequantization);
 * the domain path (nodes fed by the ``domain`` input before any heavy op, and the heavy ops that read it
   directly) and the L2-normalization tail left in float.
@@ -17,6 +19,7 @@ That is the form TensorRT 10 builds as a strongly typed network: every int8 tens
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import logging
 import tempfile
@@ -70,6 +73,10 @@ class QuantizationReport:
         }
         if self.method == "percentile":
             out["percentile"] = PERCENTILE
+            out["histogram_bins"] = 2048
+        elif self.method == "entropy":
+            out["histogram_bins"] = 2048
+            out["quantized_bins"] = 128
         return out
 
 
@@ -133,11 +140,12 @@ def quantize_int8(
     out_path: str | Path,
     calibration: ImageSet,
     *,
-    method: CalibMethod = "entropy",
+    method: CalibMethod = "percentile",
     batch_size: int = 16,
 ) -> QuantizationReport:
     """Quantize the fp32 model at ``fp32_path`` to a QDQ int8 model at ``out_path`` (see module doc)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
 
     if method not in CALIB_METHODS:
         raise QuantizationError(f"unknown calibration method {method!r}; choose one of {', '.join(CALIB_METHODS)}")
@@ -157,25 +165,43 @@ def quantize_int8(
         "ActivationSymmetric": True,
         "WeightSymmetric": True,
         "QuantizeBias": False,
-        "CalibTensorRangeSymmetric": True,
     }
-    if method == "percentile":
-        extra["CalibPercentile"] = PERCENTILE
-    # Interleave the domains so that every calibration batch holds both (entropy/percentile histograms
-    # are collected per batch; a one-domain tail batch would be harmless but this keeps them mixed).
+    # quantize_static would build its calibrator with 128 histogram bins for "entropy", which leaves the KL
+    # search a single candidate (the full range, i.e. min-max); calibrate here with TensorRT's settings
+    # (2048 bins folded to 128 quantized bins) and hand the ranges over as a calibration cache.
+    calib_options: dict[str, Any] = {"symmetric": True}
+    if method == "entropy":
+        calib_options.update(num_bins=2048, num_quantized_bins=128)
+    elif method == "percentile":
+        calib_options.update(num_bins=2048, percentile=PERCENTILE)
+    if "calibration_cache_path" not in inspect.signature(quantize_static).parameters:
+        raise QuantizationError("INT8 export needs a newer onnxruntime (quantize_static(calibration_cache_path=...))")
     # ORT's histogram collectors stack per-batch arrays, so every batch must have the same size.
     batch_size = max(b for b in range(1, min(batch_size, len(calibration)) + 1) if len(calibration) % b == 0)
+    # Interleave the domains so that the batches mix photos and sketches.
     order = _interleave(calibration.domains)
     mixed = ImageSet(calibration.images[order], calibration.domains[order], calibration.labels[order], [])
     with tempfile.TemporaryDirectory(prefix="zsbir-quant-") as tmp:
         src = Path(tmp) / "model.named.onnx"
+        cache = Path(tmp) / "ranges.json"
         onnx.save_model(model, str(src))
         try:
             with _quiet():
+                calibrator = create_calibrator(
+                    src,
+                    list(QUANTIZED_OP_TYPES),
+                    augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+                    calibrate_method=calib_method,
+                    providers=["CPUExecutionProvider"],
+                    extra_options=calib_options,
+                )
+                calibrator.collect_data(_reader(mixed, input_names, batch_size))
+                save_tensors_data(calibrator.compute_data(), cache)
+                del calibrator
                 quantize_static(
                     str(src),
                     str(out_path),
-                    _reader(mixed, input_names, batch_size),
+                    None,
                     quant_format=QuantFormat.QDQ,
                     op_types_to_quantize=list(QUANTIZED_OP_TYPES),
                     per_channel=True,
@@ -184,11 +210,13 @@ def quantize_int8(
                     weight_type=QuantType.QInt8,
                     nodes_to_exclude=excluded,
                     calibrate_method=calib_method,
-                    calibration_providers=["CPUExecutionProvider"],
                     extra_options=extra,
+                    calibration_cache_path=str(cache),
                 )
+        except QuantizationError:
+            raise
         except Exception as exc:
-            raise QuantizationError(f"onnxruntime quantize_static failed: {exc}") from exc
+            raise QuantizationError(f"onnxruntime INT8 calibration/quantization failed: {exc}") from exc
     qmodel = onnx.load(str(out_path))
     _strip_qdq_into(qmodel, set(excluded))
     onnx.save_model(qmodel, str(out_path))

@@ -62,10 +62,10 @@ def _precisions(_ctx: click.Context, _param: click.Parameter, value: str) -> lis
 @click.option("--calib-count", default=512, show_default=True, type=int, help="Calibration images (both domains).")
 @click.option(
     "--calib-method",
-    default="entropy",
+    default="percentile",
     show_default=True,
     type=click.Choice(["entropy", "percentile", "minmax"]),
-    help="INT8 activation range calibration (entropy: KL threshold; percentile: 99.999th; minmax).",
+    help="INT8 activation ranges: percentile (99.999th of |x|), entropy (TensorRT's KL threshold) or minmax.",
 )
 @click.option("--trt", is_flag=True, help="Also build TensorRT engine plans (needs TensorRT and an NVIDIA GPU).")
 @click.option("--opt-batch", default=32, show_default=True, type=int, help="TensorRT profile: optimal batch.")
