@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 from zsbir_infer import gpu  # noqa: E402
 from zsbir_infer.gpu import _cuda  # noqa: E402
 
-PATH_CODES = {"auto": 0, "simt": 1, "tensor": 2}
+PATH_CODES = {"auto": 0, "simt": 1, "tensor": 2, "tensor32": 3}
 
 # (Q, N, D, k) inner-product configurations; the first two are the targets.
 IP_TARGETS = [(1, 10_000_000, 64, 10), (1024, 10_000_000, 64, 100)]
@@ -258,7 +258,7 @@ def run(args: argparse.Namespace) -> int:
                 timer.time_ms(lambda: torch_ip_topk(torch, q, g, k, scales), 1, args.baseline_repeats)
             )
             base = torch_ip_topk(torch, q, g, k, scales)
-        paths = ["auto", "simt"] + (["tensor"] if nq >= 16 and k <= 256 else [])
+        paths = ["auto", "simt"] + (["tensor", "tensor32"] if nq >= 16 and k <= 256 else [])
         for path in paths:
             out_s = torch.empty(nq, k, device="cuda", dtype=torch.float32)
             out_i = torch.empty(nq, k, device="cuda", dtype=torch.int64)

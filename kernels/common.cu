@@ -144,7 +144,7 @@ const char* zsbir_status_string(int code) {
     case ZSBIR_ERR_SHARED_MEMORY:
       return "the configuration needs more shared memory per block than the device offers";
     case ZSBIR_ERR_BAD_PATH:
-      return "unknown kernel path (0 auto, 1 simt, 2 tensor)";
+      return "unknown kernel path (0 auto, 1 simt, 2 tensor, 3 tensor with 32-query tiles)";
     default:
       break;
   }

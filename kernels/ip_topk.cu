@@ -348,7 +348,7 @@ int run_ip(const __half* queries, const T* gallery, const float* scales, int64_t
   const size_t galign = sizeof(T) == 2 ? 16 : 8;
   const bool vec = (d % 8 == 0) && aligned(queries, 16) && aligned(gallery, galign);
   bool tensor = false;
-  if (path == ZSBIR_PATH_TENSOR) {
+  if (path == ZSBIR_PATH_TENSOR || path == ZSBIR_PATH_TENSOR_QT32) {
     if (k > kTensorMaxK) return ZSBIR_ERR_UNSUPPORTED;
     tensor = true;
   } else if (path == ZSBIR_PATH_AUTO) {
@@ -365,12 +365,12 @@ int run_ip(const __half* queries, const T* gallery, const float* scales, int64_t
     P = list_len(k, kTensorTile);
     qg = 64;
     smem = wmma_fixed_bytes<64>() + selector_bytes(64, P);
-    if (smem > static_cast<size_t>(dev.smem_optin)) {
+    if (smem > static_cast<size_t>(dev.smem_optin) || path == ZSBIR_PATH_TENSOR_QT32) {
       qg = 32;
       smem = wmma_fixed_bytes<32>() + selector_bytes(32, P);
     }
     if (smem > static_cast<size_t>(dev.smem_optin)) {
-      if (path == ZSBIR_PATH_TENSOR) return ZSBIR_ERR_SHARED_MEMORY;
+      if (path != ZSBIR_PATH_AUTO) return ZSBIR_ERR_SHARED_MEMORY;
       tensor = false;  // auto: this device's shared memory is too small for the tensor tiles at this k
     }
   }
@@ -441,8 +441,8 @@ extern "C" int zsbir_topk_ip(const void* queries, const void* gallery, const flo
   if (dim < 1 || dim > kMaxDim) return ZSBIR_ERR_BAD_DIM;
   if (k < 1 || k > kMaxK) return ZSBIR_ERR_BAD_K;
   if (gallery_dtype != ZSBIR_GALLERY_F16 && gallery_dtype != ZSBIR_GALLERY_I8) return ZSBIR_ERR_BAD_DTYPE;
-  if (path != ZSBIR_PATH_AUTO && path != ZSBIR_PATH_SIMT && path != ZSBIR_PATH_TENSOR) return ZSBIR_ERR_BAD_PATH;
-  if (path == ZSBIR_PATH_TENSOR && k > kTensorMaxK) return ZSBIR_ERR_UNSUPPORTED;
+  if (path < ZSBIR_PATH_AUTO || path > ZSBIR_PATH_TENSOR_QT32) return ZSBIR_ERR_BAD_PATH;
+  if ((path == ZSBIR_PATH_TENSOR || path == ZSBIR_PATH_TENSOR_QT32) && k > kTensorMaxK) return ZSBIR_ERR_UNSUPPORTED;
   if (num_queries == 0) return ZSBIR_OK;
   if (queries == nullptr || out_scores == nullptr || out_indices == nullptr) return ZSBIR_ERR_NULL_POINTER;
   if (num_gallery > 0 && gallery == nullptr) return ZSBIR_ERR_NULL_POINTER;

@@ -50,8 +50,10 @@ enum zsbir_status {
 /* Gallery element types for zsbir_topk_ip. */
 enum zsbir_gallery_dtype { ZSBIR_GALLERY_F16 = 0, ZSBIR_GALLERY_I8 = 1 };
 
-/* Kernel path for zsbir_topk_ip: auto, CUDA-core streaming (GEMV-like), tensor-core tiles. */
-enum zsbir_ip_path { ZSBIR_PATH_AUTO = 0, ZSBIR_PATH_SIMT = 1, ZSBIR_PATH_TENSOR = 2 };
+/* Kernel path for zsbir_topk_ip: auto, CUDA-core streaming (GEMV-like), tensor-core tiles (64 queries per
+ * block where shared memory allows, else 32), and tensor-core tiles of 32 queries per block (a tuning
+ * option: half the shared memory, twice the gallery reads). Tensor paths serve k <= 256. */
+enum zsbir_ip_path { ZSBIR_PATH_AUTO = 0, ZSBIR_PATH_SIMT = 1, ZSBIR_PATH_TENSOR = 2, ZSBIR_PATH_TENSOR_QT32 = 3 };
 
 /* ABI version of the loaded library (ZSBIR_KERNELS_ABI_VERSION). */
 ZSBIR_API int zsbir_abi_version(void);

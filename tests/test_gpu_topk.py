@@ -590,11 +590,11 @@ GPU_SHAPES = [
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("path", ["auto", "simt", "tensor"])
+@pytest.mark.parametrize("path", ["auto", "simt", "tensor", "tensor32"])
 @pytest.mark.parametrize(("nq", "n", "d", "k"), GPU_SHAPES)
 def test_gpu_ip_random_against_float64(on_gpu: None, path: str, nq: int, n: int, d: int, k: int) -> None:
-    if path == "tensor" and k > 256:
-        pytest.skip("tensor path serves k <= 256")
+    if path.startswith("tensor") and k > 256:
+        pytest.skip("tensor paths serve k <= 256")
     rng = np.random.default_rng()  # fresh inputs each run
     q = rng.standard_normal((nq, d)).astype(np.float16)
     g = rng.standard_normal((n, d)).astype(np.float16)
@@ -609,11 +609,11 @@ def test_gpu_ip_random_against_float64(on_gpu: None, path: str, nq: int, n: int,
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("path", ["simt", "tensor"])
+@pytest.mark.parametrize("path", ["simt", "tensor", "tensor32"])
 @pytest.mark.parametrize(("nq", "n", "d", "k"), GPU_SHAPES)
 def test_gpu_ip_integer_data_equals_cpu_exactly(on_gpu: None, path: str, nq: int, n: int, d: int, k: int) -> None:
-    if path == "tensor" and k > 256:
-        pytest.skip("tensor path serves k <= 256")
+    if path.startswith("tensor") and k > 256:
+        pytest.skip("tensor paths serve k <= 256")
     rng = np.random.default_rng()
     q = int_valued(rng, (nq, d), -3, 3)
     g = int_valued(rng, (n, d), -1, 1)  # many exact ties
@@ -647,7 +647,7 @@ def test_gpu_misaligned_and_odd_dims_use_scalar_path(on_gpu: None) -> None:
     q = int_valued(rng, (20, 40))
     dg = _DevBuf.from_host(np.ascontiguousarray(base))
     view = DeviceArray(dg.buf.ptr + 2, (3001, 40), np.dtype(np.float16), None, None, dg)
-    for path in ("simt", "tensor"):
+    for path in ("simt", "tensor", "tensor32"):
         s, i = gpu.topk_ip(q, view, 17, device="cuda", path=path)  # type: ignore[arg-type]
         s_cpu, i_cpu = gpu.topk_ip(q, g, 17, device="cpu")
         np.testing.assert_array_equal(i, i_cpu)

@@ -91,7 +91,9 @@ NULL = None
         ((P, P, NULL, 2, 1, 10, 64, 10, P, P, 0), 6),
         ((P, P, NULL, 1, 1, 10, 64, 10, P, P, 0), 6),  # int8 without scales
         ((P, P, P, 0, 1, 10, 64, 10, P, P, 0), 6),  # scales with fp16
-        ((P, P, NULL, 0, 1, 10, 64, 10, P, P, 3), 10),
+        ((P, P, NULL, 0, 1, 10, 64, 10, P, P, 4), 10),
+        ((P, P, NULL, 0, 1, 10, 64, 10, P, P, -1), 10),
+        ((P, P, NULL, 0, 1, 10, 64, 257, P, P, 3), 8),  # 32-query tensor tiles, k > 256
         ((P, P, NULL, 0, 1, 10, 64, 257, P, P, 2), 8),  # tensor path, k > 256
         ((NULL, P, NULL, 0, 1, 10, 64, 10, P, P, 0), 1),
         ((P, NULL, NULL, 0, 1, 10, 64, 10, P, P, 0), 1),

@@ -25,7 +25,7 @@ LIB_NAME = "libzsbir_kernels.so"
 # Status codes of zsbir_kernels.h.
 STATUS_OK = 0
 CUDA_ERROR_BASE = 1000
-PATHS = {"auto": 0, "simt": 1, "tensor": 2}
+PATHS = {"auto": 0, "simt": 1, "tensor": 2, "tensor32": 3}
 GALLERY_F16 = 0
 GALLERY_I8 = 1
 

@@ -24,7 +24,7 @@ from zsbir_infer.gpu import _cpu, _cuda
 from zsbir_infer.gpu._arrays import DeviceArray, Operand, as_operand, stream_handle
 
 Device = Literal["auto", "cuda", "cpu"]
-Path = Literal["auto", "simt", "tensor"]
+Path = Literal["auto", "simt", "tensor", "tensor32"]
 
 MAX_K = 1024
 MAX_DIM = 2048
@@ -284,7 +284,8 @@ def topk_ip(
         device: ``"auto"`` (GPU when available), ``"cuda"`` (error if not) or ``"cpu"``.
         stream: CUDA stream to run on (int handle, torch/CuPy/cuda-python stream); default: the CUDA Array
             Interface stream of a device input, else the legacy default stream.
-        path: GPU kernel: ``"auto"``, ``"simt"`` (streaming, CUDA cores) or ``"tensor"`` (k <= 256).
+        path: GPU kernel: ``"auto"``, ``"simt"`` (streaming, CUDA cores), ``"tensor"`` (tensor cores, k <= 256)
+            or ``"tensor32"`` (tensor cores with 32-query tiles: a tuning option). Ignored on the CPU.
         out: optional pair ``(scores float32 [Q,k], indices int64 [Q,k])`` (host or device arrays) to fill.
             Device ``out`` arrays are written asynchronously on ``stream``.
 
@@ -317,7 +318,7 @@ def topk_ip(
     work = _pick_stream(stream, [q, g, s])
     out_ops = None if out is None else _check_out(out, (nq, k), (np.float32, np.int64), work)
     backend = _resolve_device(device, [q, g, s, *(out_ops or ())])
-    if path == "tensor" and k > 256 and backend == "cuda":
+    if path in ("tensor", "tensor32") and k > 256 and backend == "cuda":
         raise ValueError("the tensor-core path serves k <= 256; use path='auto' or 'simt'")
     if backend == "cuda":
         return _ip_gpu(q, g, s, k, path, work, out_ops)
