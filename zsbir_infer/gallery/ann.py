@@ -79,6 +79,19 @@ class AnnIndex:
             expansion_search=self.expansion_search,
         )
 
+    def describe(self) -> dict[str, int] | None:
+        """What the saved index covers (``rows``, ``dead_covered``, ``size``) without loading it; None if unusable."""
+        meta_path = self.directory / ANN_META
+        if not (meta_path.exists() and (self.directory / ANN_FILE).exists()):
+            return None
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            if not isinstance(meta, dict) or meta.get("identity") != self.identity:
+                return None
+            return {"rows": int(meta["rows"]), "dead_covered": int(meta["dead_covered"]), "size": int(meta["size"])}
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
     def load(self) -> bool:
         """Load the saved index if its description matches; False (and an empty index) otherwise."""
         meta_path = self.directory / ANN_META

@@ -932,10 +932,13 @@ class Gallery:
             ids[i, : order.size] = c[order]
         return scores, ids
 
+    def _ann_identity(self) -> dict[str, Any]:
+        return {"storage": self.storage, "fingerprint": self.fingerprint}
+
     def _ensure_ann(self, snap: _Snapshot) -> AnnIndex:
         ann = self._ann
         if ann is None:
-            ann = AnnIndex(self.path, self.dim, {"storage": self.storage, "fingerprint": self.fingerprint})
+            ann = AnnIndex(self.path, self.dim, self._ann_identity())
             ann.load()
             self._ann = ann
         if ann.rows != snap.rows or ann.dead_covered != int(np.count_nonzero(snap.dead[: ann.rows])):
@@ -993,10 +996,13 @@ class Gallery:
             counts[str(status)] = int(n)
         seg_bytes = sum(f.stat().st_size for f in (self.path / SEGMENT_DIR).iterdir() if f.is_file())
         total_bytes = sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
-        ann = AnnIndex(self.path, self.dim, {"storage": self.storage, "fingerprint": self.fingerprint})
-        ann_ok = self.storage != "itq" and ann.load()
+        desc = None
+        if self.storage != "itq":
+            desc = AnnIndex(self.path, self.dim, self._ann_identity()).describe()
         ann_stale = self.storage != "itq" and (
-            not ann_ok or ann.rows != snap.rows or ann.dead_covered != int(np.count_nonzero(snap.dead[: ann.rows]))
+            desc is None
+            or desc["rows"] != snap.rows
+            or desc["dead_covered"] != int(np.count_nonzero(snap.dead[: desc["rows"]]))
         )
         return GalleryStats(
             path=str(self.path),
@@ -1013,7 +1019,7 @@ class Gallery:
             segments=len(snap.segments),
             bytes_vectors=seg_bytes,
             bytes_total=total_bytes,
-            ann_vectors=ann.size if ann_ok else 0,
+            ann_vectors=0 if desc is None else desc["size"],
             ann_stale=bool(ann_stale),
             generation=snap.generation,
             created=str(self.manifest.get("created", "")),
