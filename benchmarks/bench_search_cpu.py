@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import statistics
@@ -117,6 +118,7 @@ def main() -> None:
     import faiss
     import usearch.index as ui
 
+    load_before = os.getloadavg()
     rng = np.random.default_rng(0)
     n, d, k = args.n, args.dim, args.k
     print(f"data: {n} x {d} unit vectors", flush=True)
@@ -226,6 +228,7 @@ def main() -> None:
         "repeats": args.repeats,
         "command": "python " + " ".join(sys.argv),
         "machine": _machine(),
+        "load_average_1_5_15": {"before": list(load_before), "after": list(os.getloadavg())},
         "versions": _versions(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "gallery_build_s": build_s,
@@ -249,7 +252,9 @@ def _markdown(r: dict[str, Any]) -> str:
         "repeats after one warm-up (milliseconds; lower is better).",
         "",
         f"Machine: {m.get('Model name', '?')}, {m.get('CPU(s)', '?')} CPUs ({m.get('simd', '')}); shared with other "
-        "jobs while measured, so single figures are noisy; the methods ran interleaved so load hits them alike.",
+        "jobs while measured (load average before/after: "
+        f"{r['load_average_1_5_15']['before'][0]:.1f} / {r['load_average_1_5_15']['after'][0]:.1f}), so absolute "
+        "figures are inflated and noisy; the methods ran interleaved so load hits them alike.",
         f"Versions: {', '.join(f'{a} {b}' for a, b in r['versions'].items())}. Date: {r['date']}.",
         "",
         f"Command: `{r['command']}`",
