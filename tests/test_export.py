@@ -299,6 +299,34 @@ def test_int8_calibration_methods_ranges(tmp_path: Path) -> None:
         assert all(scales[method][k] <= scales["minmax"][k] * (1 + 1e-6) for k in scales["minmax"])
 
 
+def test_int8_sensitivity_fallback(tmp_path: Path) -> None:
+    export_onnx(
+        tiny(True), tmp_path / "m.onnx", domain_conditioned=True, input_size=(SIZE, SIZE), exporter="torchscript"
+    )
+    rng = np.random.default_rng(6)
+    calib = ImageSet(
+        rng.standard_normal((24, 3, SIZE, SIZE)).astype(np.float32),
+        (np.arange(24) % 2).astype(np.int64),
+        np.full(24, -1, dtype=np.int64),
+    )
+    # reachable target: nothing falls back
+    easy = quantize_int8(tmp_path / "m.onnx", tmp_path / "a.onnx", calib, max_float_layers=3, target_overlap=0.0)
+    assert easy.fallback_nodes == [] and easy.fallback_report["initial"] == easy.fallback_report["final"]
+    # unreachable target: exactly max_float_layers layers, the most sensitive first, end up in float
+    hard = quantize_int8(tmp_path / "m.onnx", tmp_path / "b.onnx", calib, max_float_layers=2, target_overlap=1.01)
+    assert len(hard.fallback_nodes) == 2
+    sens = hard.fallback_report["sensitivity_top"]
+    assert list(sens)[:2] == hard.fallback_nodes and sens[hard.fallback_nodes[0]] >= sens[hard.fallback_nodes[1]]
+    g = onnx.load(str(tmp_path / "b.onnx")).graph
+    producer = {o: n for n in g.node for o in n.output}
+    by_name = {n.name: n for n in g.node}
+    for name in hard.fallback_nodes:  # float weights: no DequantizeLinear in front of them
+        node = by_name[name]
+        assert node.input[1] not in producer or producer[node.input[1]].op_type != "DequantizeLinear"
+    assert hard.quantized_nodes == easy.quantized_nodes - 2
+    assert hard.to_dict()["sensitivity_fallback_nodes"] == hard.fallback_nodes
+
+
 # ------------------------------------------------------------------------------------------ verification
 
 

@@ -39,6 +39,9 @@ PRECISIONS = ("fp32", "fp16", "int8")
 MODEL_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
 FORMAT = "zsbir-bundle"
 FORMAT_VERSION = 1
+# The INT8 fallback aims this far above the verification's overlap limit, since it measures on the
+# calibration (seen-class) images and the verification on unseen classes.
+FALLBACK_MARGIN = 0.02
 Log = Callable[[str], None]
 
 
@@ -65,6 +68,7 @@ class ExportOptions:
     calib_dir: Path | None = None
     calib_count: int = 512
     calib_method: CalibMethod = "percentile"
+    int8_fallback: int = 8
     verify_count: int = 32
     eval_count: int | None = None
     trt: bool = False
@@ -98,6 +102,10 @@ class ExportOptions:
             raise BundleError(f"calibration folder does not exist: {self.calib_dir}")
         if self.calib_method not in CALIB_METHODS:
             raise BundleError(f"unknown calibration method {self.calib_method!r}; choose {', '.join(CALIB_METHODS)}")
+        if self.int8_fallback < 0:
+            raise BundleError(
+                f"--int8-fallback must be 0 (off) or a positive number of layers, got {self.int8_fallback}"
+            )
         if self.calib_count < 2:
             raise BundleError(f"--calib-count must be at least 2 (one image per domain), got {self.calib_count}")
         if self.verify_count < 1:
@@ -309,7 +317,16 @@ def _build(
         say(f"loading up to {per_domain} calibration images per domain from {data.root} ...")
         calib = load_images(data.calibration, preprocess, per_domain, seed=options.seed)
         say(f"calibrating INT8 ({options.calib_method}) on {len(calib)} images ...")
-        report = quantize_int8(tmp / MODEL_FILES["fp32"], tmp / MODEL_FILES["int8"], calib, method=options.calib_method)
+        report = quantize_int8(
+            tmp / MODEL_FILES["fp32"],
+            tmp / MODEL_FILES["int8"],
+            calib,
+            method=options.calib_method,
+            max_float_layers=options.int8_fallback,
+            target_overlap=min(1.0, options.tolerances.int8_min_top10_overlap + FALLBACK_MARGIN),
+        )
+        if report.fallback_nodes:
+            say(f"  kept {len(report.fallback_nodes)} sensitive layer(s) in float: {', '.join(report.fallback_nodes)}")
         calibration_entry = {**report.to_dict(), "source": data.describe(), "seed": options.seed}
 
     if data is not None and evaluation is not None and len(evaluation) >= 2:

@@ -23,9 +23,9 @@ import inspect
 import io
 import logging
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -55,6 +55,9 @@ class QuantizationReport:
     quantized_nodes: int
     float_nodes: list[str]
     batch_size: int
+    fallback_nodes: list[str] = field(default_factory=list)
+    heavy_nodes: int = 0
+    fallback_report: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -69,6 +72,9 @@ class QuantizationReport:
             "op_types": list(QUANTIZED_OP_TYPES),
             "quantized_nodes": self.quantized_nodes,
             "float_heavy_nodes": list(self.float_nodes),
+            "heavy_nodes": self.heavy_nodes,
+            "sensitivity_fallback_nodes": list(self.fallback_nodes),
+            "sensitivity_fallback": dict(self.fallback_report),
             "batch_size": self.batch_size,
         }
         if self.method == "percentile":
@@ -135,6 +141,91 @@ def _name_nodes(model: onnx.ModelProto) -> None:
         seen.add(node.name)
 
 
+def _calib_method(method: CalibMethod) -> Any:
+    from onnxruntime.quantization import CalibrationMethod
+
+    return {
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+        "minmax": CalibrationMethod.MinMax,
+    }[method]
+
+
+def _calibrate(src: Path, cache: Path, calibration: ImageSet, method: CalibMethod, batch_size: int, tmp: Path) -> int:
+    """Collect activation ranges of ``src`` on ``calibration`` into the ORT calibration cache ``cache``.
+
+    quantize_static would build its calibrator with 128 histogram bins for "entropy", which leaves the KL
+    search a single candidate (the full range, i.e. min-max); calibrating here uses TensorRT's settings (2048
+    bins folded to 128 quantized bins). Returns the batch size used.
+    """
+    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+
+    options: dict[str, Any] = {"symmetric": True}
+    if method == "entropy":
+        options.update(num_bins=2048, num_quantized_bins=128)
+    elif method == "percentile":
+        options.update(num_bins=2048, percentile=PERCENTILE)
+    # ORT's histogram collectors stack per-batch arrays, so every batch must have the same size.
+    batch_size = max(b for b in range(1, min(batch_size, len(calibration)) + 1) if len(calibration) % b == 0)
+    order = _interleave(calibration.domains)  # batches mix photos and sketches
+    mixed = ImageSet(calibration.images[order], calibration.domains[order], calibration.labels[order], [])
+    input_names = [vi.name for vi in onnx.load(str(src), load_external_data=False).graph.input]
+    with _quiet():
+        calibrator = create_calibrator(
+            src,
+            list(QUANTIZED_OP_TYPES),
+            augmented_model_path=str(tmp / "augmented.onnx"),
+            calibrate_method=_calib_method(method),
+            providers=["CPUExecutionProvider"],
+            extra_options=options,
+        )
+        calibrator.collect_data(_reader(mixed, input_names, batch_size))
+        save_tensors_data(calibrator.compute_data(), cache)
+    return batch_size
+
+
+def _quantize(src: Path, out: Path, cache: Path, method: CalibMethod, excluded: Sequence[str]) -> onnx.ModelProto:
+    """Insert the QDQ nodes with the cached ranges, keeping ``excluded`` nodes in float; save and return it."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    extra: dict[str, Any] = {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False}
+    with _quiet():
+        quantize_static(
+            str(src),
+            str(out),
+            None,
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=list(QUANTIZED_OP_TYPES),
+            per_channel=True,
+            reduce_range=False,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=list(excluded),
+            calibrate_method=_calib_method(method),
+            extra_options=extra,
+            calibration_cache_path=str(cache),
+        )
+    qmodel = onnx.load(str(out))
+    _strip_qdq_into(qmodel, set(excluded))
+    onnx.save_model(qmodel, str(out))
+    return qmodel
+
+
+def _embed(path: Path, data: ImageSet) -> np.ndarray:
+    from zsbir_export.verify import OnnxEmbedder, embed_all
+
+    return embed_all(OnnxEmbedder(path), data, batch_size=64)
+
+
+def _proxy_overlap(ref: np.ndarray, got: np.ndarray, data: ImageSet) -> float:
+    """Top-10 overlap of sketch->photo rankings on the calibration images (seen classes, no labels needed)."""
+    from zsbir_export.verify import topk_overlap
+
+    q = data.domains == 0
+    g = data.domains == 1
+    return topk_overlap(ref[q], ref[g], got[q], got[g], k=10)
+
+
 def quantize_int8(
     fp32_path: str | Path,
     out_path: str | Path,
@@ -142,93 +233,121 @@ def quantize_int8(
     *,
     method: CalibMethod = "percentile",
     batch_size: int = 16,
+    max_float_layers: int = 0,
+    target_overlap: float = 0.92,
+    sensitivity_samples: int = 64,
 ) -> QuantizationReport:
-    """Quantize the fp32 model at ``fp32_path`` to a QDQ int8 model at ``out_path`` (see module doc)."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+    """Quantize the fp32 model at ``fp32_path`` to a QDQ int8 model at ``out_path`` (see module doc).
+
+    Sensitivity fallback: with ``max_float_layers > 0``, when the top-10 overlap between int8 and fp32
+    rankings *on the calibration images* (seen classes; the unseen split stays untouched for the final
+    verification) is below ``target_overlap``, each heavy layer's sensitivity is measured (quantize that layer
+    alone, 1 - mean cosine to fp32 on ``sensitivity_samples`` images per domain) and the most sensitive layers
+    are kept in float, one more at a time, until the overlap reaches the target or ``max_float_layers`` layers
+    are float. The report lists them.
+    """
+    from onnxruntime.quantization import quantize_static
 
     if method not in CALIB_METHODS:
         raise QuantizationError(f"unknown calibration method {method!r}; choose one of {', '.join(CALIB_METHODS)}")
+    if "calibration_cache_path" not in inspect.signature(quantize_static).parameters:
+        raise QuantizationError("INT8 export needs a newer onnxruntime (quantize_static(calibration_cache_path=...))")
     per_domain = {"photo": calibration.count("photo"), "sketch": calibration.count("sketch")}
     if min(per_domain.values()) == 0:
         raise QuantizationError(f"calibration needs images of both domains, got {per_domain}")
+    out_path = Path(out_path)
     model = onnx.load(str(fp32_path))
     _name_nodes(model)
     excluded, heavy_float = float_nodes(model)
-    input_names = [vi.name for vi in model.graph.input]
-    calib_method = {
-        "entropy": CalibrationMethod.Entropy,
-        "percentile": CalibrationMethod.Percentile,
-        "minmax": CalibrationMethod.MinMax,
-    }[method]
-    extra: dict[str, Any] = {
-        "ActivationSymmetric": True,
-        "WeightSymmetric": True,
-        "QuantizeBias": False,
-    }
-    # quantize_static would build its calibrator with 128 histogram bins for "entropy", which leaves the KL
-    # search a single candidate (the full range, i.e. min-max); calibrate here with TensorRT's settings
-    # (2048 bins folded to 128 quantized bins) and hand the ranges over as a calibration cache.
-    calib_options: dict[str, Any] = {"symmetric": True}
-    if method == "entropy":
-        calib_options.update(num_bins=2048, num_quantized_bins=128)
-    elif method == "percentile":
-        calib_options.update(num_bins=2048, percentile=PERCENTILE)
-    if "calibration_cache_path" not in inspect.signature(quantize_static).parameters:
-        raise QuantizationError("INT8 export needs a newer onnxruntime (quantize_static(calibration_cache_path=...))")
-    # ORT's histogram collectors stack per-batch arrays, so every batch must have the same size.
-    batch_size = max(b for b in range(1, min(batch_size, len(calibration)) + 1) if len(calibration) % b == 0)
-    # Interleave the domains so that the batches mix photos and sketches.
-    order = _interleave(calibration.domains)
-    mixed = ImageSet(calibration.images[order], calibration.domains[order], calibration.labels[order], [])
-    with tempfile.TemporaryDirectory(prefix="zsbir-quant-") as tmp:
-        src = Path(tmp) / "model.named.onnx"
-        cache = Path(tmp) / "ranges.json"
+    fallback: list[str] = []
+    proxy: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="zsbir-quant-") as tmp_name:
+        tmp = Path(tmp_name)
+        src = tmp / "model.named.onnx"
+        cache = tmp / "ranges.json"
         onnx.save_model(model, str(src))
         try:
-            with _quiet():
-                calibrator = create_calibrator(
+            batch_size = _calibrate(src, cache, calibration, method, batch_size, tmp)
+            qmodel = _quantize(src, out_path, cache, method, excluded)
+            if max_float_layers > 0:
+                fallback, proxy = _fallback(
+                    model,
                     src,
-                    list(QUANTIZED_OP_TYPES),
-                    augmented_model_path=str(Path(tmp) / "augmented.onnx"),
-                    calibrate_method=calib_method,
-                    providers=["CPUExecutionProvider"],
-                    extra_options=calib_options,
+                    out_path,
+                    cache,
+                    method,
+                    excluded,
+                    calibration,
+                    max_float_layers,
+                    target_overlap,
+                    sensitivity_samples,
+                    tmp,
                 )
-                calibrator.collect_data(_reader(mixed, input_names, batch_size))
-                save_tensors_data(calibrator.compute_data(), cache)
-                del calibrator
-                quantize_static(
-                    str(src),
-                    str(out_path),
-                    None,
-                    quant_format=QuantFormat.QDQ,
-                    op_types_to_quantize=list(QUANTIZED_OP_TYPES),
-                    per_channel=True,
-                    reduce_range=False,
-                    activation_type=QuantType.QInt8,
-                    weight_type=QuantType.QInt8,
-                    nodes_to_exclude=excluded,
-                    calibrate_method=calib_method,
-                    extra_options=extra,
-                    calibration_cache_path=str(cache),
-                )
+                if fallback:
+                    qmodel = onnx.load(str(out_path))
         except QuantizationError:
             raise
         except Exception as exc:
             raise QuantizationError(f"onnxruntime INT8 calibration/quantization failed: {exc}") from exc
-    qmodel = onnx.load(str(out_path))
-    _strip_qdq_into(qmodel, set(excluded))
-    onnx.save_model(qmodel, str(out_path))
     try:
         onnx.checker.check_model(qmodel, full_check=True)
     except Exception as exc:
         raise QuantizationError(f"the int8 graph failed onnx.checker: {exc}") from exc
     heavy_total = sum(1 for n in model.graph.node if n.op_type in QUANTIZED_OP_TYPES)
     quantized = _count_quantized(qmodel)
-    if quantized == 0 and heavy_total > len(heavy_float):
+    if quantized == 0 and heavy_total > len(heavy_float) + len(fallback):
         raise QuantizationError("quantize_static inserted no QuantizeLinear/DequantizeLinear nodes")
-    return QuantizationReport(method, len(calibration), per_domain, quantized, heavy_float, batch_size)
+    return QuantizationReport(
+        method, len(calibration), per_domain, quantized, heavy_float, batch_size, fallback, heavy_total, proxy
+    )
+
+
+def _fallback(
+    model: onnx.ModelProto,
+    src: Path,
+    out_path: Path,
+    cache: Path,
+    method: CalibMethod,
+    excluded: list[str],
+    calibration: ImageSet,
+    max_float_layers: int,
+    target: float,
+    samples: int,
+    tmp: Path,
+) -> tuple[list[str], dict[str, Any]]:
+    """The sensitivity fallback of :func:`quantize_int8`; returns the float layers and a report."""
+    ref = _embed(src, calibration)
+    overlap = _proxy_overlap(ref, _embed(out_path, calibration), calibration)
+    report: dict[str, Any] = {"target": target, "initial": overlap}
+    if overlap >= target:
+        report["final"] = overlap
+        return [], report
+    # Sensitivity of each quantizable layer, on a subset.
+    idx = np.concatenate([np.flatnonzero(calibration.domains == d)[:samples] for d in (1, 0)])
+    subset = ImageSet(calibration.images[idx], calibration.domains[idx], calibration.labels[idx], [])
+    ref_sub = ref[idx]
+    candidates = [n.name for n in model.graph.node if n.op_type in QUANTIZED_OP_TYPES and n.name not in excluded]
+    probe = tmp / "probe.onnx"
+    sensitivity: dict[str, float] = {}
+    for name in candidates:
+        others = [c for c in candidates if c != name]
+        _quantize(src, probe, cache, method, [*excluded, *others])
+        got = _embed(probe, subset)
+        cos = (ref_sub * got).sum(axis=1) / np.maximum(
+            np.linalg.norm(ref_sub, axis=1) * np.linalg.norm(got, axis=1), 1e-30
+        )
+        sensitivity[name] = float(1.0 - cos.mean())
+    ranked = sorted(candidates, key=lambda c: -sensitivity[c])
+    report["sensitivity_top"] = {c: sensitivity[c] for c in ranked[:10]}
+    chosen: list[str] = []
+    for name in ranked[:max_float_layers]:
+        chosen.append(name)
+        _quantize(src, out_path, cache, method, [*excluded, *chosen])
+        overlap = _proxy_overlap(ref, _embed(out_path, calibration), calibration)
+        if overlap >= target:
+            break
+    report["final"] = overlap
+    return chosen, report
 
 
 @contextmanager

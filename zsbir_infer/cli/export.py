@@ -67,6 +67,14 @@ def _precisions(_ctx: click.Context, _param: click.Parameter, value: str) -> lis
     type=click.Choice(["entropy", "percentile", "minmax"]),
     help="INT8 activation ranges: percentile (99.999th of |x|), entropy (TensorRT's KL threshold) or minmax.",
 )
+@click.option(
+    "--int8-fallback",
+    default=8,
+    show_default=True,
+    type=click.IntRange(0),
+    help="At most this many quantization-sensitive layers are kept in float when INT8 rankings drift on the "
+    "calibration images (0: off).",
+)
 @click.option("--trt", is_flag=True, help="Also build TensorRT engine plans (needs TensorRT and an NVIDIA GPU).")
 @click.option("--opt-batch", default=32, show_default=True, type=int, help="TensorRT profile: optimal batch.")
 @click.option("--max-batch", default=256, show_default=True, type=int, help="TensorRT profile: largest batch.")
@@ -97,6 +105,7 @@ def command(
     calib: Path | None,
     calib_count: int,
     calib_method: str,
+    int8_fallback: int,
     trt: bool,
     opt_batch: int,
     max_batch: int,
@@ -134,6 +143,7 @@ def command(
         calib_dir=calib,
         calib_count=calib_count,
         calib_method=calib_method,  # type: ignore[arg-type]
+        int8_fallback=int8_fallback,
         verify_count=verify_count,
         eval_count=eval_count,
         trt=trt,
