@@ -36,6 +36,13 @@ SHOW_SKIPPED = 20
     show_default=True,
     help="How a new gallery stores vectors.",
 )
+@click.option(
+    "--commit-every",
+    type=click.IntRange(1),
+    default=None,
+    hidden=True,
+    help="Commit every N files (default: 1024 files or 2 s, whichever comes first).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def command(
@@ -47,6 +54,7 @@ def command(
     batch_size: int,
     workers: int | None,
     storage: str,
+    commit_every: int | None,
     as_json: bool,
     quiet: bool,
 ) -> None:
@@ -58,7 +66,14 @@ def command(
     from tqdm import tqdm
 
     from zsbir_infer.gallery import GalleryError
-    from zsbir_infer.indexer import DEFAULT_GALLERY_DIRNAME, IndexingError, index_folder, read_indexer_info
+    from zsbir_infer.indexer import (
+        DEFAULT_COMMIT_FILES,
+        DEFAULT_COMMIT_SECONDS,
+        DEFAULT_GALLERY_DIRNAME,
+        IndexingError,
+        index_folder,
+        read_indexer_info,
+    )
     from zsbir_infer.retriever import resolve_model
 
     gdir = gallery if gallery is not None else Path.cwd() / DEFAULT_GALLERY_DIRNAME
@@ -84,6 +99,8 @@ def command(
             storage=storage,
             progress=bar.update,
             on_plan=on_plan,
+            commit_files=commit_every or DEFAULT_COMMIT_FILES,
+            commit_seconds=3600.0 if commit_every else DEFAULT_COMMIT_SECONDS,
         )
     except KeyboardInterrupt:
         bar.close()
