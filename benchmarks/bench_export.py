@@ -29,6 +29,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent
 PRECISIONS = ("fp32", "fp16", "int8")
+# The default synthetic benchmark as benchmarks/train_default.py leaves it, else data/synth (generated if absent).
+DEFAULT_BENCHES = (ROOT.parent / "build" / "default_model" / "synth", ROOT.parent / "data" / "synth")
 
 
 def _cpu_name() -> str:
@@ -195,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", type=Path, help="checkpoint to export (default: the embedded default model)")
     ap.add_argument("--bundle", type=Path, help="measure this existing bundle instead of exporting")
-    ap.add_argument("--bench", type=Path, default=ROOT.parent / "data" / "synth", help="benchmark folder")
+    ap.add_argument("--bench", type=Path, default=None, help="benchmark folder (default: see DEFAULT_BENCHES)")
     ap.add_argument("--calib-count", type=int, default=512)
     ap.add_argument("--calib-method", default="percentile", choices=["entropy", "percentile", "minmax"])
     ap.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads for latency")
@@ -203,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out-stem", default="export_default", help="results/<stem>.md and .json")
     args = ap.parse_args(argv)
 
-    bench = _ensure_bench(args.bench)
+    bench = _ensure_bench(args.bench or next((p for p in DEFAULT_BENCHES if p.exists()), DEFAULT_BENCHES[-1]))
     with tempfile.TemporaryDirectory(prefix="zsbir-bench-export-") as tmp:
         bundle = args.bundle
         if bundle is None:
