@@ -481,3 +481,92 @@ def test_two_handles_see_each_others_commits(tmp_path: Path) -> None:
     reader.close()
     with pytest.raises(GalleryError, match="closed"):
         reader.search(x[:1], k=1)
+
+
+# ------------------------------------------------------------------------------------------ compaction
+
+
+def _itq_for(x: np.ndarray) -> ITQ:
+    return ITQ.fit(x, n_bits=64, n_iter=5, seed=0)
+
+
+@pytest.mark.parametrize("storage", ["float16", "int8", "itq"])
+def test_compact_drops_tombstones_and_keeps_answers(tmp_path: Path, storage: str) -> None:
+    rng = np.random.default_rng(14)
+    d = 64
+    x = _unit(rng, 1_200, d)
+    itq = _itq_for(x) if storage == "itq" else None
+    names = [f"{i}.jpg" for i in range(1_000)]
+    g = Gallery.create(tmp_path / "g", FP, d, storage=storage, itq=itq, segment_rows=300)
+    g.add(_records(names), x[:1_000])
+    g.delete(names[::4])
+    g.add([FileRecord(names[1], 10, 2000)], x[1_000:1_001])  # changed file: its old row is a tombstone
+    q = _unit(rng, 9, d)
+    before = [[(h.path, h.score) for h in row] for row in g.search(q, k=20, exact=True)]
+    reader = Gallery.open(tmp_path / "g")
+    assert reader.search(q, k=20, exact=True) is not None  # caches the old layout
+    if storage != "itq":
+        g.build_index()
+    live = 1_000 - 250
+    assert g.compact() == 1_001 - live
+    assert g.compact() == 0
+    st = g.stats()
+    assert (st.rows, st.dead_rows, st.files_indexed) == (live, 0, live)
+    assert sorted(i for _, i in g.indexed()) == list(range(live))
+    after = g.search(q, k=20, exact=True)
+    assert [[(h.path, h.score) for h in row] for row in after] == before
+    assert [[(h.path, h.score) for h in row] for row in reader.search(q, k=20, exact=True)] == before
+    files = sorted(f.name for f in (tmp_path / "g" / "segments").iterdir())
+    assert len({f.split(".")[0] for f in files}) == st.segments == 3
+    if storage != "itq":
+        assert st.ann_stale
+        approx = g.search(q, k=5)
+        assert np.mean([a[0].path == b[0][0] for a, b in zip(approx, before, strict=True)]) >= 0.8
+        assert not g.stats().ann_stale
+    g.add(_records(["new.jpg"]), x[1_100:1_101])
+    assert g.search(x[1_100], k=1, exact=True)[0][0].path == "new.jpg"
+    reader.close()
+    g.close()
+    with Gallery.open(tmp_path / "g") as g2:
+        assert len(g2) == live + 1
+
+
+def test_crash_during_compaction_keeps_old_layout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(15)
+    x = _unit(rng, 400, 16)
+    names = [f"{i}.jpg" for i in range(400)]
+    g = Gallery.create(tmp_path / "g", FP, 16, segment_rows=150)
+    g.add(_records(names), x)
+    g.delete(names[:100])
+    q = _unit(rng, 5, 16)
+    before = _as_pairs(g.search(q, k=10, exact=True))
+
+    def crash(path: Path) -> None:
+        raise _Crash
+
+    monkeypatch.setattr(store, "_fsync_dir", crash)
+    with pytest.raises(_Crash):
+        g.compact()
+    monkeypatch.undo()
+    g.close()
+    with Gallery.open(tmp_path / "g") as g2:
+        assert _as_pairs(g2.search(q, k=10, exact=True)) == before  # old layout, same ids
+        assert g2.stats().dead_rows == 100
+        assert g2.compact() == 100
+        assert [[p for p, _ in row] for row in _as_pairs(g2.search(q, k=10, exact=True))] == [
+            [p for p, _ in row] for row in before
+        ]
+
+
+def test_compact_everything_deleted(tmp_path: Path) -> None:
+    rng = np.random.default_rng(16)
+    x = _unit(rng, 50, 8)
+    g = Gallery.create(tmp_path / "g", FP, 8)
+    g.add(_records([f"{i}" for i in range(50)]), x)
+    assert g.search(x[:1], k=1, exact=True)[0][0].path == "0"
+    g.delete([f"{i}" for i in range(50)])
+    assert g.compact() == 50
+    assert g.search(x[:1], k=3, exact=True) == [[]]
+    g.add(_records(["again"]), x[7:8])
+    assert _as_pairs(g.search(x[7], k=3, exact=True)) == [[("again", 0)]]
+    g.close()

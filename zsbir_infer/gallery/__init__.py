@@ -20,8 +20,10 @@ Guarantees:
   that opens; bytes written past a committed length are garbage, ignored by readers and overwritten by
   the next ``add``. A rerun of the indexing job then sees the committed files as unchanged and the rest
   as new, so every file ends up indexed exactly once (paths are unique in the metadata).
-* **Tombstones.** Row ids are never reused. A changed file gets a new row; the old row, and the rows of
-  deleted or newly skipped files, are dead and never returned by a search.
+* **Tombstones.** A changed file gets a new row; the old row, and the rows of deleted or newly skipped
+  files, are dead and never returned by a search. :meth:`Gallery.compact` rewrites the segments without
+  them (atomically: new files first, then one metadata transaction) and renumbers the live rows densely,
+  in their old order; row ids (``Hit.id``) are stable between compactions only.
 * **Model identity.** ``Gallery.open(path, fingerprint=...)`` and ``search(..., fingerprint=...)`` raise
   :class:`ModelMismatchError` (naming both fingerprints) when the model differs from the gallery's.
 * **Concurrency.** Searches are thread-safe: threads share the memory maps and each thread has its own
@@ -46,7 +48,8 @@ Typical use (the indexing pipeline and ``zsbir index/query/info`` are built on t
             g.skip(f, why)
     hits = g.search(sketch_embeddings, k=10, exact=True, fingerprint=bundle.fingerprint)
     hits[0][0].path, hits[0][0].score, hits[0][0].id
-    g.stats(); g.close()
+    g.build_index()      # after indexing: the ANN index (else built by the first ANN search)
+    g.stats(); g.compact(); g.close()
 """
 
 from __future__ import annotations

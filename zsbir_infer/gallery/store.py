@@ -239,9 +239,11 @@ class _Segment:
 @dataclass(frozen=True)
 class _Snapshot:
     generation: int
+    layout: int  # bumped by compact(): row ids of different layouts are unrelated
     rows: int
     segments: tuple[_Segment, ...]
     blocks: tuple[Block, ...]
+    seg_keys: tuple[tuple[int, int], ...]  # (segment number, rows) of each block
     dead: np.ndarray
 
 
@@ -497,7 +499,11 @@ class Gallery:
         return [_Segment(int(a), int(b), int(c), float(d)) for a, b, c, d in rows]
 
     def _generation(self, con: sqlite3.Connection) -> int:
-        row = con.execute("SELECT value FROM state WHERE key = 'generation'").fetchone()
+        return self._state(con, "generation")
+
+    @staticmethod
+    def _state(con: sqlite3.Connection, key: str) -> int:
+        row = con.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
         return int(row[0]) if row else 0
 
     def _snapshot_now(self) -> _Snapshot:
@@ -511,47 +517,59 @@ class Gallery:
             snap = self._snapshot
             if snap is not None and snap.generation == gen:
                 return snap
-            con.execute("BEGIN")
-            try:
-                gen = self._generation(con)
-                segments = self._read_segments(con)
-                cur = con.execute("SELECT vec FROM files WHERE vec IS NOT NULL")
-                live = np.array([r[0] for r in cur], dtype=np.int64)
-            finally:
-                con.execute("COMMIT")
-            total = sum(s.rows for s in segments)
-            dead = np.ones(total, dtype=bool)
-            if live.size:
-                dead[live] = False
-            old = {} if snap is None else {(b.base, b.rows): b for b in snap.blocks}
-            blocks = []
-            for s in segments:
-                if s.rows == 0:
-                    continue
-                prev = old.get((s.base, s.rows))
-                arrays = (prev.data, prev.scale) if prev is not None else self._map_segment(s)
-                blocks.append(
-                    Block(
-                        base=s.base,
-                        data=arrays[0],
-                        scale=arrays[1],
-                        dead=dead[s.base : s.base + s.rows],
-                        norm_bound=s.max_norm * (1 + 1e-3) + 1e-6,
-                    )
-                )
-            snap = _Snapshot(gen, total, tuple(segments), tuple(blocks), dead)
+            for attempt in range(3):
+                try:
+                    snap = self._load_snapshot(con, snap)
+                    break
+                except FileNotFoundError:
+                    # A concurrent compact() replaced the segments between our read and our mapping.
+                    if attempt == 2:
+                        raise GalleryError(f"gallery {self.path} is damaged: a segment file is missing") from None
+            assert snap is not None
             self._snapshot = snap
             return snap
+
+    def _load_snapshot(self, con: sqlite3.Connection, prev_snap: _Snapshot | None) -> _Snapshot:
+        con.execute("BEGIN")
+        try:
+            gen = self._generation(con)
+            layout = self._state(con, "layout")
+            segments = self._read_segments(con)
+            cur = con.execute("SELECT vec FROM files WHERE vec IS NOT NULL")
+            live = np.array([r[0] for r in cur], dtype=np.int64)
+        finally:
+            con.execute("COMMIT")
+        total = sum(s.rows for s in segments)
+        dead = np.ones(total, dtype=bool)
+        if live.size:
+            dead[live] = False
+        old: dict[tuple[int, int], Block] = {}
+        if prev_snap is not None and prev_snap.layout == layout:  # segment numbers are reused across layouts
+            old = dict(zip(prev_snap.seg_keys, prev_snap.blocks, strict=True))
+        blocks, keys = [], []
+        for s in segments:
+            if s.rows == 0:
+                continue
+            prev = old.get((s.seg, s.rows))
+            arrays = (prev.data, prev.scale) if prev is not None else self._map_segment(s)
+            blocks.append(
+                Block(
+                    base=s.base,
+                    data=arrays[0],
+                    scale=arrays[1],
+                    dead=dead[s.base : s.base + s.rows],
+                    norm_bound=s.max_norm * (1 + 1e-3) + 1e-6,
+                )
+            )
+            keys.append((s.seg, s.rows))
+        return _Snapshot(gen, layout, total, tuple(segments), tuple(blocks), tuple(keys), dead)
 
     def _map_segment(self, s: _Segment) -> tuple[np.ndarray, np.ndarray | None]:
         arrays: list[np.ndarray] = []
         for suffix, dtype, shape in self._row_bytes:
             f = self._seg_path(s.seg, suffix)
             need = s.rows * dtype.itemsize * int(np.prod(shape, dtype=np.int64))
-            try:
-                size = f.stat().st_size
-            except FileNotFoundError as e:
-                raise GalleryError(f"gallery {self.path} is damaged: segment file {f.name} is missing") from e
+            size = f.stat().st_size  # FileNotFoundError: see _snapshot_now
             if size < need:
                 raise GalleryError(
                     f"gallery {self.path} is damaged: {f.name} holds {size} bytes but the metadata commits {need}"
@@ -809,6 +827,90 @@ class Gallery:
                 raise
         return n
 
+    def compact(self) -> int:
+        """Rewrite the segments without tombstones; returns the number of rows dropped.
+
+        Live rows keep their relative order but get new, dense ids (``Hit.id`` values from before a
+        compaction are not valid after it). The new segments are written and fsynced under new file
+        numbers first; one SQLite transaction then switches the metadata to them, so a crash at any
+        point leaves either the old or the new layout. The ANN index is rebuilt on its next use.
+        Concurrent searches (threads or processes) finish on the old files or restart on the new ones.
+        """
+        with self._writer.hold():
+            con = self._con()
+            segments = self._read_segments(con)
+            cur = con.execute("SELECT vec FROM files WHERE vec IS NOT NULL ORDER BY vec")
+            live = np.array([r[0] for r in cur], dtype=np.int64)
+            total = sum(sg.rows for sg in segments)
+            self._remove_stray_segments({sg.seg for sg in segments})
+            if live.size == total:
+                return 0
+            snap = self._snapshot_now()
+            next_seg = (segments[-1].seg + 1) if segments else 0
+            new_segments: list[_Segment] = []
+            for start in range(0, live.size, self.segment_rows):
+                ids = live[start : start + self.segment_rows]
+                seg = _Segment(next_seg, start, 0, 0.0)
+                parts = self._raw_rows(snap, ids)
+                self._append(seg, parts)
+                new_segments.append(_Segment(next_seg, start, ids.size, self._stored_max_norm(parts)))
+                next_seg += 1
+            _fsync_dir(self.path / SEGMENT_DIR)
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                con.execute("DELETE FROM segments")
+                con.executemany(
+                    "INSERT INTO segments(seg, base, rows, max_norm) VALUES (?, ?, ?, ?)",
+                    [(sg.seg, sg.base, sg.rows, sg.max_norm) for sg in new_segments],
+                )
+                # Ascending old ids get ascending new ids <= old: no UNIQUE(vec) conflict along the way.
+                con.executemany(
+                    "UPDATE files SET vec = ? WHERE vec = ?",
+                    [(int(i), int(old)) for i, old in enumerate(live) if i != old],
+                )
+                con.execute("UPDATE state SET value = value + 1 WHERE key = 'generation'")
+                con.execute(
+                    "INSERT INTO state(key, value) VALUES ('layout', 1) "
+                    "ON CONFLICT(key) DO UPDATE SET value = value + 1"
+                )
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+            (self.path / "ann.json").unlink(missing_ok=True)
+            self._remove_stray_segments({sg.seg for sg in new_segments})
+            return int(total - live.size)
+
+    def _raw_rows(self, snap: _Snapshot, ids: np.ndarray) -> list[np.ndarray]:
+        """The stored arrays (as on disk) of the given rows."""
+        bases = np.array([b.base for b in snap.blocks], dtype=np.int64)
+        which = np.searchsorted(bases, ids, side="right") - 1
+        main = np.empty((ids.size, *snap.blocks[0].data.shape[1:]), dtype=snap.blocks[0].data.dtype)
+        scale = np.empty(ids.size, dtype=np.float32) if self.storage == "int8" else None
+        for j in np.unique(which):
+            sel = np.flatnonzero(which == j)
+            b = snap.blocks[int(j)]
+            local = ids[sel] - b.base
+            main[sel] = b.data[local]
+            if scale is not None and b.scale is not None:
+                scale[sel] = b.scale[local]
+        return [main] if scale is None else [main, scale]
+
+    def _stored_max_norm(self, parts: list[np.ndarray]) -> float:
+        if self.storage == "itq":
+            return float(self.n_bits)
+        rows = parts[0].astype(np.float32)
+        if self.storage == "int8":
+            rows *= parts[1][:, None]
+        return float(np.linalg.norm(rows, axis=1).max(initial=0.0))
+
+    def _remove_stray_segments(self, keep: set[int]) -> None:
+        """Delete segment files not referenced by the metadata (left by a compaction or a crash)."""
+        for f in (self.path / SEGMENT_DIR).iterdir():
+            stem = f.name.split(".")[0]
+            if stem.isdigit() and int(stem) not in keep:
+                f.unlink(missing_ok=True)
+
     def skipped(self) -> list[tuple[str, str]]:
         """(relpath, reason) of every skipped file, sorted by path."""
         cur = self._con().execute("SELECT relpath, reason FROM files WHERE status = 'skipped' ORDER BY relpath")
@@ -902,16 +1004,21 @@ class Gallery:
             raise GalleryError(f"k must be a positive integer; got {k!r}")
         k = int(k)
         q = self._check_queries(queries)
-        snap = self._snapshot_now()
-        if self.storage == "itq":
-            scorer: Scorer = HammingScorer(self.itq.transform(q), self.n_bits)
-            scores, ids = search_blocks(snap.blocks, scorer, k, threads=threads)
-        elif exact:
-            scorer = F16Scorer(q) if self.storage == "float16" else Int8Scorer(q)
-            scores, ids = search_blocks(snap.blocks, scorer, k, threads=threads)
-        else:
-            scores, ids = self._search_ann(snap, q, k, threads)
-        return self._hits(scores, ids)
+        for _ in range(5):
+            snap = self._snapshot_now()
+            if self.storage == "itq":
+                scorer: Scorer = HammingScorer(self.itq.transform(q), self.n_bits)
+                scores, ids = search_blocks(snap.blocks, scorer, k, threads=threads)
+            elif exact:
+                scorer = F16Scorer(q) if self.storage == "float16" else Int8Scorer(q)
+                scores, ids = search_blocks(snap.blocks, scorer, k, threads=threads)
+            else:
+                scores, ids = self._search_ann(snap, q, k, threads)
+            hits = self._hits(scores, ids, snap.layout)
+            if hits is not None:
+                return hits
+            # A compact() renumbered the rows while we searched: search the new layout.
+        raise GalleryError(f"gallery {self.path} keeps being compacted while searched; try again")
 
     def _search_ann(self, snap: _Snapshot, q: np.ndarray, k: int, threads: int | None) -> tuple[np.ndarray, np.ndarray]:
         with self._ann_lock:
@@ -932,13 +1039,13 @@ class Gallery:
             ids[i, : order.size] = c[order]
         return scores, ids
 
-    def _ann_identity(self) -> dict[str, Any]:
-        return {"storage": self.storage, "fingerprint": self.fingerprint}
+    def _ann_identity(self, layout: int) -> dict[str, Any]:
+        return {"storage": self.storage, "fingerprint": self.fingerprint, "layout": layout}
 
     def _ensure_ann(self, snap: _Snapshot) -> AnnIndex:
         ann = self._ann
-        if ann is None:
-            ann = AnnIndex(self.path, self.dim, self._ann_identity())
+        if ann is None or ann.identity["layout"] != snap.layout:
+            ann = AnnIndex(self.path, self.dim, self._ann_identity(snap.layout))
             ann.load()
             self._ann = ann
         if ann.rows != snap.rows or ann.dead_covered != int(np.count_nonzero(snap.dead[: ann.rows])):
@@ -961,16 +1068,23 @@ class Gallery:
                 ann.save()
             return ann.size
 
-    def _hits(self, scores: np.ndarray, ids: np.ndarray) -> list[list[Hit]]:
+    def _hits(self, scores: np.ndarray, ids: np.ndarray, layout: int) -> list[list[Hit]] | None:
+        """Hits with paths, or None when the row layout changed since the search's snapshot."""
         valid = (ids != ID_SENTINEL) & np.isfinite(scores)
         wanted = np.unique(ids[valid])
         paths: dict[int, str] = {}
         con = self._con()
-        for i in range(0, wanted.size, 500):
-            chunk = [int(x) for x in wanted[i : i + 500]]
-            marks = ",".join("?" * len(chunk))
-            for vec, rel in con.execute(f"SELECT vec, relpath FROM files WHERE vec IN ({marks})", chunk):
-                paths[int(vec)] = str(rel)
+        con.execute("BEGIN")
+        try:
+            if self._state(con, "layout") != layout:
+                return None
+            for i in range(0, wanted.size, 500):
+                chunk = [int(x) for x in wanted[i : i + 500]]
+                marks = ",".join("?" * len(chunk))
+                for vec, rel in con.execute(f"SELECT vec, relpath FROM files WHERE vec IN ({marks})", chunk):
+                    paths[int(vec)] = str(rel)
+        finally:
+            con.execute("COMMIT")
         out: list[list[Hit]] = []
         for qi in range(ids.shape[0]):
             row: list[Hit] = []
@@ -998,7 +1112,7 @@ class Gallery:
         total_bytes = sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
         desc = None
         if self.storage != "itq":
-            desc = AnnIndex(self.path, self.dim, self._ann_identity()).describe()
+            desc = AnnIndex(self.path, self.dim, self._ann_identity(snap.layout)).describe()
         ann_stale = self.storage != "itq" and (
             desc is None
             or desc["rows"] != snap.rows
