@@ -272,7 +272,17 @@ CREATE TABLE IF NOT EXISTS state (
 
 
 class Gallery:
-    """An on-disk, incrementally updatable collection of photo embeddings. Use :meth:`create` or :meth:`open`."""
+    """An on-disk, incrementally updatable collection of photo embeddings. Use :meth:`create` or :meth:`open`.
+
+    Attributes:
+        path: the gallery directory.
+        manifest: the parsed ``manifest.json``.
+        fingerprint: fingerprint of the model the gallery was built with.
+        dim: embedding dimension.
+        storage: ``"float16"``, ``"int8"`` or ``"itq"``.
+        metric: ``"ip"`` (inner product of L2-normalized vectors) or ``"hamming"`` (ITQ storage).
+        itq: the ITQ model (ITQ storage) or None; ``n_bits`` its code length (0 otherwise).
+    """
 
     def __init__(self, path: Path, manifest: dict[str, Any], *, _token: object = None) -> None:
         if _token is not _CONSTRUCT:
@@ -294,10 +304,14 @@ class Gallery:
         self._ann: AnnIndex | None = None
         self._closed = False
         self.itq: Any = None
+        self.n_bits = 0
         if self.storage == "itq":
             from zsbir_infer.itq import ITQ
 
-            self.itq = ITQ.load(path / ITQ_FILE)
+            try:
+                self.itq = ITQ.load(path / ITQ_FILE)
+            except (OSError, ValueError) as e:
+                raise GalleryError(f"gallery {path} is damaged: cannot load its ITQ model ({e})") from e
             self.n_bits = int(self.itq.n_bits)
         self._row_bytes = self._row_widths()
 
