@@ -461,6 +461,40 @@ def test_bundle_plain_calibration_folder(tmp_path: Path, bench: Path) -> None:
     assert result.manifest["calibration"]["method"] == "minmax"
 
 
+def test_overwrite_keeps_other_files(tmp_path: Path, bench: Path) -> None:
+    """Re-exporting into a folder that also holds a checkpoint (like assets/default) keeps the checkpoint
+    and drops the old bundle's stale files."""
+    out = tmp_path / "default"
+    options = ExportOptions(
+        precisions=("int8",),
+        calib_dir=bench,
+        calib_count=8,
+        exporter="torchscript",
+        verify_count=4,
+        tolerances=Tolerances(int8_min_top10_overlap=0.0, int8_max_map_delta=1.0),
+    )
+    export_bundle(tiny(True), config_for(True), out, options, source=SOURCE)
+    (out / "checkpoint.safetensors").write_bytes(b"weights")
+    (out / "checkpoint.json").write_text("{}")
+    assert (out / "model.int8.onnx").exists()
+    result = export_bundle(
+        tiny(False),
+        config_for(False),
+        out,
+        ExportOptions(exporter="torchscript", overwrite=True, verify_count=4),
+        source=SOURCE,
+    )
+    assert sorted(p.name for p in out.iterdir()) == [
+        "checkpoint.json",
+        "checkpoint.safetensors",
+        "manifest.json",
+        "model.onnx",
+    ]
+    assert (out / "checkpoint.safetensors").read_bytes() == b"weights"
+    _assert_manifest(out, result.manifest, False, ["fp32"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["default"]
+
+
 def test_failed_verification_is_not_a_bundle(tmp_path: Path, bench: Path) -> None:
     out = tmp_path / "b"
     options = ExportOptions(

@@ -196,17 +196,39 @@ def _new_tmp_dir(out: Path) -> Path:
     return tmp
 
 
+def _is_bundle_file(name: str) -> bool:
+    return name in ("manifest.json", *MODEL_FILES.values()) or (name.startswith("model.") and name.endswith(".plan"))
+
+
 def _place(tmp: Path, dest: Path, overwrite: bool) -> None:
-    """Rename the finished ``tmp`` to ``dest`` (replacing an old bundle only with ``overwrite``)."""
-    if dest.exists():
-        if not overwrite:
-            raise BundleError(f"{dest} already exists (pass --overwrite to replace it)")
+    """Move the finished ``tmp`` bundle to ``dest``.
+
+    A new ``dest`` (or one holding only bundle files) is swapped in whole with renames. A ``dest`` that also
+    holds other files (the embedded default bundle sits beside its training checkpoint) keeps them: its old
+    manifest is removed first, the new files are renamed in, stale bundle files are deleted and the new
+    manifest is renamed in last, so a reader never sees a manifest that does not match its files.
+    """
+    if not dest.exists():
+        os.replace(tmp, dest)
+        return
+    if not overwrite:
+        raise BundleError(f"{dest} already exists (pass --overwrite to replace it)")
+    others = [p.name for p in dest.iterdir() if not _is_bundle_file(p.name)]
+    if not others:
         old = dest.parent / f"{dest.name}.old-{secrets.token_hex(4)}"
         os.replace(dest, old)
         os.replace(tmp, dest)
         shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, dest)
+        return
+    (dest / "manifest.json").unlink(missing_ok=True)
+    new_files = {p.name for p in tmp.iterdir()}
+    for name in sorted(new_files - {"manifest.json"}):
+        os.replace(tmp / name, dest / name)
+    for p in dest.iterdir():
+        if _is_bundle_file(p.name) and p.name not in new_files and p.is_file():
+            p.unlink()
+    os.replace(tmp / "manifest.json", dest / "manifest.json")
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 @dataclass
