@@ -389,6 +389,8 @@ def test_int8_storage(tmp_path: Path) -> None:
     assert _as_pairs(g.search(q, k=8, exact=True)) == _ref_hits(g, stored, names, q, 8)
     approx = g.search(q, k=8)
     assert np.mean([a[0].id == e[0] for a, e in zip(approx, reference_topk(stored, q, 1), strict=True)]) >= 0.9
+    exact_scores = {(i, h.id): h.score for i, row in enumerate(g.search(q, k=1_500, exact=True)) for h in row}
+    assert all(h.score == exact_scores[(i, h.id)] for i, row in enumerate(approx) for h in row)
     g.close()
     with Gallery.open(tmp_path / "g") as g2:
         np.testing.assert_array_equal(g2.vectors(np.arange(1_500)), stored)

@@ -1040,14 +1040,20 @@ class Gallery:
             cands = ann.search(q, k, threads=0 if threads is None else int(threads))
         scores = np.full((q.shape[0], k), -np.inf, dtype=np.float32)
         ids = np.full((q.shape[0], k), ID_SENTINEL, dtype=np.int64)
-        q64 = q.astype(np.float64)
+        # Rescore with the exact search's own code so that both modes report identical scores.
+        scorer: Scorer = F16Scorer(q) if self.storage == "float16" else Int8Scorer(q)
+        bases = np.array([b.base for b in snap.blocks], dtype=np.int64)
         for i, c in enumerate(cands):
             c = c[(c >= 0) & (c < snap.rows)]
             c = c[~snap.dead[c]]
             if c.size == 0:
                 continue
-            rows = self._gather(snap, c).astype(np.float64)
-            s = (rows @ q64[i]).astype(np.float32)
+            s = np.empty(c.size, dtype=np.float32)
+            which = np.searchsorted(bases, c, side="right") - 1
+            for j in np.unique(which):
+                sel = np.flatnonzero(which == j)
+                b = snap.blocks[int(j)]
+                s[sel] = scorer.rescore(b, c[sel] - b.base, np.full(sel.size, i))
             order = np.lexsort((c, -s))[:k]
             scores[i, : order.size] = s[order]
             ids[i, : order.size] = c[order]
@@ -1062,6 +1068,10 @@ class Gallery:
             ann = AnnIndex(self.path, self.dim, self._ann_identity(snap.layout))
             ann.load()
             self._ann = ann
+        if ann.rows > snap.rows:
+            # Another thread already brought the index up to a newer snapshot; the caller filters the
+            # candidates against its own snapshot.
+            return ann
         if ann.rows != snap.rows or ann.dead_covered != int(np.count_nonzero(snap.dead[: ann.rows])):
             changed = ann.sync(snap.rows, snap.dead, self._read_float_rows(snap))
             if changed:
