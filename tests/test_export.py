@@ -562,6 +562,9 @@ def test_plan_compatibility_check() -> None:
     h100 = GpuInfo("NVIDIA H100 80GB HBM3", "9.0")
     assert h100.slug == "h100-80gb-hbm3"
     check_plan_compatible(engine, gpu=h100, tensorrt_version="10.13.0.40")  # build number may differ
+    check_plan_compatible(engine, gpu=GpuInfo("nvidia  h100 80GB HBM3", "9.0"), tensorrt_version="10.13.0")
+    with pytest.raises(PlanMismatchError, match="GPU 'NVIDIA H100 80GB HBM3'"):
+        check_plan_compatible(engine, gpu=GpuInfo("NVIDIA H100 PCIe", "9.0"), tensorrt_version="10.13.0.35")
     with pytest.raises(PlanMismatchError, match=r"compute capability 9\.0 \(this GPU: 8\.9\).*--precision int8 --trt"):
         check_plan_compatible(engine, gpu=GpuInfo("NVIDIA L4", "8.9"), tensorrt_version="10.13.0.35")
     with pytest.raises(PlanMismatchError, match=r"TensorRT 10\.13\.0\.35 \(installed: 10\.14\.1\)"):

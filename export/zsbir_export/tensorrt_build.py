@@ -210,10 +210,10 @@ def check_plan_compatible(
         gpu = current_gpu()
     problems: list[str] = []
     want_cc = str(engine.get("compute_capability", ""))
-    if want_cc != gpu.compute_capability:
+    if _trt_release(want_cc)[:2] != _trt_release(gpu.compute_capability)[:2]:
         problems.append(f"compute capability {want_cc} (this GPU: {gpu.compute_capability})")
     want_name = str(engine.get("gpu", ""))
-    if want_name != gpu.name:
+    if " ".join(want_name.split()).lower() != " ".join(gpu.name.split()).lower():
         problems.append(f"GPU {want_name!r} (this GPU: {gpu.name!r})")
     want_trt = str(engine.get("tensorrt", ""))
     if _trt_release(want_trt) != _trt_release(tensorrt_version):
