@@ -669,6 +669,29 @@ def test_cli_export_without_checkpoint(tmp_path: Path) -> None:
     assert res.exit_code != 0 and "missing CHECKPOINT" in res.output
 
 
+def test_cli_export_default_model(tmp_path: Path) -> None:
+    """--default exports the embedded checkpoint; its graph computes what the embedded bundle's does."""
+    from zsbir_infer.cli.export import default_checkpoint_path
+
+    ckpt = default_checkpoint_path()
+    if not ckpt.is_file():
+        pytest.skip("the embedded default checkpoint is not built yet")
+    out = tmp_path / "b"
+    res = CliRunner().invoke(
+        main, ["export", "--default", "-o", str(out), "--exporter", "torchscript", "--verify-count", "2", "-q"]
+    )
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert Path(manifest["source"]["path"]) == ckpt
+    embedded = ckpt.parent / "model.onnx"
+    if embedded.is_file():
+        shape = manifest["inputs"]["image"]["shape"]
+        x = np.random.default_rng(0).standard_normal((4, 3, shape[2], shape[3])).astype(np.float32)
+        tags = np.array([0, 1, 0, 1], dtype=np.int64) if manifest["domain_handling"] == "input" else None
+        a, b = run_onnx(out / "model.onnx", x, tags), run_onnx(embedded, x, tags)
+        assert compare(a, b)["min_cosine"] > 0.9999
+
+
 def test_cli_trt_absent_leaves_nothing(tmp_path: Path, fake_loader: None) -> None:
     if tensorrt_available():
         pytest.skip("TensorRT is installed here")
