@@ -409,7 +409,12 @@ def test_bundle_all_precisions_with_benchmark(tmp_path: Path, bench: Path) -> No
     assert v["samples"]["photo"] == 8 and v["samples"]["sketch"] == 8
     assert "unseen" in v["samples"]["source"]
     # retrieval checks on the unseen split: 4 classes x 6 photos, 4 x 3 sketches
-    assert v["evaluation"] == {"queries": 12, "gallery": 24, "labelled": True}
+    assert v["evaluation"] == {
+        "source": f"benchmark {bench}, unseen split",
+        "queries": 12,
+        "gallery": 24,
+        "labelled": True,
+    }
     for p in ("fp16", "int8"):
         assert 0.0 <= v[p]["top10_overlap"] <= 1.0
         assert v[p]["delta_map_all"] == pytest.approx(v[p]["retrieval"]["map_all"] - v["fp32"]["retrieval"]["map_all"])
@@ -457,6 +462,8 @@ def test_bundle_plain_calibration_folder(tmp_path: Path, bench: Path) -> None:
     result = export_bundle(tiny(True), config_for(True), tmp_path / "b", options, source=SOURCE)
     v = result.manifest["verification"]
     assert v["evaluation"]["labelled"] is False
+    assert v["evaluation"]["source"] == f"folder {plain}, images not used for calibration"
+    assert v["evaluation"]["queries"] == 5 and v["evaluation"]["gallery"] == 5  # 10 per domain, 5 calibrate
     assert "retrieval" not in v["int8"] and 0.0 <= v["int8"]["top10_overlap"] <= 1.0
     assert result.manifest["calibration"]["method"] == "minmax"
 

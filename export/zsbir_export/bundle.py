@@ -70,7 +70,7 @@ class ExportOptions:
     calib_method: CalibMethod = "percentile"
     int8_fallback: int = 8
     verify_count: int = 32
-    eval_count: int | None = None
+    eval_count: int | None = 400
     trt: bool = False
     opt_batch: int = 32
     max_batch: int = 256
@@ -331,8 +331,9 @@ def _build(
 
     calibration_entry: dict[str, Any] | None = None
     evaluation: ImageSet | None = None
+    evaluation_source = ""
     if data is not None:
-        evaluation = _evaluation_set(data, preprocess, options)
+        evaluation, evaluation_source = _evaluation_set(data, preprocess, options)
     if "int8" in precisions:
         assert data is not None  # validate() guarantees --calib with int8
         per_domain = max(1, options.calib_count // 2)
@@ -352,8 +353,8 @@ def _build(
         calibration_entry = {**report.to_dict(), "source": data.describe(), "seed": options.seed}
 
     if data is not None and evaluation is not None and len(evaluation) >= 2:
-        samples = _subsample(evaluation, options.verify_count)
-        sample_source = f"{data.kind} {data.root}" + (" (unseen split)" if data.kind == "benchmark" else "")
+        samples = _subsample(evaluation, options.verify_count, options.seed)
+        sample_source = evaluation_source
     else:
         samples = random_images(options.verify_count, input_size, seed=options.seed)
         sample_source = "random normal inputs (no --calib folder given)"
@@ -367,6 +368,7 @@ def _build(
         options.tolerances,
         evaluation=evaluation if "int8" in precisions or "fp16" in precisions else None,
         sample_source=sample_source,
+        evaluation_source=evaluation_source,
     )
     manifest = _manifest(
         tmp,
@@ -394,30 +396,44 @@ def _build(
     return ExportResult(out, manifest, checks)
 
 
-def _subsample(data: ImageSet, per_domain: int) -> ImageSet:
-    parts = []
+def _subsample(data: ImageSet, per_domain: int, seed: int) -> ImageSet:
+    """A seeded random subset of up to ``per_domain`` images of each domain (spread over the classes)."""
     import numpy as np
 
-    for domain in ("photo", "sketch"):
-        mask = np.flatnonzero(data.domains == (1 if domain == "photo" else 0))[:per_domain]
-        parts.append(mask)
+    rng = np.random.default_rng(seed)
+    parts = []
+    for tag in (1, 0):
+        idx = np.flatnonzero(data.domains == tag)
+        parts.append(np.sort(rng.choice(idx, size=min(per_domain, len(idx)), replace=False)))
     idx = np.concatenate(parts)
-    return ImageSet(
-        data.images[idx], data.domains[idx], data.labels[idx], [data.paths[i] for i in idx] if data.paths else []
-    )
+    paths = [data.paths[i] for i in idx] if data.paths else []
+    return ImageSet(data.images[idx], data.domains[idx], data.labels[idx], paths)
 
 
-def _evaluation_set(data: DataSource, preprocess: dict[str, dict[str, Any]], options: ExportOptions) -> ImageSet:
-    """Benchmark: the unseen split (capped by ``eval_count`` per domain). Plain folder: images that the
-    calibration does not use when there are enough, else a sample of all (noted in the manifest)."""
+def _evaluation_set(
+    data: DataSource, preprocess: dict[str, dict[str, Any]], options: ExportOptions
+) -> tuple[ImageSet, str]:
+    """The images of the retrieval checks and where they come from.
+
+    Benchmark: the unseen split (classes calibration never saw), up to ``eval_count`` images per domain.
+    Plain folder: the images calibration does not use, or, when the folder is too small for that, all of
+    them (the description says so).
+    """
     if data.evaluation is not None:
-        return load_images(data.evaluation, preprocess, options.eval_count, seed=options.seed + 1)
+        images = load_images(data.evaluation, preprocess, options.eval_count, seed=options.seed + 1)
+        return images, f"benchmark {data.root}, unseen split"
     per_domain = max(1, options.calib_count // 2)
     rest: dict[str, list[Any]] = {}
+    held_out = True
     for domain, items in data.calibration.items():
         chosen = {str(it.path) for it in pick(items, per_domain, options.seed, domain)}
-        rest[domain] = [it for it in items if str(it.path) not in chosen] or list(items)
-    return load_images(rest, preprocess, options.eval_count or options.verify_count, seed=options.seed + 1)
+        rest[domain] = [it for it in items if str(it.path) not in chosen]
+        if not rest[domain]:
+            rest[domain] = list(items)
+            held_out = False
+    images = load_images(rest, preprocess, options.eval_count, seed=options.seed + 1)
+    what = "images not used for calibration" if held_out else "all images, including calibration ones (too few)"
+    return images, f"folder {data.root}, {what}"
 
 
 def _build_engines(

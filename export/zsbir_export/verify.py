@@ -147,6 +147,7 @@ def verify_models(
     *,
     evaluation: ImageSet | None = None,
     sample_source: str = "",
+    evaluation_source: str = "",
     batch_size: int = 32,
 ) -> tuple[dict[str, Any], list[CheckResult]]:
     """Run every check of the module doc; return the manifest's ``verification`` dict and the checks.
@@ -188,6 +189,7 @@ def verify_models(
         q = evaluation.domains == DOMAIN_TAGS["sketch"]
         g = evaluation.domains == DOMAIN_TAGS["photo"]
         report["evaluation"] = {
+            "source": evaluation_source,
             "queries": int(q.sum()),
             "gallery": int(g.sum()),
             "labelled": has_labels,

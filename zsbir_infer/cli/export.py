@@ -84,9 +84,10 @@ def _precisions(_ctx: click.Context, _param: click.Parameter, value: str) -> lis
 @click.option("--verify-count", default=32, show_default=True, type=int, help="Verification images per domain.")
 @click.option(
     "--eval-count",
-    default=None,
+    default=400,
+    show_default=True,
     type=int,
-    help="Cap on unseen-split images per domain for the INT8/FP16 retrieval check (default: all).",
+    help="Images per domain (seeded sample) for the INT8/FP16 retrieval check on the unseen split.",
 )
 @click.option(
     "--exporter",
@@ -113,7 +114,7 @@ def command(
     timing_cache: Path | None,
     use_default: bool,
     verify_count: int,
-    eval_count: int | None,
+    eval_count: int,
     exporter: str,
     opset: int,
     overwrite: bool,
@@ -128,7 +129,7 @@ def command(
         checkpoint = default_checkpoint_path()
         if not checkpoint.is_file():
             raise click.ClickException(f"the embedded default checkpoint is missing: {checkpoint}")
-    if eval_count is not None and eval_count < 1:
+    if eval_count < 1:
         raise click.BadParameter("must be positive", param_hint="--eval-count")
 
     try:
