@@ -102,29 +102,40 @@ def _latency_ms(path: Path, shape: tuple[int, int], conditioned: bool, batch: in
 
 def measure(bundle: Path, bench: Path, threads: int, reps: int) -> dict[str, Any]:
     """Evaluate every precision of ``bundle`` on the unseen split of ``bench``."""
-    from zsbir_export.calibration import load_images, open_source
+    from zsbir_export.calibration import ImageSet, load_images, open_source
     from zsbir_export.verify import OnnxEmbedder, embed_all, retrieval_metrics, topk_overlap
 
     manifest = json.loads((bundle / "manifest.json").read_text())
     source = open_source(bench)
     if source.evaluation is None:
         raise SystemExit(f"{bench} is not a benchmark with an unseen split")
-    data = load_images(source.evaluation, manifest["preprocess"], None)
-    q = data.domains == 0
-    g = data.domains == 1
+    precisions = [p for p in PRECISIONS if p in manifest["models"]]
+    embedders = {p: OnnxEmbedder(bundle / manifest["models"][p]["file"]) for p in precisions}
+    # Stream the split in chunks so that memory stays bounded whatever the input size.
+    parts: dict[str, list[np.ndarray]] = {p: [] for p in precisions}
+    domains: list[np.ndarray] = []
+    labels: list[np.ndarray] = []
+    chunk = 256
+    for domain, items in source.evaluation.items():
+        for start in range(0, len(items), chunk):
+            data = load_images({domain: items[start : start + chunk]}, manifest["preprocess"], None)
+            for p in precisions:
+                parts[p].append(embed_all(embedders[p], data, batch_size=64))
+            domains.append(data.domains)
+            labels.append(data.labels)
+    all_domains = np.concatenate(domains)
+    all_labels = np.concatenate(labels)
+    meta = ImageSet(np.zeros((len(all_domains), 0), dtype=np.float32), all_domains, all_labels)
+    q = all_domains == 0
+    g = all_domains == 1
     shape = tuple(manifest["inputs"]["image"]["shape"][2:])
     conditioned = manifest["domain_handling"] == "input"
     rows: list[dict[str, Any]] = []
-    base: np.ndarray | None = None
-    for precision in PRECISIONS:
-        entry = manifest["models"].get(precision)
-        if entry is None:
-            continue
-        path = bundle / entry["file"]
-        emb = embed_all(OnnxEmbedder(path), data, batch_size=64)
-        if base is None:
-            base = emb
-        metrics = retrieval_metrics(emb, data)
+    base = np.concatenate(parts["fp32"])
+    for precision in precisions:
+        path = bundle / manifest["models"][precision]["file"]
+        emb = np.concatenate(parts[precision])
+        metrics = retrieval_metrics(emb, meta)
         row = {
             "precision": precision,
             **{k: float(v) for k, v in metrics.items()},
