@@ -32,6 +32,7 @@ from zsbir_export.onnx_export import ExportError, export_onnx  # noqa: E402
 from zsbir_export.quantize import quantize_int8  # noqa: E402
 from zsbir_export.tensorrt_build import (  # noqa: E402
     INSTALL_HINT,
+    EngineBuildError,
     EngineSpec,
     GpuInfo,
     PlanMismatchError,
@@ -576,6 +577,216 @@ def test_plan_compatibility_check() -> None:
         check_plan_compatible(engine, gpu=GpuInfo("NVIDIA L4", "8.9"), tensorrt_version="10.13.0.35")
     with pytest.raises(PlanMismatchError, match=r"TensorRT 10\.13\.0\.35 \(installed: 10\.14\.1\)"):
         check_plan_compatible(engine, gpu=h100, tensorrt_version="10.14.1")
+
+
+class _FakeTRT:
+    """Just enough of the TensorRT 10 Python API to exercise build_engine without a GPU.
+
+    It records what the builder was asked for; the "plan" it serializes is a JSON description of that.
+    """
+
+    __version__ = "10.13.0.35"
+
+    class Logger:
+        WARNING = 2
+
+        def __init__(self, level: int) -> None:
+            self.level = level
+
+    class NetworkDefinitionCreationFlag:
+        STRONGLY_TYPED = 1
+
+    class BuilderFlag:
+        FP16 = "FP16"
+
+    class MemoryPoolType:
+        WORKSPACE = "WORKSPACE"
+
+    class Dims(list):  # type: ignore[type-arg]
+        pass
+
+    def __init__(self, parse_ok: bool = True, build_ok: bool = True) -> None:
+        self.parse_ok, self.build_ok = parse_ok, build_ok
+        self.calls: dict[str, Any] = {}
+        fake = self
+
+        class Profile:
+            def __init__(self) -> None:
+                self.shapes: dict[str, list[list[int]]] = {}
+
+            def set_shape(self, name: str, lo: list[int], opt: list[int], hi: list[int]) -> None:
+                self.shapes[name] = [list(lo), list(opt), list(hi)]
+
+        class Cache:
+            def __init__(self, data: bytes) -> None:
+                self.data = data
+
+            def serialize(self) -> bytes:
+                return self.data + b"+tuned"
+
+        class Config:
+            def __init__(self) -> None:
+                self.flags: list[str] = []
+                self.builder_optimization_level = 3
+                self.profiles: list[Profile] = []
+                self.cache: Cache | None = None
+
+            def set_memory_pool_limit(self, pool: str, size: int) -> None:
+                fake.calls["workspace"] = size
+
+            def set_flag(self, flag: str) -> None:
+                self.flags.append(flag)
+
+            def add_optimization_profile(self, profile: Profile) -> int:
+                self.profiles.append(profile)
+                return 0
+
+            def create_timing_cache(self, data: bytes) -> Cache:
+                fake.calls["cache_in"] = bytes(data)
+                return Cache(bytes(data))
+
+            def set_timing_cache(self, cache: Cache, ignore_mismatch: bool) -> bool:
+                self.cache = cache
+                return True
+
+            def get_timing_cache(self) -> Cache:
+                assert self.cache is not None
+                return self.cache
+
+        class Parser:
+            num_errors = 1
+
+            def __init__(self, network: Any, logger: Any) -> None:
+                pass
+
+            def parse_from_file(self, path: str) -> bool:
+                fake.calls["parsed"] = Path(path).name
+                return fake.parse_ok
+
+            def get_error(self, i: int) -> str:
+                return "node Foo: unsupported operator"
+
+        class Builder:
+            platform_has_fast_fp16 = True
+
+            def __init__(self, logger: Any) -> None:
+                pass
+
+            def create_network(self, flags: int) -> str:
+                fake.calls["network_flags"] = flags
+                return "network"
+
+            def create_builder_config(self) -> Config:
+                return Config()
+
+            def create_optimization_profile(self) -> Profile:
+                return Profile()
+
+            def build_serialized_network(self, network: Any, config: Config) -> bytes | None:
+                if not fake.build_ok:
+                    return None
+                desc = {
+                    "flags": config.flags,
+                    "level": config.builder_optimization_level,
+                    "shapes": config.profiles[0].shapes,
+                }
+                return json.dumps(desc).encode()
+
+        self.Builder = Builder
+        self.OnnxParser = Parser
+
+
+def test_build_engine_with_fake_tensorrt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    gpu = GpuInfo("NVIDIA H100 80GB HBM3", "9.0")
+    fake = _FakeTRT()
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    onnx_path = tmp_path / "model.int8.onnx"
+    onnx_path.write_bytes(b"onnx")
+    cache = tmp_path / "cache" / "trt.timing"
+    spec = EngineSpec(
+        "int8",
+        onnx_path,
+        tmp_path / "model.int8.h100.plan",
+        (3, 32, 32),
+        True,
+        1,
+        8,
+        64,
+        optimization_level=5,
+        timing_cache=cache,
+    )
+    entry = build_engine(spec, gpu)
+    assert fake.calls["network_flags"] == 1 << 1  # STRONGLY_TYPED
+    plan = json.loads(spec.plan_path.read_bytes())
+    assert plan == {
+        "flags": [],
+        "level": 5,
+        "shapes": {"image": [[1, 3, 32, 32], [8, 3, 32, 32], [64, 3, 32, 32]], "domain": [[1], [8], [64]]},
+    }
+    assert entry == {
+        "precision": "int8",
+        "file": "model.int8.h100.plan",
+        "source": "model.int8.onnx",
+        "gpu": gpu.name,
+        "compute_capability": "9.0",
+        "tensorrt": "10.13.0.35",
+        "min_batch": 1,
+        "opt_batch": 8,
+        "max_batch": 64,
+        "strongly_typed": True,
+        "builder_optimization_level": 5,
+    }
+    assert fake.calls["cache_in"] == b"" and cache.read_bytes() == b"+tuned"
+    # fp16: weakly typed network with the FP16 flag; the saved timing cache is loaded again
+    spec16 = EngineSpec("fp16", onnx_path, tmp_path / "f.plan", (3, 32, 32), False, timing_cache=cache)
+    build_engine(spec16, gpu)
+    assert fake.calls["network_flags"] == 0 and fake.calls["cache_in"] == b"+tuned"
+    assert json.loads(spec16.plan_path.read_bytes())["flags"] == ["FP16"]
+    assert "domain" not in json.loads(spec16.plan_path.read_bytes())["shapes"]
+    # parser and builder failures are reported, not swallowed
+    monkeypatch.setitem(sys.modules, "tensorrt", _FakeTRT(parse_ok=False))
+    with pytest.raises(EngineBuildError, match=r"could not parse model\.int8\.onnx:\n  node Foo: unsupported operator"):
+        build_engine(spec, gpu)
+    monkeypatch.setitem(sys.modules, "tensorrt", _FakeTRT(build_ok=False))
+    with pytest.raises(EngineBuildError, match="failed to build the int8 engine"):
+        build_engine(spec, gpu)
+    with pytest.raises(ValueError, match="1 <= min <= opt <= max"):
+        build_engine(EngineSpec("fp16", onnx_path, tmp_path / "x.plan", (3, 32, 32), False, 1, 64, 8), gpu)
+
+
+def test_bundle_with_fake_tensorrt_engines(tmp_path: Path, bench: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import zsbir_export.tensorrt_build as tb
+
+    monkeypatch.setitem(sys.modules, "tensorrt", _FakeTRT())
+    monkeypatch.setattr(tb, "current_gpu", lambda device=0: GpuInfo("NVIDIA L4", "8.9"))
+    options = ExportOptions(
+        precisions=("fp16", "int8"),
+        calib_dir=bench,
+        calib_count=8,
+        exporter="torchscript",
+        verify_count=4,
+        trt=True,
+        opt_batch=4,
+        max_batch=16,
+        timing_cache=tmp_path / "t.cache",
+        tolerances=Tolerances(int8_min_top10_overlap=0.0, int8_max_map_delta=1.0),
+    )
+    result = export_bundle(tiny(True), config_for(True), tmp_path / "b", options, source=SOURCE)
+    engines = result.manifest["engines"]
+    assert [(e["precision"], e["file"], e["source"]) for e in engines] == [
+        ("fp32", "model.fp32.l4.plan", "model.onnx"),
+        ("fp16", "model.fp16.l4.plan", "model.onnx"),
+        ("int8", "model.int8.l4.plan", "model.int8.onnx"),
+    ]
+    for e in engines:
+        data = (tmp_path / "b" / e["file"]).read_bytes()
+        assert e["bytes"] == len(data) and e["sha256"] == hashlib.sha256(data).hexdigest()
+        assert e["gpu"] == "NVIDIA L4" and e["compute_capability"] == "8.9" and e["opt_batch"] == 4
+    from zsbir_infer.bundle import Bundle
+
+    opened = Bundle.open(tmp_path / "b")
+    opened.verify()
+    assert [e.precision for e in opened.engines] == ["fp32", "fp16", "int8"]
 
 
 @pytest.mark.gpu
