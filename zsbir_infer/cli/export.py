@@ -78,7 +78,7 @@ def _precisions(_ctx: click.Context, _param: click.Parameter, value: str) -> lis
 @click.option("--trt", is_flag=True, help="Also build TensorRT engine plans (needs TensorRT and an NVIDIA GPU).")
 @click.option("--opt-batch", default=32, show_default=True, type=int, help="TensorRT profile: optimal batch.")
 @click.option("--max-batch", default=256, show_default=True, type=int, help="TensorRT profile: largest batch.")
-@click.option("--trt-opt-level", default=3, show_default=True, type=click.IntRange(0, 5), help="Builder level.")
+@click.option("--trt-opt-level", default=3, show_default=True, type=click.IntRange(0, 5), help="TensorRT builder optimization level.")
 @click.option("--timing-cache", type=click.Path(path_type=Path), help="TensorRT timing cache file (reused).")
 @click.option("--default", "use_default", is_flag=True, help="Export the embedded default model.")
 @click.option("--verify-count", default=32, show_default=True, type=int, help="Verification images per domain.")
