@@ -422,6 +422,7 @@ def test_bundle_all_precisions_with_benchmark(tmp_path: Path, bench: Path) -> No
     assert abs(v["fp16"]["delta_map_all"]) <= 0.002
     names = {c["name"] for c in v["checks"]}
     assert {
+        "fp16 |delta mAP@all| vs fp32",
         "fp32 min cosine vs torch",
         "fp16 min cosine vs torch",
         "int8 top-10 overlap with fp32",
@@ -873,6 +874,8 @@ def test_cli_export_writes_bundle(tmp_path: Path, bench: Path, fake_loader: None
         (["--precision", "int8", "--calib", "/no/such/folder"], "calibration folder does not exist"),
         (["--opt-batch", "64", "--max-batch", "8"], "1 <= --opt-batch <= --max-batch"),
         (["--default"], "either CHECKPOINT or --default"),
+        (["--int8-min-overlap", "1.5"], "Invalid value for '--int8-min-overlap'"),
+        (["--int8-fallback", "-1"], "Invalid value for '--int8-fallback'"),
     ],
 )
 def test_cli_export_option_errors(tmp_path: Path, fake_loader: None, args: list[str], message: str) -> None:

@@ -6,8 +6,8 @@ Checks, per exported precision, on images of both domains:
   the embeddings (fp32 must reach cosine >= 0.99999, fp16 >= 0.999);
 * for INT8 (and fp16 when a benchmark is given): retrieval agreement with the fp32 graph, i.e. the mean
   overlap of each sketch query's top-10 photos, and the retrieval metrics (mAP@all, mAP@200, P@100, P@200)
-  on the benchmark's *unseen* split, whose classes calibration never saw. INT8 must keep top-10 overlap
-  >= 0.9 and |delta mAP@all| <= 0.01.
+  on the benchmark's *unseen* split, whose classes calibration never saw. FP16 must keep |delta mAP@all|
+  <= 0.002; INT8 top-10 overlap >= 0.9 and |delta mAP@all| <= 0.01.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ class Tolerances:
 
     fp32_min_cosine: float = 0.99999
     fp16_min_cosine: float = 0.999
+    fp16_max_map_delta: float = 0.002
     int8_min_top10_overlap: float = 0.9
     int8_max_map_delta: float = 0.01
 
@@ -204,6 +205,15 @@ def verify_models(
             if precision != "fp32":
                 fp32 = embeddings["fp32"]
                 entry["top10_overlap"] = topk_overlap(fp32[q], fp32[g], emb[q], emb[g], k=10)
+        if "fp16" in embeddings and base is not None:
+            checks.append(
+                CheckResult(
+                    "fp16 |delta mAP@all| vs fp32",
+                    abs(report["fp16"]["delta_map_all"]),
+                    tolerances.fp16_max_map_delta,
+                    "<=",
+                )
+            )
         if "int8" in embeddings:
             checks.append(
                 CheckResult(

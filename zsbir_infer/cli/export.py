@@ -75,10 +75,30 @@ def _precisions(_ctx: click.Context, _param: click.Parameter, value: str) -> lis
     help="At most this many quantization-sensitive layers are kept in float when INT8 rankings drift on the "
     "calibration images (0: off).",
 )
+@click.option(
+    "--int8-min-overlap",
+    default=0.9,
+    show_default=True,
+    type=click.FloatRange(0, 1),
+    help="Verification: least top-10 overlap of INT8 rankings with fp32.",
+)
+@click.option(
+    "--int8-max-map-drop",
+    default=0.01,
+    show_default=True,
+    type=click.FloatRange(0),
+    help="Verification: largest |delta mAP@all| of INT8 against fp32 on the unseen split.",
+)
 @click.option("--trt", is_flag=True, help="Also build TensorRT engine plans (needs TensorRT and an NVIDIA GPU).")
 @click.option("--opt-batch", default=32, show_default=True, type=int, help="TensorRT profile: optimal batch.")
 @click.option("--max-batch", default=256, show_default=True, type=int, help="TensorRT profile: largest batch.")
-@click.option("--trt-opt-level", default=3, show_default=True, type=click.IntRange(0, 5), help="TensorRT builder optimization level.")
+@click.option(
+    "--trt-opt-level",
+    default=3,
+    show_default=True,
+    type=click.IntRange(0, 5),
+    help="TensorRT builder optimization level.",
+)
 @click.option("--timing-cache", type=click.Path(path_type=Path), help="TensorRT timing cache file (reused).")
 @click.option("--default", "use_default", is_flag=True, help="Export the embedded default model.")
 @click.option("--verify-count", default=32, show_default=True, type=int, help="Verification images per domain.")
@@ -107,6 +127,8 @@ def command(
     calib_count: int,
     calib_method: str,
     int8_fallback: int,
+    int8_min_overlap: float,
+    int8_max_map_drop: float,
     trt: bool,
     opt_batch: int,
     max_batch: int,
@@ -134,6 +156,7 @@ def command(
 
     try:
         from zsbir_export.bundle import BundleError, ExportOptions, VerificationFailed, export_bundle
+        from zsbir_export.verify import Tolerances
     except ImportError as exc:  # pragma: no cover - depends on the installation
         raise click.ClickException(
             f"export needs the train extra (torch, onnx): pip install 'zsbir[train]' ({exc})"
@@ -145,6 +168,7 @@ def command(
         calib_count=calib_count,
         calib_method=calib_method,  # type: ignore[arg-type]
         int8_fallback=int8_fallback,
+        tolerances=Tolerances(int8_min_top10_overlap=int8_min_overlap, int8_max_map_delta=int8_max_map_drop),
         verify_count=verify_count,
         eval_count=eval_count,
         trt=trt,
