@@ -210,3 +210,16 @@ def test_demo_quick(tmp_path: Path, default_model: Path) -> None:
 
     unseen = {c.name for c in make_classes(SynthConfig())[1]}
     assert set(doc["classes"]) <= unseen
+
+
+def test_query_path_imports_no_torch_and_nothing_heavy_eagerly() -> None:
+    code = (
+        "import sys\n"
+        "import zsbir_infer.cli.query, zsbir_infer.cli.index, zsbir_infer.cli.info, zsbir_infer.cli.demo\n"
+        "import zsbir_infer.retriever, zsbir_infer.indexer, zsbir_infer.report\n"
+        "from zsbir_infer import Retriever\n"
+        "bad = [m for m in ('torch', 'onnxruntime', 'usearch', 'cuda', 'onnx') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
