@@ -234,3 +234,26 @@ def test_near_ties_within_fast_kernel_error_are_ranked_exactly(storage: str, thr
     assert np.lexsort((np.arange(data.shape[0]), -fast))[:k].tolist() != ref_ids[0].tolist()
     np.testing.assert_array_equal(ids, ref_ids)
     np.testing.assert_allclose(scores, ref_s, rtol=0, atol=2e-7)
+
+
+def test_without_numkong_the_blas_fallback_gives_the_same_answers(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(21)
+    x = _unit(rng, 5_000, 32)
+    x16 = x.astype(np.float16)
+    scale = (np.abs(x).max(axis=1) / 127).astype(np.float32)
+    x8 = np.clip(np.rint(x / scale[:, None]), -127, 127).astype(np.int8)
+    q = _unit(rng, 6, 32)
+    with_nk = (
+        search_blocks(_blocks(x16, [5_000]), F16Scorer(q), 10),
+        search_blocks(_blocks(x8, [5_000], scale=scale), Int8Scorer(q), 10),
+    )
+    monkeypatch.setattr(S, "_numkong_available", lambda: False)
+    f16, i8 = F16Scorer(q), Int8Scorer(q)
+    assert f16._packed is None and i8._packed is None
+    without = (
+        search_blocks(_blocks(x16, [5_000]), f16, 10),
+        search_blocks(_blocks(x8, [5_000], scale=scale), i8, 10),
+    )
+    for (s1, i1), (s2, i2) in zip(with_nk, without, strict=True):
+        np.testing.assert_array_equal(i1, i2)
+        np.testing.assert_array_equal(s1, s2)

@@ -228,7 +228,7 @@ class F16Scorer:
             hi = q.astype(np.float16)
             self._packed = nk.dots_pack(np.ascontiguousarray(hi), dtype="f16")
             self._err = np.linalg.norm(self.q64 - hi.astype(np.float64), axis=1) + 1e-4 * qnorm
-        else:  # pragma: no cover
+        else:
             self._err = 1e-4 * qnorm
         self._qt = np.ascontiguousarray(q.T)
 
@@ -274,7 +274,7 @@ class Int8Scorer:
             self._packed = nk.dots_pack(np.ascontiguousarray(qi8), dtype="int8")
             deq = qi8.astype(np.float64) * self._qscale[:, None].astype(np.float64)
             self._err = np.linalg.norm(self.q64 - deq, axis=1) + 1e-5 * qnorm
-        else:  # pragma: no cover
+        else:
             self._err = 1e-4 * qnorm
 
     def score(self, block: Block, start: int, stop: int) -> np.ndarray:
@@ -287,7 +287,7 @@ class Int8Scorer:
 
             s = np.asarray(nk.dots_packed(rows, self._packed)).astype(np.float32)
             s *= self._qscale[None, :]
-        else:  # pragma: no cover
+        else:
             s = rows.astype(np.float32) @ self._qt
         s *= block.scale[start:stop, None]
         return s
