@@ -592,3 +592,12 @@ def test_warm_query_on_100k_gallery_is_fast(tmp_path: Path) -> None:
         times.append(time.perf_counter() - t)
     assert float(np.median(times)) < 0.05, times
     g.close()
+
+
+def test_zero_queries(tmp_path: Path) -> None:
+    rng = np.random.default_rng(18)
+    g = Gallery.create(tmp_path / "g", FP, 8)
+    g.add(_records(["a"]), _unit(rng, 1, 8))
+    for exact in (True, False):
+        assert g.search(np.zeros((0, 8), np.float32), k=3, exact=exact) == []
+    g.close()

@@ -385,6 +385,8 @@ def search_blocks(
     """
     if k < 1:
         raise ValueError(f"k must be >= 1; got {k}")
+    if scorer.n_queries == 0:
+        return np.empty((0, k), dtype=np.float32), np.empty((0, k), dtype=np.int64)
     total = sum(b.rows for b in blocks)
     nthreads = default_threads() if threads is None else max(1, int(threads))
     nthreads = min(nthreads, max(1, total // MIN_ROWS_PER_THREAD))

@@ -781,7 +781,8 @@ class Gallery:
         """Record that a file was not indexed and why (unreadable, not an image, ...).
 
         A skipped file has no vector (an earlier vector of the same path becomes a tombstone); :meth:`plan`
-        reports it as unchanged until its size or mtime change.
+        reports it as unchanged until its size or mtime change. Pass a :class:`FileStat` for that: a bare
+        path records no size/mtime, so the file is planned as changed (retried) on every run.
         """
         if not isinstance(reason, str) or not reason:
             raise GalleryError("a skip needs a non-empty reason")
