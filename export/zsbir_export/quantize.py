@@ -11,7 +11,9 @@ heavy ops (Conv, Gemm, MatMul) with
   with fp32 was 0.79 with entropy, 0.90 with percentile and 0.88 with min-max, and entropy is 10x slower;
 * biases left in float (TensorRT fuses them; it has no int32 bias dequantization);
 * the domain path (nodes fed by the ``domain`` input before any heavy op, and the heavy ops that read it
-  directly) and the L2-normalization tail left in float.
+  directly) and the L2-normalization tail left in float;
+* optionally (``max_float_layers``), the few layers most sensitive to quantization left in float when the
+  int8 rankings drift from fp32 on the calibration images (see :func:`quantize_int8`).
 
 That is the form TensorRT 10 builds as a strongly typed network: every int8 tensor is explicit in the graph.
 """
