@@ -601,3 +601,49 @@ def test_zero_queries(tmp_path: Path) -> None:
     for exact in (True, False):
         assert g.search(np.zeros((0, 8), np.float32), k=3, exact=exact) == []
     g.close()
+
+
+_ADDER_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import numpy as np
+    from zsbir_infer.gallery import FileRecord, Gallery
+
+    path, tag = sys.argv[1], sys.argv[2]
+    x = np.load(sys.argv[3])
+    g = Gallery.open(path)
+    for b in range(6):
+        ids = range(b * 25, (b + 1) * 25)
+        g.add([FileRecord(f"{tag}/{i}.jpg", 1, i) for i in ids], x[list(ids)])
+    g.close()
+    """
+)
+
+
+def test_two_processes_adding_concurrently(tmp_path: Path) -> None:
+    rng = np.random.default_rng(19)
+    x = _unit(rng, 150, 8)
+    np.save(tmp_path / "x.npy", x)
+    Gallery.create(tmp_path / "g", FP, 8, segment_rows=64).close()
+    script = tmp_path / "adder.py"
+    script.write_text(_ADDER_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(tmp_path / "g"), tag, str(tmp_path / "x.npy")],
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for tag in ("A", "B")
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+    with Gallery.open(tmp_path / "g") as g:
+        indexed = dict(g.indexed())
+        assert len(indexed) == 300 and sorted(indexed.values()) == list(range(300))
+        stored = g.vectors(np.arange(300))
+        for rel, row in indexed.items():
+            i = int(rel.split("/")[1][:-4])
+            np.testing.assert_array_equal(stored[row], x[i].astype(np.float16).astype(np.float32))

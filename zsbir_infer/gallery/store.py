@@ -207,8 +207,11 @@ class _WriterLock:
             yield False
             return
         try:
-            import fcntl
-
+            try:
+                import fcntl
+            except ImportError:  # pragma: no cover - not POSIX: only the in-process lock applies
+                yield True
+                return
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 try:
