@@ -81,7 +81,18 @@ def main() -> None:
     shutil.rmtree(gal, ignore_errors=True)
     index_folder(photos_dir, gal, enc, batch_size=args.batch_size, workers=args.workers, build_ann_from=0)
 
-    model_rates, pipe_rates, ratios, embed_phase, decode_rates = [], [], [], [], []
+    # Time spent inside the model during the pipeline (the rest is waiting for decoding, committing, ...).
+    busy = [0.0]
+    real_embed = enc.embed_arrays
+
+    def timed_embed(batch: Any, domain: str) -> Any:
+        t = time.perf_counter()
+        try:
+            return real_embed(batch, domain)
+        finally:
+            busy[0] += time.perf_counter() - t
+
+    model_rates, pipe_rates, ratios, embed_phase, decode_rates, busy_fracs = [], [], [], [], [], []
     for rep in range(args.repeats):
         # The decoding bound: the pipeline's thread pool reading and decoding every file, no model.
         t0 = time.perf_counter()
@@ -93,7 +104,11 @@ def main() -> None:
             enc.embed_arrays(arrays[s : s + args.batch_size], "photo")
         m = len(arrays) / (time.perf_counter() - t0)
         shutil.rmtree(gal, ignore_errors=True)
+        busy[0] = 0.0
+        enc.embed_arrays = timed_embed  # type: ignore[method-assign]
         report = index_folder(photos_dir, gal, enc, batch_size=args.batch_size, workers=args.workers, build_ann_from=0)
+        enc.embed_arrays = real_embed  # type: ignore[method-assign]
+        busy_fracs.append(busy[0] / report.seconds)
         assert report.indexed == len(files), report.to_dict()
         p = len(files) / report.seconds
         model_rates.append(m)
@@ -102,7 +117,7 @@ def main() -> None:
         embed_phase.append(report.files_per_s)
         print(
             f"repeat {rep + 1}: model only {m:.1f} img/s, decode only {decode_rates[-1]:.1f} img/s, "
-            f"pipeline {p:.1f} files/s, ratio {p / m:.3f}",
+            f"pipeline {p:.1f} files/s, ratio {p / m:.3f}, model busy {busy_fracs[-1]:.1%} of the pipeline",
             flush=True,
         )
     describe = enc.describe()
@@ -129,6 +144,8 @@ def main() -> None:
         "pipeline_embed_phase_files_per_s": [round(x, 2) for x in embed_phase],
         "ratios": [round(x, 4) for x in ratios],
         "decode_only_img_per_s": [round(x, 2) for x in decode_rates],
+        "pipeline_model_busy_fraction": [round(x, 4) for x in busy_fracs],
+        "median_pipeline_model_busy_fraction": round(statistics.median(busy_fracs), 4),
         "median_decode_only_img_per_s": round(statistics.median(decode_rates), 2),
         "median_model_only_img_per_s": round(statistics.median(model_rates), 2),
         "median_pipeline_files_per_s": round(statistics.median(pipe_rates), 2),

@@ -87,25 +87,28 @@ def render_md(doc: dict[str, Any]) -> str:
             f"{idx['workers']} decoding threads",
             f"- command: `{idx['command']}`",
             "",
-            "| repeat | model only (img/s) | decode only (img/s) | full pipeline (files/s) | ratio |",
-            "|---:|---:|---:|---:|---:|",
+            "| repeat | model only (img/s) | decode only (img/s) | full pipeline (files/s) | ratio | model busy |",
+            "|---:|---:|---:|---:|---:|---:|",
         ]
         rows = zip(
             idx["model_only_img_per_s"],
             idx.get("decode_only_img_per_s", [float("nan")] * len(idx["ratios"])),
             idx["pipeline_files_per_s"],
             idx["ratios"],
+            idx.get("pipeline_model_busy_fraction", [float("nan")] * len(idx["ratios"])),
             strict=True,
         )
-        for i, (a, d, b, r) in enumerate(rows, start=1):
-            lines.append(f"| {i} | {a:.1f} | {d:.1f} | {b:.1f} | {r:.3f} |")
+        for i, (a, d, b, r, f) in enumerate(rows, start=1):
+            lines.append(f"| {i} | {a:.1f} | {d:.1f} | {b:.1f} | {r:.3f} | {f:.1%} |")
         verdict = "meets" if idx["median_ratio"] >= idx["target_ratio"] else "MISSES"
         lines += [
             "",
             f"**Median ratio {idx['median_ratio']:.3f}** ({verdict} the >= {idx['target_ratio']:.2f} target); "
             f"median model-only {idx['median_model_only_img_per_s']:.1f} img/s, "
             f"median pipeline {idx['median_pipeline_files_per_s']:.1f} files/s (end to end: walk, plan, read, "
-            "SHA-256, decode, embed, fsynced commits).",
+            "SHA-256, decode, embed, fsynced commits). *Model busy*: share of the pipeline's wall time spent "
+            f"inside the model (median {idx.get('median_pipeline_model_busy_fraction', float('nan')):.1%}); "
+            "the rest is waiting for decoding, commits and set-up.",
             "",
         ]
     q = doc.get("query")
@@ -136,5 +139,10 @@ def render_md(doc: dict[str, Any]) -> str:
             ]
             for mod, ms in imp["top"]:
                 lines.append(f"| `{mod}` | {ms:.1f} |")
+        lines.append("")
+    notes = doc.get("notes")
+    if notes:
+        lines += ["## Notes", ""]
+        lines += [f"- {n}" for n in notes]
         lines.append("")
     return "\n".join(lines) + "\n"

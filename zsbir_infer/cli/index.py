@@ -65,6 +65,7 @@ def command(
     """
     from tqdm import tqdm
 
+    from zsbir_infer.encoder import EncoderError
     from zsbir_infer.gallery import GalleryError
     from zsbir_infer.indexer import (
         DEFAULT_COMMIT_FILES,
@@ -106,7 +107,7 @@ def command(
         bar.close()
         click.echo(f"\ninterrupted: committed batches are kept in {gdir}; rerun the same command to continue", err=True)
         sys.exit(130)
-    except (IndexingError, GalleryError) as exc:
+    except (IndexingError, GalleryError, EncoderError) as exc:
         bar.close()
         hint = ""
         if recorded and model_arg is None:
