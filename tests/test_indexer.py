@@ -244,4 +244,4 @@ def test_report_to_dict_is_json(tmp_path: Path, enc: Encoder) -> None:
     d = index_folder(tmp_path / "a", tmp_path / "g", enc).to_dict()
     json.dumps(d)
     assert d["skip_counts"] == {"not-an-image": 1} and d["skipped"][0]["path"] == "x.txt"
-    assert d["indexed"] == 2 and d["total_indexed"] == 2 and d["files_per_s"] > 0
+    assert d["indexed"] == 2 and d["read"] == 2 and d["total_indexed"] == 2 and d["files_per_s"] > 0

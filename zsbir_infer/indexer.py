@@ -317,7 +317,8 @@ def _prepare(entry: WalkEntry, spec: PreprocessSpec, out: np.ndarray) -> tuple[b
 class IndexReport:
     """What one indexing run did (``zsbir index --json`` prints :meth:`to_dict`).
 
-    ``indexed`` counts files embedded by this run (``new`` + ``changed`` minus those that failed);
+    ``read`` counts the image files this run read (new or changed, not skipped by name, type or size);
+    ``indexed`` counts files embedded by this run (``read`` minus those that failed to decode);
     ``skipped`` lists ``(relpath, reason)`` of the files skipped by this run (reasons start with a code
     such as ``not-an-image:``); ``total_indexed`` / ``total_skipped`` are the gallery's counts afterwards.
     """
@@ -330,6 +331,7 @@ class IndexReport:
     listed: int = 0
     new: int = 0
     changed: int = 0
+    read: int = 0
     indexed: int = 0
     unchanged: int = 0
     deleted: int = 0
@@ -342,11 +344,8 @@ class IndexReport:
 
     @property
     def files_per_s(self) -> float:
-        """Files read and embedded per second over the decode + embed phase."""
-        return (self.indexed + self._failed()) / self.embed_seconds if self.embed_seconds > 0 else 0.0
-
-    def _failed(self) -> int:
-        return max(0, self.new + self.changed - self.indexed)
+        """Image files read (and embedded, unless broken) per second over the decode + embed phase."""
+        return self.read / self.embed_seconds if self.embed_seconds > 0 else 0.0
 
     def skip_counts(self) -> dict[str, int]:
         """Number of skipped files of this run per skip code."""
@@ -605,6 +604,7 @@ def _run(
     report.skipped.extend((e.relpath, str(e.skip)) for e in pre_skipped)
     if progress is not None and pre_skipped:
         progress(len(pre_skipped))
+    report.read = len(candidates)
     committer = _Committer(g, report, commit_files, commit_seconds)
     t_embed = time.perf_counter()
     try:
