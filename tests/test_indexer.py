@@ -245,3 +245,24 @@ def test_report_to_dict_is_json(tmp_path: Path, enc: Encoder) -> None:
     json.dumps(d)
     assert d["skip_counts"] == {"not-an-image": 1} and d["skipped"][0]["path"] == "x.txt"
     assert d["indexed"] == 2 and d["read"] == 2 and d["total_indexed"] == 2 and d["files_per_s"] > 0
+
+
+def test_gallery_creation_killed_before_its_manifest(tmp_path: Path, enc: Encoder) -> None:
+    """Gallery.create writes the manifest last; a run killed before that must not block the rerun."""
+    write_photos(tmp_path / "a", 3)
+    g = tmp_path / "g"
+    (g / "segments").mkdir(parents=True)
+    (g / "meta.sqlite").write_bytes(b"")
+    (g / "manifest.json.tmp").write_text("{")
+    report = index_folder(tmp_path / "a", g, enc)
+    assert report.indexed == 3 and len(gallery_state(g)) == 3
+    # A folder with anything else in it is never cleared.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "meta.sqlite").write_bytes(b"")
+    (other / "precious.txt").write_text("keep me")
+    from zsbir_infer.gallery import GalleryError
+
+    with pytest.raises(GalleryError, match="not an empty directory"):
+        index_folder(tmp_path / "a", other, enc)
+    assert (other / "precious.txt").read_text() == "keep me"

@@ -412,6 +412,42 @@ def _run_lock(gallery_dir: Path) -> Iterator[None]:
         os.close(fd)
 
 
+#: What ``Gallery.create`` writes before its manifest (the manifest comes last): a folder holding only these
+#: is a gallery whose creation was interrupted, and is cleared before creating it again.
+_CREATE_LEFTOVERS = frozenset(
+    {
+        "segments",
+        "meta.sqlite",
+        "meta.sqlite-wal",
+        "meta.sqlite-shm",
+        "meta.sqlite-journal",
+        "manifest.json.tmp",
+        ".lock",
+        "itq.npz",
+    }
+)
+
+
+def _clear_half_created(gallery_dir: Path) -> None:
+    """Remove the leftovers of a ``Gallery.create`` killed before it wrote the manifest (nothing else)."""
+    import shutil
+
+    if not gallery_dir.is_dir() or (gallery_dir / "manifest.json").exists():
+        return
+    names = {p.name for p in gallery_dir.iterdir()}
+    if not names or not names <= _CREATE_LEFTOVERS:
+        return
+    seg = gallery_dir / "segments"
+    if seg.is_dir() and any(seg.iterdir()):
+        return  # segments hold data: not a bare creation, leave it to the user
+    for name in names:
+        p = gallery_dir / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+
+
 def open_or_create_gallery(
     gallery_dir: Path, root: Path, encoder: Encoder, *, storage: str = "float16", model: str | None = None
 ) -> Gallery:
@@ -434,6 +470,7 @@ def open_or_create_gallery(
                 f"gallery (-o DIR), or delete {gallery_dir} to start over"
             )
     else:
+        _clear_half_created(gallery_dir)
         g = Gallery.create(gallery_dir, fingerprint=encoder.fingerprint, dim=encoder.embedding_dim, storage=storage)
     info = read_indexer_info(gallery_dir)
     if info.get("root") != str(root) or "model" not in info:
