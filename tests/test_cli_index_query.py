@@ -223,3 +223,34 @@ def test_query_path_imports_no_torch_and_nothing_heavy_eagerly() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+
+
+def test_query_on_an_empty_gallery(tmp_path: Path, default_model: Path) -> None:
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "a.txt").write_text("x")
+    write_sketch(tmp_path / "s.png")
+    assert run("index", tmp_path / "p", "-o", tmp_path / "g", "-q").exit_code == 0
+    r = run("query", tmp_path / "s.png", "--gallery", tmp_path / "g", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["queries"][0]["results"] == []
+
+
+def test_report_page_details(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from zsbir_infer.report import QueryResult, render_html, thumbnail_data_uri
+
+    big = tmp_path / "big.png"
+    Image.fromarray(np.zeros((300, 600, 3), dtype=np.uint8)).save(big)
+    uri = thumbnail_data_uri(big, size=100)
+    assert uri is not None
+    thumb = Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])))
+    assert thumb.size == (100, 50) and thumb.format == "JPEG"  # longest side, aspect kept
+    assert thumbnail_data_uri(tmp_path / "gone.jpg") is None
+    hits = [
+        SimpleNamespace(path=str(big), relpath="big.png", score=0.5, relevant=True),
+        SimpleNamespace(path=str(tmp_path / "gone.jpg"), relpath="gone.jpg", score=0.25, relevant=False),
+    ]
+    page = render_html([QueryResult("<script>x</script>", big, hits)], title="t & t")
+    assert page.count('class="missing"') == 1 and page.count("data:image/jpeg;base64,") == 2
+    assert "<script>" not in page and "&lt;script&gt;" in page and "t &amp; t" in page
+    assert 'class="ok"' in page and 'class="bad"' in page and "0.500" in page and "0.250" in page
