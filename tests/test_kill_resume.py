@@ -69,6 +69,19 @@ def _committed(gallery: Path) -> int:
         return 0
 
 
+def _generation(gallery: Path) -> int:
+    """The gallery's commit counter (every add, skip and delete transaction increments it)."""
+    db = gallery / "meta.sqlite"
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+        try:
+            return int(con.execute("SELECT value FROM state WHERE key = 'generation'").fetchone()[0])
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return 0
+
+
 def _state(gallery: Path) -> tuple[dict[str, np.ndarray], int, int]:
     with Gallery.open(gallery) as g:
         rows = g.indexed()
@@ -123,3 +136,56 @@ def test_sigkill_at_random_points_then_resume(tmp_path: Path) -> None:
     again = subprocess.run(_cmd(root, gal, bundle), env=_env(), capture_output=True, text=True)
     assert '"indexed": 0' in again.stdout and f'"unchanged": {N_PHOTOS + 1}' in again.stdout
     assert _state(gal)[2] == rows
+
+
+def test_sigkill_during_an_incremental_run(tmp_path: Path) -> None:
+    """Deletions, changes, additions and skips of an update run, killed at random moments, then resumed."""
+    bundle = make_bundle(tmp_path / "bundle")[0]
+    root = tmp_path / "photos"
+    rels = sorted(write_photos(root, 120, size=(96, 128), sub="a"))
+    gal = tmp_path / "killed"
+    first = subprocess.run(_cmd(root, gal, bundle), env=_env(), capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
+
+    rng = random.Random(99)
+    for rel in rels[:30]:
+        (root / rel).unlink()
+    donor = write_photos(tmp_path / "donor", 20, size=(96, 128), seed=5)
+    for rel, d in zip(rels[30:50], donor, strict=True):
+        (root / rel).write_bytes((tmp_path / "donor" / d).read_bytes())
+        st = (root / rel).stat()
+        os.utime(root / rel, ns=(st.st_atime_ns, st.st_mtime_ns + 7_000_000_000))
+    write_photos(root, 150, size=(96, 128), seed=6, sub="b")
+    for i in range(5):
+        (root / "b" / f"note{i}.txt").write_text("x")
+
+    clean = subprocess.run(_cmd(root, tmp_path / "clean", bundle), env=_env(), capture_output=True, text=True)
+    assert clean.returncode == 0, clean.stderr
+    ref, ref_skipped, _ = _state(tmp_path / "clean")
+
+    killed_running = 0
+    for _ in range(4):
+        # Kill after a random number of commits (deletions, skips, batches) of this run.
+        target = _generation(gal) + rng.randint(1, 12)
+        proc = subprocess.Popen(
+            _cmd(root, gal, bundle), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and _generation(gal) < target and time.monotonic() < deadline:
+            time.sleep(0.002)
+        time.sleep(rng.uniform(0.0, 0.004))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            killed_running += 1
+        proc.wait()
+        got, _, _ = _state(gal)  # opens after every kill
+        assert set(got) <= set(ref) | set(rels)
+    assert killed_running >= 3
+
+    final = subprocess.run(_cmd(root, gal, bundle), env=_env(), capture_output=True, text=True)
+    assert final.returncode == 0, final.stderr
+    got, skipped, _ = _state(gal)
+    assert set(got) == set(ref) and skipped == ref_skipped == 5
+    assert not set(got) & set(rels[:30])
+    for rel in ref:
+        np.testing.assert_allclose(got[rel], ref[rel], atol=1e-3)  # changed files carry their new vectors
