@@ -195,7 +195,7 @@ def test_index_of_another_root_into_the_same_gallery(tmp_path: Path, default_mod
         assert len(g) == 2
 
 
-def test_demo_quick(tmp_path: Path, default_model: Path) -> None:
+def test_demo_quick(tmp_path: Path, default_model: Path, bundles: Any) -> None:
     r = run("demo", "--quick", "--out", tmp_path / "d", "--json")
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
@@ -210,6 +210,10 @@ def test_demo_quick(tmp_path: Path, default_model: Path) -> None:
 
     unseen = {c.name for c in make_classes(SynthConfig())[1]}
     assert set(doc["classes"]) <= unseen
+    # A rerun with another model rebuilds the demo's gallery instead of failing.
+    r2 = run("demo", "--quick", "--out", tmp_path / "d", "--json", "--model", bundles[1])
+    assert r2.exit_code == 0, r2.output
+    assert "rebuilding" in r2.stderr and json.loads(r2.stdout)["photos"] == 6 * 12
 
 
 def test_query_path_imports_no_torch_and_nothing_heavy_eagerly() -> None:

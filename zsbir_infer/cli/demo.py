@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -99,8 +100,8 @@ def command(out: Path, quick: bool, model: Path | None, precision: str, backend:
     import numpy as np
 
     from zsbir_infer.cli.embed import open_encoder
-    from zsbir_infer.gallery import Gallery
-    from zsbir_infer.indexer import index_folder
+    from zsbir_infer.gallery import Gallery, ModelMismatchError
+    from zsbir_infer.indexer import IndexingError, index_folder
     from zsbir_infer.metrics import evaluate
     from zsbir_infer.report import QueryResult, write_html
     from zsbir_infer.retriever import Retriever
@@ -116,7 +117,14 @@ def command(out: Path, quick: bool, model: Path | None, precision: str, backend:
         say(f"      {written} images written, {kept} already there")
 
         say(f"[2/5] indexing {out / 'photos'} with model {enc.fingerprint} ({enc.describe()})")
-        report = index_folder(out / "photos", out / "gallery", enc, model=str(model.resolve()) if model else None)
+        model_name = str(model.resolve()) if model else None
+        try:
+            report = index_folder(out / "photos", out / "gallery", enc, model=model_name)
+        except (ModelMismatchError, IndexingError) as exc:
+            # The demo's own gallery from an earlier run with another model (or folder): rebuild it.
+            say(f"      rebuilding {out / 'gallery'}: {str(exc).split(';')[0]}")
+            shutil.rmtree(out / "gallery")
+            report = index_folder(out / "photos", out / "gallery", enc, model=model_name)
         say(
             f"      {report.indexed} indexed, {report.unchanged} unchanged, {len(report.skipped)} skipped "
             f"({report.files_per_s:.0f} files/s)"
