@@ -189,3 +189,27 @@ def test_sigkill_during_an_incremental_run(tmp_path: Path) -> None:
     assert not set(got) & set(rels[:30])
     for rel in ref:
         np.testing.assert_allclose(got[rel], ref[rel], atol=1e-3)  # changed files carry their new vectors
+
+
+def test_ctrl_c_stops_cleanly_and_the_rerun_completes(tmp_path: Path) -> None:
+    bundle = make_bundle(tmp_path / "bundle")[0]
+    root = tmp_path / "photos"
+    rels = set(write_photos(root, 200, size=(96, 128)))
+    gal = tmp_path / "g"
+    proc = subprocess.Popen(
+        _cmd(root, gal, bundle), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and _committed(gal) < 20 and time.monotonic() < deadline:
+        time.sleep(0.002)
+    if proc.poll() is not None:
+        pytest.skip("the run finished before it could be interrupted")
+    proc.send_signal(signal.SIGINT)
+    _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "rerun" in err and "Traceback" not in err
+    got, _, _ = _state(gal)
+    assert 0 < len(got) < len(rels)
+    final = subprocess.run(_cmd(root, gal, bundle), env=_env(), capture_output=True, text=True)
+    assert final.returncode == 0, final.stderr
+    assert set(_state(gal)[0]) == rels
