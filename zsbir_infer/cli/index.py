@@ -61,7 +61,8 @@ def command(
     """Index the photos below FOLDER into a gallery; a rerun only embeds new or changed files.
 
     Files that cannot be used (not an image, empty, truncated, too large, unreadable, odd names, symbolic
-    link loops) are skipped with a reason. Interrupting is safe: rerun to continue.
+    link loops) are skipped with a reason. Interrupting is safe: rerun to continue. Without --model, an
+    existing gallery is updated with the model it was built with (a new one uses the embedded default).
     """
     from tqdm import tqdm
 

@@ -40,7 +40,13 @@ def _shown(path: str) -> str:
 )
 @click.option("-k", "k", type=click.IntRange(1, 10000), default=10, show_default=True, help="Results per sketch.")
 @click.option("--exact", is_flag=True, help="Exhaustive search even for galleries large enough for the ANN index.")
-@click.option("--domain", type=click.Choice(["sketch", "photo"]), default="sketch", show_default=True)
+@click.option(
+    "--domain",
+    type=click.Choice(["sketch", "photo"]),
+    default="sketch",
+    show_default=True,
+    help="What the query images are (photo: find similar photos).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option(
     "--html",
