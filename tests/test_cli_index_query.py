@@ -258,3 +258,15 @@ def test_report_page_details(tmp_path: Path) -> None:
     assert page.count('class="missing"') == 1 and page.count("data:image/jpeg;base64,") == 2
     assert "<script>" not in page and "&lt;script&gt;" in page and "t &amp; t" in page
     assert 'class="ok"' in page and 'class="bad"' in page and "0.500" in page and "0.250" in page
+
+
+def test_demo_quick_with_the_embedded_default_model(tmp_path: Path) -> None:
+    if not (bundle_mod.default_bundle_path() / "manifest.json").is_file():
+        pytest.skip("the embedded default model (zsbir_infer/assets/default) is not built yet")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ZSBIR_NUM_THREADS": "1"}
+    zsbir = [sys.executable, "-c", "from zsbir_infer.cli import main; main()"]
+    out = subprocess.run([*zsbir, "demo", "--quick", "--json"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    assert Path(doc["html"]).is_file() and doc["html"].startswith(str(tmp_path.resolve()))
+    assert 0.0 <= doc["metrics"]["map_all"] <= 1.0
