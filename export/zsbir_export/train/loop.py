@@ -82,7 +82,7 @@ class TrainConfig:
     per_class: int = 2
     lr: float = 1e-3
     lr_final: float = 0.01  # the LR decays exponentially to lr * lr_final over the run (DSN uses 0.001)
-    weight_decay: float = 5e-4
+    weight_decay: float = 5e-4  # decoupled (AdamW); L2 inside Adam stalls small from-scratch nets
     seed: int = 0
     device: str = "auto"
     amp: bool = True
@@ -94,6 +94,7 @@ class TrainConfig:
     workers: int = 1  # data-loading processes (0: render batches in the training process)
     progress: bool = True
     itq_bits: int = 64
+    cosine_scale: float = 16.0  # cosine-softmax heads (0: plain linear heads, as the official code)
     tursun: L.TursunWeights = field(default_factory=L.TursunWeights)
     dsn: L.DsnWeights = field(default_factory=L.DsnWeights)
     command: str | None = None
@@ -170,6 +171,35 @@ class ProjectionHead(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Projected, L2-normalized features."""
         return F.normalize(self.net(x), dim=1)
+
+
+def _head_linears(model: nn.Module) -> tuple[nn.Linear, nn.Linear]:
+    """(training-class classifier, teacher/ImageNet head) of an EmbeddingNet or CSEResNetModel."""
+    if hasattr(model, "classifier"):  # EmbeddingNet
+        cls_head, teacher_head = model.classifier, model.imagenet_fc
+    else:  # CSEResNetModel
+        cls_head, teacher_head = model.linear, model.original_model.last_linear  # type: ignore[union-attr]
+    if not isinstance(cls_head, nn.Linear) or not isinstance(teacher_head, nn.Linear):
+        raise ValueError("the model needs a training-class classifier and an imagenet (teacher) head")
+    return cls_head, teacher_head
+
+
+def head_logits(model: nn.Module, embedding: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """Logits of both heads from the raw embedding.
+
+    ``scale > 0``: cosine logits ``scale * <normalize(e), normalize(w_k)>`` (NormFace; the bias is not
+    used), which keeps the class structure angular, matching the cosine ranking used at retrieval
+    time. ``scale == 0``: the heads' plain linear outputs (the official DSN/SAKE choice).
+    """
+    cls_head, teacher_head = _head_linears(model)
+    e = embedding.float()
+    if scale <= 0:
+        return cls_head(e), teacher_head(e)
+    en = F.normalize(e, dim=1)
+    return (
+        scale * en @ F.normalize(cls_head.weight.float(), dim=1).t(),
+        scale * en @ F.normalize(teacher_head.weight.float(), dim=1).t(),
+    )
 
 
 def _load_pretrained(path: str) -> tuple[nn.Module, dict[str, Any]]:
@@ -351,7 +381,7 @@ class _Run:
             self.kp_targets = self._prepare_kp_targets()
 
         params = list(self.model.parameters()) + (list(self.proj.parameters()) if self.proj is not None else [])
-        self.optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         decay = cfg.lr_final ** (1.0 / max(1, cfg.epochs))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda e: decay**e)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
@@ -377,7 +407,13 @@ class _Run:
     @torch.no_grad()
     def _prepare_kp_targets(self) -> Tensor:
         logits = _embed_samples(
-            self.model, self.seen.photos, 1, self.spec, self.device, self.cache, head=lambda o: o.imagenet_logits
+            self.model,
+            self.seen.photos,
+            1,
+            self.spec,
+            self.device,
+            self.cache,
+            head=lambda o: head_logits(self.model, o.embedding, self.cfg.cosine_scale)[1],
         )
         labels = torch.tensor([s.label for s in self.seen.photos])
         targets = L.class_mean_soft_targets(
@@ -398,33 +434,33 @@ class _Run:
         with torch.autocast(device_type=dev.type, dtype=torch.float16, enabled=self.amp):
             if cfg.method == "none":
                 out = self.model(x, tag)
-                parts["ce"] = L.semantic_classification_loss(out.logits.float(), y)
-                parts["ce_teacher_head"] = L.semantic_classification_loss(out.imagenet_logits.float(), y)
+                logits, t_head = head_logits(self.model, out.embedding, cfg.cosine_scale)
+                parts["ce"] = L.semantic_classification_loss(logits, y)
+                parts["ce_teacher_head"] = L.semantic_classification_loss(t_head, y)
             elif cfg.method == "tursun":
                 out = self.model(x, tag)
+                logits, t_head = head_logits(self.model, out.embedding, cfg.cosine_scale)
                 w = cfg.tursun
-                parts["ce"] = w.classification * L.semantic_classification_loss(out.logits.float(), y)
+                parts["ce"] = w.classification * L.semantic_classification_loss(logits, y)
                 if self.use_method_losses:
                     emb = F.normalize(out.embedding.float(), dim=1)
                     parts["quad"] = w.quadruplet * L.batch_quadruplet_loss(
                         emb[:ns], y[:ns], emb[ns:], y[ns:], margin=w.margin
                     )
                     assert self.kp_targets is not None
-                    parts["kp"] = w.knowledge * L.knowledge_preservation_loss(
-                        out.imagenet_logits.float(), y, self.kp_targets, w.temperature
-                    )
+                    parts["kp"] = w.knowledge * L.knowledge_preservation_loss(t_head, y, self.kp_targets, w.temperature)
             else:  # dsn
                 w2 = cfg.dsn
                 n = x.shape[0]
                 views = [v.to(dev, non_blocking=True) for v in batch.views] if self.use_method_losses else []
                 out = self.model(torch.cat([x, *views]), tag.repeat(1 + len(views)))
-                logits = out.logits[:n].float()
+                logits, t_head = head_logits(self.model, out.embedding[:n], cfg.cosine_scale)
                 parts["ce"] = w2.classification * L.semantic_classification_loss(logits, y)
                 assert self.teacher is not None and self.class_mask is not None
                 with torch.no_grad():
-                    t_logits = self.teacher(x, tag).imagenet_logits.float()
+                    t_logits = head_logits(self.teacher, self.teacher(x, tag).embedding, cfg.cosine_scale)[1]
                 parts["kd"] = w2.sake * L.sake_distillation_loss(
-                    out.imagenet_logits[:n].float(),
+                    t_head,
                     t_logits,
                     mask=tag,
                     class_mask=self.class_mask[y],
@@ -451,7 +487,7 @@ class _Run:
         self.scaler.update()
         res = {k: float(v.detach()) for k, v in parts.items()}
         res["loss"] = float(total.detach())
-        res["acc"] = float((out.logits[: x.shape[0]].argmax(1) == y).float().mean())
+        res["acc"] = float((logits.argmax(1) == y).float().mean())
         return res
 
     def train_epoch(self) -> dict[str, float]:
@@ -472,9 +508,10 @@ class _Run:
                 sums[k] = sums.get(k, 0.0) + v
             bar.set_postfix(loss=f"{res['loss']:.3f}", acc=f"{res['acc']:.2f}")
         bar.close()
+        lr = float(self.optimizer.param_groups[0]["lr"])
         self.scheduler.step()
         self.epoch += 1
-        return {k: v / len(self.sampler) for k, v in sums.items()}
+        return {"lr": lr, **{k: v / len(self.sampler) for k, v in sums.items()}}
 
     # ---- resume state
     def state(self) -> dict[str, Any]:
@@ -568,7 +605,6 @@ def train(
         stats: dict[str, Any] = run.train_epoch()
         stats = {
             "epoch": run.epoch,
-            "lr": run.optimizer.param_groups[0]["lr"],
             **stats,
             "seconds": round(time.perf_counter() - t0, 2),
         }
