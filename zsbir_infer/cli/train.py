@@ -55,6 +55,14 @@ __all__ = ["command"]
     default=None,
     help="Initial weights and teacher: a zsbir checkpoint (e.g. a 'none' run with the same backbone/width).",
 )
+@click.option(
+    "--pretrain-labels",
+    type=click.Choice(["parts", "class"]),
+    default="parts",
+    show_default=True,
+    help="Method none: targets of the teacher head: the parts of compositional class names "
+    "(synthetic set) or the training classes.",
+)
 @click.option("--resume", is_flag=True, help="Continue RUN_DIR/resume.pt (same settings required).")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
 @click.option("--amp/--no-amp", default=True, show_default=True, help="Mixed precision (GPU only).")
@@ -79,6 +87,7 @@ def command(
     lr_final: float,
     seed: int,
     pretrained: Path | None,
+    pretrain_labels: str,
     resume: bool,
     device: str,
     amp: bool,
@@ -115,6 +124,7 @@ def command(
         ablation=ablation,
         pretrained=None if pretrained is None else str(pretrained),
         val_every=val_every,
+        pretrain_labels=pretrain_labels,
         max_batches=max_batches,
         threads=threads,
         workers=workers,

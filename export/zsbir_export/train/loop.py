@@ -94,6 +94,7 @@ class TrainConfig:
     workers: int = 1  # data-loading processes (0: render batches in the training process)
     progress: bool = True
     itq_bits: int = 64
+    pretrain_labels: str = "parts"  # method none: "class" (the training classes) or "parts" (see parse_parts)
     cosine_scale: float = 16.0  # cosine-softmax heads (0: plain linear heads, as the official code)
     tursun: L.TursunWeights = field(default_factory=L.TursunWeights)
     dsn: L.DsnWeights = field(default_factory=L.DsnWeights)
@@ -200,6 +201,50 @@ def head_logits(model: nn.Module, embedding: Tensor, scale: float) -> tuple[Tens
         scale * en @ F.normalize(cls_head.weight.float(), dim=1).t(),
         scale * en @ F.normalize(teacher_head.weight.float(), dim=1).t(),
     )
+
+
+def parse_parts(class_names: list[str]) -> tuple[list[str], list[list[int]]]:
+    """Part vocabulary of compositional class names (``"ring-3spokes-tri-legs"``: one part per ``-`` field).
+
+    Returns the teacher-head names ``"<field>:<value>"`` (grouped by field, sorted) and, per class,
+    the head index of each of its parts. Used by the ``parts`` pre-training of the synthetic set (our
+    stand-in for ImageNet's generic part knowledge); raises ``ValueError`` when the names do not all
+    have the same number of fields.
+    """
+    fields = [c.split("-") for c in class_names]
+    k = {len(f) for f in fields}
+    if len(k) != 1 or next(iter(k)) < 2:
+        raise ValueError(
+            "--pretrain-labels parts needs compositional class names with the same number of '-' fields "
+            f"(like the synthetic set's); got e.g. {class_names[:3]}"
+        )
+    n = next(iter(k))
+    names: list[str] = []
+    for j in range(n):
+        names += [f"{j}:{v}" for v in sorted({f[j] for f in fields})]
+    pos = {name: i for i, name in enumerate(names)}
+    return names, [[pos[f"{j}:{f[j]}"] for j in range(n)] for f in fields]
+
+
+def _slices(teacher_classes: list[str]) -> list[tuple[int, int]]:
+    """Contiguous head ranges of each part field (names ``"<field>:<value>"``); [] for plain class names."""
+    if not teacher_classes or any(":" not in c for c in teacher_classes):
+        return []
+    out: list[tuple[int, int]] = []
+    start = 0
+    for i in range(1, len(teacher_classes) + 1):
+        if i == len(teacher_classes) or teacher_classes[i].split(":")[0] != teacher_classes[start].split(":")[0]:
+            out.append((start, i))
+            start = i
+    return out
+
+
+def parts_loss(logits: Tensor, part_targets: Tensor, slices: list[tuple[int, int]]) -> Tensor:
+    """Mean over part fields of the cross-entropy within each field's slice of ``logits``."""
+    total = logits.new_zeros(())
+    for j, (a, b) in enumerate(slices):
+        total = total + F.cross_entropy(logits[:, a:b], part_targets[:, j] - a)
+    return total / max(1, len(slices))
 
 
 def _load_pretrained(path: str) -> tuple[nn.Module, dict[str, Any]]:
@@ -320,6 +365,10 @@ class _Run:
 
         self.teacher: nn.Module | None = None
         self.teacher_classes: list[str] = list(self.seen.classes)
+        self.part_index: Tensor | None = None  # [C, K] teacher-head index of each class's K parts
+        if cfg.method == "none" and cfg.pretrain_labels == "parts":
+            self.teacher_classes, index = parse_parts(self.seen.classes)
+            self.part_index = torch.tensor(index, dtype=torch.long)
         pre_model: nn.Module | None = None
         self.pretrained_config: dict[str, Any] | None = None
         if cfg.pretrained:
@@ -334,6 +383,7 @@ class _Run:
                         f"--pretrained {cfg.pretrained} has {key}={pre_arch.get(key)} but this run asks for "
                         f"{getattr(cfg, key)}; use the same --width/--embed-dim"
                     )
+        self.part_slices = _slices(self.teacher_classes)
         self.model: nn.Module = build_model(_arch(cfg, len(self.seen.classes), len(self.teacher_classes)))
         if pre_model is not None:
             missing, unexpected = self.model.load_state_dict(pre_model.state_dict(), strict=False)
@@ -366,6 +416,9 @@ class _Run:
             for i, c in enumerate(self.seen.classes):
                 if c in names:
                     cm[i, names[c]] = 1.0
+                for j, part in enumerate(c.split("-")):  # teacher trained on parts: the class's parts
+                    if f"{j}:{part}" in names:
+                        cm[i, names[f"{j}:{part}"]] = 1.0
             self.class_mask = cm.to(self.device)
             if self.use_method_losses:
                 embed_dim: int = self.model.embed_dim
@@ -436,7 +489,10 @@ class _Run:
                 out = self.model(x, tag)
                 logits, t_head = head_logits(self.model, out.embedding, cfg.cosine_scale)
                 parts["ce"] = L.semantic_classification_loss(logits, y)
-                parts["ce_teacher_head"] = L.semantic_classification_loss(t_head, y)
+                if self.part_index is None:
+                    parts["ce_teacher_head"] = L.semantic_classification_loss(t_head, y)
+                else:
+                    parts["ce_parts"] = parts_loss(t_head, self.part_index.to(dev)[y], self.part_slices)
             elif cfg.method == "tursun":
                 out = self.model(x, tag)
                 logits, t_head = head_logits(self.model, out.embedding, cfg.cosine_scale)
