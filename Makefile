@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 NVCC   ?= nvcc
 
-.PHONY: install demo test test-fast lint kernels clean
+.PHONY: install demo test test-fast lint kernels bench-search bench-metrics test-gpu bench-gpu clean
 
 install: $(VENV)/.installed
 
@@ -37,6 +37,19 @@ lint: install
 
 kernels:
 	$(MAKE) -C kernels NVCC=$(NVCC)
+
+bench-search: install
+	$(BIN)/python benchmarks/bench_search_cpu.py --out benchmarks/results/search_cpu
+
+bench-metrics: install
+	$(BIN)/python benchmarks/bench_metrics.py --json benchmarks/results/metrics_cpu.json
+
+# On a GPU machine (see benchmarks/README_gpu.md).
+test-gpu: install kernels
+	$(BIN)/python -m pytest -q tests/test_gpu_topk.py tests/test_kernels_build.py
+
+bench-gpu: install kernels
+	$(BIN)/python benchmarks/bench_topk_gpu.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
