@@ -513,6 +513,7 @@ def test_failed_verification_is_not_a_bundle(tmp_path: Path, bench: Path) -> Non
         exporter="torchscript",
         verify_count=4,
         tolerances=Tolerances(int8_min_top10_overlap=1.01),  # impossible on purpose
+        int8_fallback=2,
     )
     with pytest.raises(VerificationFailed, match=r"int8 top-10 overlap with fp32 .* < 1\.01 \(FAILED\)") as err:
         export_bundle(tiny(True), config_for(True), out, options, source=SOURCE)
@@ -521,6 +522,13 @@ def test_failed_verification_is_not_a_bundle(tmp_path: Path, bench: Path) -> Non
     assert err.value.failed_dir == failed
     manifest = json.loads((failed / "manifest.json").read_text())
     assert manifest["verification"]["passed"] is False
+    # the sensitivity fallback measured with the verification's own overlap (its target is capped at 1.0: when
+    # the int8 rankings already match fp32 exactly there is nothing to fall back, else it spends its budget)
+    fb = manifest["calibration"]["sensitivity_fallback"]
+    assert "unseen split" in fb["measured_on"] and fb["target"] == 1.0
+    nodes = manifest["calibration"]["sensitivity_fallback_nodes"]
+    assert (fb["initial"] >= 1.0 and nodes == []) or len(nodes) == 2
+    assert fb["final"] == pytest.approx(manifest["verification"]["int8"]["top10_overlap"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.failed"]
 
 

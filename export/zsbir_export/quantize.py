@@ -25,7 +25,7 @@ import inspect
 import io
 import logging
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -238,6 +238,7 @@ def quantize_int8(
     max_float_layers: int = 0,
     target_overlap: float = 0.92,
     sensitivity_samples: int = 32,
+    check: Callable[[Path], float] | None = None,
 ) -> QuantizationReport:
     """Quantize the fp32 model at ``fp32_path`` to a QDQ int8 model at ``out_path`` (see module doc).
 
@@ -246,7 +247,9 @@ def quantize_int8(
     verification) is below ``target_overlap``, each heavy layer's sensitivity is measured (quantize that layer
     alone, 1 - mean cosine to fp32 on ``sensitivity_samples`` images per domain) and the most sensitive layers
     are kept in float, one more at a time, until the overlap reaches the target or ``max_float_layers`` layers
-    are float. The report lists them.
+    are float. The report lists them. ``check(path) -> overlap`` replaces the calibration-image measure (the
+    bundle writer passes the verification's own overlap, so that the fallback stops exactly when the export's
+    check passes; the ranking of layers still comes from calibration images only).
     """
     from onnxruntime.quantization import quantize_static
 
@@ -284,6 +287,7 @@ def quantize_int8(
                     target_overlap,
                     sensitivity_samples,
                     tmp,
+                    check,
                 )
                 if fallback:
                     qmodel = onnx.load(str(out_path))
@@ -316,6 +320,7 @@ def _fallback(
     target: float,
     samples: int,
     tmp: Path,
+    check: Callable[[Path], float] | None = None,
 ) -> tuple[list[str], dict[str, Any]]:
     """The sensitivity fallback of :func:`quantize_int8`; returns the float layers and a report.
 
@@ -325,8 +330,18 @@ def _fallback(
     keep = np.concatenate([np.flatnonzero(calibration.domains == d)[:256] for d in (1, 0)])
     calibration = ImageSet(calibration.images[keep], calibration.domains[keep], calibration.labels[keep], [])
     ref = _embed(src, calibration)
-    overlap = _proxy_overlap(ref, _embed(out_path, calibration), calibration)
-    report: dict[str, Any] = {"target": target, "initial": overlap}
+
+    def measure(path: Path) -> float:
+        if check is not None:
+            return check(path)
+        return _proxy_overlap(ref, _embed(path, calibration), calibration)
+
+    overlap = measure(out_path)
+    report: dict[str, Any] = {
+        "target": target,
+        "measured_on": "caller's check" if check is not None else "calibration images (seen classes)",
+        "initial": overlap,
+    }
     if overlap >= target:
         report["final"] = overlap
         return [], report
@@ -351,7 +366,7 @@ def _fallback(
     for name in ranked[:max_float_layers]:
         chosen.append(name)
         _quantize(src, out_path, cache, method, [*excluded, *chosen])
-        overlap = _proxy_overlap(ref, _embed(out_path, calibration), calibration)
+        overlap = measure(out_path)
         if overlap >= target:
             break
     report["final"] = overlap

@@ -72,8 +72,8 @@ def _precisions(_ctx: click.Context, _param: click.Parameter, value: str) -> lis
     default=8,
     show_default=True,
     type=click.IntRange(0),
-    help="At most this many quantization-sensitive layers are kept in float when INT8 rankings drift on the "
-    "calibration images (0: off).",
+    help="When the INT8 top-10 overlap misses its limit, keep up to this many of the layers most sensitive to "
+    "quantization (ranked on the calibration images) in float (0: off).",
 )
 @click.option(
     "--int8-min-overlap",
