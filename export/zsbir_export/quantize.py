@@ -13,7 +13,8 @@ heavy ops (Conv, Gemm, MatMul) with
 * the domain path (nodes fed by the ``domain`` input before any heavy op, and the heavy ops that read it
   directly) and the L2-normalization tail left in float;
 * optionally (``max_float_layers``), the few layers most sensitive to quantization left in float when the
-  int8 rankings drift from fp32 on the calibration images (see :func:`quantize_int8`).
+  int8 rankings drift from fp32 (the export measures that with its verification's top-10 overlap; see
+  :func:`quantize_int8`).
 
 That is the form TensorRT 10 builds as a strongly typed network: every int8 tensor is explicit in the graph.
 """
