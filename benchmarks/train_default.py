@@ -77,14 +77,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=ROOT / "build" / "default_model", help="scratch folder")
     ap.add_argument("--data", type=Path, default=None, help="existing synthetic set (default: WORK/synth)")
-    ap.add_argument("--pretrain-epochs", type=int, default=4)
-    ap.add_argument("--epochs", type=int, default=12)
+    ap.add_argument("--pretrain-epochs", type=int, default=30)
+    ap.add_argument("--epochs", type=int, default=120)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--width", type=int, default=16)
     ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--lr-final", type=float, default=0.05, help="LR decays exponentially to lr * lr-final")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core box)")
-    ap.add_argument("--val-every", type=int, default=4)
+    ap.add_argument("--val-every", type=int, default=10)
     ap.add_argument("--no-install", action="store_true", help="do not copy into zsbir_infer/assets/default")
     args = ap.parse_args()
 
@@ -112,6 +113,7 @@ def main() -> None:
     final = work / "tursun"
     cmd = [zsbir, "train", "--method", "tursun", "--out", str(final), "--epochs", str(args.epochs)]
     cmd += [*common, "--pretrained", str(pre / "checkpoint.json"), "--val-every", str(args.val_every)]
+    cmd += ["--lr-final", str(args.lr_final)]
     seconds = run(cmd, work / "train.log")
     steps.append({"step": "train", "command": shlex.join(["zsbir", *cmd[1:]]), "seconds": seconds})
     total = time.perf_counter() - t0

@@ -7,9 +7,10 @@ dropped: Tursun -> classification only; DSN -> classification + SAKE distillatio
 Usage (repository root, venv active)::
 
     python benchmarks/train_methods.py --data build/default_model/synth
-    python benchmarks/train_methods.py --data DIR --only dsn --dsn-epochs 4     # one method
+    python benchmarks/train_methods.py --data DIR --only dsn        # one method
+    python benchmarks/train_methods.py --collect --work DIR         # table from finished run folders
 
-Writes ``benchmarks/results/methods.{md,json}`` (rows of methods not run are kept from the last file).
+Writes ``benchmarks/results/methods.{md,json}`` from the run folders found under ``--work``.
 """
 
 from __future__ import annotations
@@ -27,64 +28,93 @@ from train_default import ROOT, machine, run
 RESULTS = ROOT / "benchmarks" / "results"
 
 
+def row_from_run(name: str, run_dir: Path) -> dict[str, object]:
+    """A table row from a finished run folder (its checkpoint.json records command, settings, metrics)."""
+    ckpt = json.loads((run_dir / "checkpoint.json").read_text())
+    train = ckpt["train"]
+    pre_cmd = ""
+    if train.get("pretrained"):
+        pre = json.loads(Path(train["pretrained"]).with_suffix(".json").read_text())
+        pre_cmd = pre["train"].get("command") or ""
+    method, ablation = train["method"], bool(train["ablation"])
+    return {
+        "name": name,
+        "method": method,
+        "ablation": ablation,
+        "losses": LOSSES[(method, ablation)],
+        "epochs": train["epochs"],
+        "seconds": ckpt["metrics"].get("train_seconds", 0.0),
+        "command": train.get("command") or "",
+        "pretrain_command": pre_cmd,
+        "unseen": ckpt["metrics"]["unseen"],
+        "run_dir": str(run_dir),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, required=True, help="synthetic benchmark (zsbir data synth)")
+    ap.add_argument("--data", type=Path, default=None, help="synthetic benchmark (zsbir data synth)")
     ap.add_argument("--work", type=Path, default=ROOT / "build" / "methods")
     ap.add_argument("--only", choices=["tursun", "dsn"], default=None)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--width", type=int, default=16)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--pretrain-epochs", type=int, default=4)
-    ap.add_argument("--tursun-epochs", type=int, default=8)
-    ap.add_argument("--dsn-epochs", type=int, default=4)
+    ap.add_argument("--pretrain-epochs", type=int, default=30)
+    ap.add_argument("--tursun-epochs", type=int, default=60)
+    ap.add_argument("--dsn-epochs", type=int, default=15)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--pretrained-plain", type=Path, default=None, help="reuse a plain 'none' checkpoint")
+    ap.add_argument(
+        "--reuse-tursun",
+        type=Path,
+        default=None,
+        help="take the tursun row from this finished run (e.g. the default model's, same settings); "
+        "only its ablation is trained",
+    )
+    ap.add_argument("--collect", action="store_true", help="no training: build the table from WORK's run folders")
     args = ap.parse_args()
 
     zsbir = str(Path(sys.executable).with_name("zsbir"))
     args.work.mkdir(parents=True, exist_ok=True)
-    common = ["--data", str(args.data), "--size", str(args.size), "--width", str(args.width), "--lr", str(args.lr)]
-    common += ["--seed", str(args.seed), "--threads", str(args.threads), "--quiet", "--device", "cpu"]
-    old = json.loads((RESULTS / "methods.json").read_text()) if (RESULTS / "methods.json").exists() else {}
-    rows: dict[str, dict[str, object]] = {r["name"]: r for r in old.get("rows", [])}
     methods = [args.only] if args.only else ["tursun", "dsn"]
-    for method in methods:
-        backbone = "resnet18" if method == "tursun" else "cse_resnet18"
-        pre_ckpt = args.pretrained_plain if method == "tursun" else None
-        pre_cmd_text = "(given with --pretrained-plain)"
-        if pre_ckpt is None:
-            pre = args.work / f"pretrain_{backbone}"
-            cmd = [zsbir, "train", "--method", "none", "--backbone", backbone, "--out", str(pre)]
-            cmd += ["--epochs", str(args.pretrain_epochs), "--val-every", str(args.pretrain_epochs), *common]
-            run(cmd, args.work / f"pretrain_{backbone}.log")
-            pre_ckpt = pre / "checkpoint.json"
-            pre_cmd_text = shlex.join(["zsbir", *cmd[1:]])
-        epochs = args.tursun_epochs if method == "tursun" else args.dsn_epochs
-        for ablation in (False, True):
-            name = method + (" (ablation)" if ablation else "")
-            out = args.work / (method + ("_ablation" if ablation else ""))
-            cmd = [zsbir, "train", "--method", method, "--backbone", backbone, "--out", str(out)]
-            cmd += ["--epochs", str(epochs), "--val-every", str(epochs), "--pretrained", str(pre_ckpt), *common]
-            if ablation:
-                cmd.append("--ablation")
-            seconds = run(cmd, args.work / f"{out.name}.log")
-            metrics = json.loads((out / "metrics.json").read_text())["unseen"]
-            rows[name] = {
-                "name": name,
-                "method": method,
-                "ablation": ablation,
-                "losses": LOSSES[(method, ablation)],
-                "epochs": epochs,
-                "seconds": round(seconds, 1),
-                "command": shlex.join(["zsbir", *cmd[1:]]),
-                "pretrain_command": pre_cmd_text,
-                "unseen": metrics,
-            }
+    if not args.collect:
+        if args.data is None:
+            ap.error("--data is required unless --collect")
+        common = ["--data", str(args.data), "--size", str(args.size), "--width", str(args.width)]
+        common += ["--lr", str(args.lr), "--seed", str(args.seed), "--threads", str(args.threads)]
+        common += ["--quiet", "--device", "cpu"]
+        for method in methods:
+            backbone = "resnet18" if method == "tursun" else "cse_resnet18"
+            pre_ckpt = args.pretrained_plain if method == "tursun" else None
+            if pre_ckpt is None:
+                pre = args.work / f"pretrain_{backbone}"
+                cmd = [zsbir, "train", "--method", "none", "--backbone", backbone, "--out", str(pre)]
+                cmd += ["--epochs", str(args.pretrain_epochs), "--val-every", str(args.pretrain_epochs), *common]
+                run(cmd, args.work / f"pretrain_{backbone}.log")
+                pre_ckpt = pre / "checkpoint.json"
+            epochs = args.tursun_epochs if method == "tursun" else args.dsn_epochs
+            for ablation in (False, True):
+                if method == "tursun" and not ablation and args.reuse_tursun is not None:
+                    continue
+                out = args.work / (method + ("_ablation" if ablation else ""))
+                cmd = [zsbir, "train", "--method", method, "--backbone", backbone, "--out", str(out)]
+                cmd += ["--epochs", str(epochs), "--val-every", str(epochs), "--pretrained", str(pre_ckpt), *common]
+                if ablation:
+                    cmd.append("--ablation")
+                run(cmd, args.work / f"{out.name}.log")
+    rows: dict[str, dict[str, object]] = {}
+    for name in ORDER:
+        method, ablation = name.split(" ")[0], name.endswith("(ablation)")
+        run_dir = args.work / (method + ("_ablation" if ablation else ""))
+        if method == "tursun" and not ablation and args.reuse_tursun is not None:
+            run_dir = args.reuse_tursun
+            while not (run_dir / "metrics.json").exists():  # the reused run may still be finishing
+                time.sleep(10)
+        if (run_dir / "checkpoint.json").exists():
+            rows[name] = row_from_run(name, run_dir)
     result = {
         "what": "method vs ablation (method-specific losses dropped), synthetic benchmark, unseen classes",
-        "data": str(args.data),
         "seed": args.seed,
         "reproduce": "python benchmarks/train_methods.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         "machine": machine(),
