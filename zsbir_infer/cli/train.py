@@ -63,6 +63,15 @@ __all__ = ["command"]
     help="Method none: targets of the teacher head: the parts of compositional class names "
     "(synthetic set) or the training classes.",
 )
+@click.option(
+    "--tursun-mining",
+    type=click.Choice(["hard", "random"]),
+    default="hard",
+    show_default=True,
+    help="Tursun: how quadruplets are mined in a batch.",
+)
+@click.option("--quad-weight", default=1.0, show_default=True, type=click.FloatRange(0), help="Tursun.")
+@click.option("--kp-weight", default=1.0, show_default=True, type=click.FloatRange(0), help="Tursun.")
 @click.option("--resume", is_flag=True, help="Continue RUN_DIR/resume.pt (same settings required).")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
 @click.option("--amp/--no-amp", default=True, show_default=True, help="Mixed precision (GPU only).")
@@ -88,6 +97,9 @@ def command(
     seed: int,
     pretrained: Path | None,
     pretrain_labels: str,
+    tursun_mining: str,
+    quad_weight: float,
+    kp_weight: float,
     resume: bool,
     device: str,
     amp: bool,
@@ -101,6 +113,7 @@ def command(
 ) -> None:
     """Train a model on the seen classes of a benchmark folder; validate on its unseen classes."""
     try:
+        from zsbir_export.losses import TursunWeights
         from zsbir_export.train import TrainConfig, train
     except ImportError as exc:  # pragma: no cover - depends on the installed extras
         raise click.ClickException(
@@ -125,6 +138,7 @@ def command(
         pretrained=None if pretrained is None else str(pretrained),
         val_every=val_every,
         pretrain_labels=pretrain_labels,
+        tursun=TursunWeights(quadruplet=quad_weight, knowledge=kp_weight, mining=tursun_mining),
         max_batches=max_batches,
         threads=threads,
         workers=workers,

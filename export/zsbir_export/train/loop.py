@@ -501,7 +501,7 @@ class _Run:
                 if self.use_method_losses:
                     emb = F.normalize(out.embedding.float(), dim=1)
                     parts["quad"] = w.quadruplet * L.batch_quadruplet_loss(
-                        emb[:ns], y[:ns], emb[ns:], y[ns:], margin=w.margin
+                        emb[:ns], y[:ns], emb[ns:], y[ns:], margin=w.margin, mining=w.mining
                     )
                     assert self.kp_targets is not None
                     parts["kp"] = w.knowledge * L.knowledge_preservation_loss(t_head, y, self.kp_targets, w.temperature)
