@@ -174,6 +174,8 @@ def to_markdown(report: dict[str, Any]) -> str:
     b = report["benchmark"]
     m = report["machine"]
     cal = report.get("calibration") or {}
+    fallback = cal.get("sensitivity_fallback_nodes", [])
+    initial = float(cal.get("sensitivity_fallback", {}).get("initial", float("nan")))
     lines = [
         "# Export precision comparison (ONNX Runtime CPU)",
         "",
@@ -181,6 +183,9 @@ def to_markdown(report: dict[str, Any]) -> str:
         f"({report['source'].get('format')}). Evaluated on the **unseen** split of `{b['path']}`: "
         f"{b['queries']} sketch queries against {b['gallery']} photos. INT8: QDQ, {cal.get('method', '?')} "
         f"calibration on {cal.get('images', '?')} seen-split images ({cal.get('per_domain', {})}).",
+        "",
+        f"INT8 sensitivity fallback: {len(fallback)} of {cal.get('heavy_nodes', '?')} quantizable layers kept in "
+        f"float ({', '.join(fallback) or 'none'}); verification overlap before the fallback {initial:.3f}.",
         "",
         f"Latency: median wall time per image, ONNX Runtime {m['onnxruntime']} CPU, {m['ort_threads']} thread(s), "
         f"input {report['input_shape']}, on {m['cpu']} ({m['cores']} cores, shared machine: expect noise).",

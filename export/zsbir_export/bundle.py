@@ -70,7 +70,7 @@ class ExportOptions:
     calib_method: CalibMethod = "percentile"
     int8_fallback: int = 8
     verify_count: int = 32
-    eval_count: int | None = 400
+    eval_count: int | None = 1000
     trt: bool = False
     opt_batch: int = 32
     max_batch: int = 256

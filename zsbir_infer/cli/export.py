@@ -104,7 +104,7 @@ def _precisions(_ctx: click.Context, _param: click.Parameter, value: str) -> lis
 @click.option("--verify-count", default=32, show_default=True, type=int, help="Verification images per domain.")
 @click.option(
     "--eval-count",
-    default=400,
+    default=1000,
     show_default=True,
     type=int,
     help="Images per domain (seeded sample) for the INT8/FP16 retrieval check on the unseen split.",
