@@ -72,6 +72,13 @@ def main() -> None:
         help="take the tursun row from this finished run (e.g. the default model's, same settings); "
         "only its ablation is trained",
     )
+    ap.add_argument(
+        "--extra",
+        action="append",
+        default=[],
+        metavar="NAME=RUN_DIR",
+        help="add a finished run as an extra row (e.g. a variant of a method)",
+    )
     ap.add_argument("--collect", action="store_true", help="no training: build the table from WORK's run folders")
     args = ap.parse_args()
 
@@ -113,13 +120,20 @@ def main() -> None:
                 time.sleep(10)
         if (run_dir / "checkpoint.json").exists():
             rows[name] = row_from_run(name, run_dir)
+    for item in args.extra:
+        name, _, run_dir = item.partition("=")
+        if (Path(run_dir) / "checkpoint.json").exists():
+            rows[name] = row_from_run(name, Path(run_dir))
+            mining = json.loads((Path(run_dir) / "checkpoint.json").read_text())["train"]["tursun"]["mining"]
+            if rows[name]["method"] == "tursun" and not rows[name]["ablation"]:
+                rows[name]["losses"] = f"CE + domain-balanced quadruplet ({mining} mining) + knowledge preservation"
     result = {
         "what": "method vs ablation (method-specific losses dropped), synthetic benchmark, unseen classes",
         "seed": args.seed,
         "reproduce": "python benchmarks/train_methods.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         "machine": machine(),
         "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "rows": [rows[k] for k in ORDER if k in rows],
+        "rows": [rows[k] for k in ORDER if k in rows] + [rows[k] for k in rows if k not in ORDER],
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "methods.json").write_text(json.dumps(result, indent=2) + "\n")
