@@ -103,7 +103,7 @@ class TursunWeights:
     knowledge: float = 1.0
     margin: float = QUADRUPLET_MARGIN
     temperature: float = KP_TEMPERATURE
-    mining: str = "hard"  # quadruplet mining in the batch: "hard" (batch-hard) or "random"
+    mining: str = "random"  # quadruplet mining in the batch: "random" or "hard" (batch-hard); see methods.md
 
 
 @dataclass(frozen=True)

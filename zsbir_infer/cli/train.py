@@ -66,7 +66,7 @@ __all__ = ["command"]
 @click.option(
     "--tursun-mining",
     type=click.Choice(["hard", "random"]),
-    default="hard",
+    default="random",
     show_default=True,
     help="Tursun: how quadruplets are mined in a batch.",
 )

@@ -3,7 +3,7 @@
 Methods
 -------
 ``tursun``  plain (tag-free) :class:`~zsbir_export.models.embedding.EmbeddingNet`; loss =
-            ``w_q * domain-balanced quadruplet (L2-normalized embeddings, batch-hard mining)
+            ``w_q * domain-balanced quadruplet (L2-normalized embeddings, random in-batch mining; batch-hard optional)
             + w_c * cross-entropy(training classes) + w_k * knowledge preservation`` where the
             knowledge-preservation targets are the class means of the *pretrained* network's soft
             predictions (its ``imagenet`` head) over the training photos, computed once before training.
