@@ -54,17 +54,3 @@ class LazyGroup(click.Group):
 @click.version_option(__version__, prog_name="zsbir")
 def main() -> None:
     """zsbir: draw a sketch, find photos of that kind of object, including kinds never seen in training."""
-
-
-def not_built(name: str, issue: str) -> click.Command:
-    """A placeholder command for a capability that does not exist yet: says so and exits non-zero."""
-
-    @click.command(
-        name=name,
-        context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
-        help=f"(not built yet: {issue})",
-    )
-    def _cmd() -> None:
-        raise click.ClickException(f"'zsbir {name}' is not built yet ({issue}).")
-
-    return _cmd
