@@ -290,6 +290,29 @@ def test_plan_skip_delete_change(tmp_path: Path) -> None:
     g.close()
 
 
+def test_skip_many_is_one_all_or_nothing_transaction(tmp_path: Path) -> None:
+    rng = np.random.default_rng(15)
+    x = _unit(rng, 2, 8)
+    g = Gallery.create(tmp_path / "g", FP, 8)
+    g.add([FileRecord("a.jpg", 1, 10), FileRecord("b.jpg", 2, 20)], x)
+    # One bad entry (empty reason) rejects the whole batch: nothing of it is recorded.
+    with pytest.raises(GalleryError, match="reason"):
+        g.skip_many([(FileStat("x.txt", 3, 30), "not an image"), ("a.jpg", "")])
+    assert g.skipped() == [] and len(g) == 2
+    g.skip_many(
+        [(FileStat("x.txt", 3, 30), "not an image"), ("a.jpg", "unreadable"), (FileStat("z.png", 0, 1), "empty")]
+    )
+    assert g.skipped() == [("a.jpg", "unreadable"), ("x.txt", "not an image"), ("z.png", "empty")]
+    assert len(g) == 1 and all(h.path != "a.jpg" for h in g.search(x, k=2, exact=True)[0])
+    assert sorted(g.plan([("x.txt", 3, 30), ("z.png", 0, 1), ("b.jpg", 2, 20)]).unchanged) == [
+        "b.jpg",
+        "x.txt",
+        "z.png",
+    ]
+    g.skip_many([])  # nothing to do
+    g.close()
+
+
 def test_deleted_rows_never_returned_by_any_mode(tmp_path: Path) -> None:
     rng = np.random.default_rng(6)
     x = _unit(rng, 500, 16)

@@ -560,15 +560,9 @@ def index_folder(
 
 
 def _skip_many(g: Gallery, items: Sequence[tuple[Any, str]]) -> None:
-    """Record several skips (one transaction when the gallery offers ``skip_many``)."""
-    if not items:
-        return
-    many = getattr(g, "skip_many", None)
-    if callable(many):
-        many(items)
-        return
-    for f, why in items:
-        g.skip(f, why)
+    """Record several skips in one gallery transaction."""
+    if items:
+        g.skip_many(items)
 
 
 class _Committer:

@@ -787,25 +787,35 @@ class Gallery:
         reports it as unchanged until its size or mtime change. Pass a :class:`FileStat` for that: a bare
         path records no size/mtime, so the file is planned as changed (retried) on every run.
         """
-        if not isinstance(reason, str) or not reason:
-            raise GalleryError("a skip needs a non-empty reason")
-        if isinstance(file, str):
-            rel, size, mtime, digest = file, -1, -1, None
-        else:
-            rel, size, mtime = file.relpath, int(file.size), int(file.mtime_ns)
-            digest = file.sha256 if isinstance(file, FileRecord) else None
-        _check_relpath(rel)
+        self.skip_many([(file, reason)])
+
+    def skip_many(self, items: Iterable[tuple[FileStat | FileRecord | str, str]]) -> None:
+        """:meth:`skip` for several ``(file, reason)`` pairs, recorded in one transaction (all or none)."""
+        rows = []
+        now = time.time_ns()
+        for file, reason in items:
+            if not isinstance(reason, str) or not reason:
+                raise GalleryError("a skip needs a non-empty reason")
+            if isinstance(file, str):
+                rel, size, mtime, digest = file, -1, -1, None
+            else:
+                rel, size, mtime = file.relpath, int(file.size), int(file.mtime_ns)
+                digest = file.sha256 if isinstance(file, FileRecord) else None
+            _check_relpath(rel)
+            rows.append((rel, size, mtime, digest, reason, now))
+        if not rows:
+            return
         with self._writer.hold():
             con = self._con()
             con.execute("BEGIN IMMEDIATE")
             try:
-                con.execute(
+                con.executemany(
                     "INSERT INTO files(relpath, size, mtime_ns, sha256, status, reason, vec, updated_ns) "
                     "VALUES (?, ?, ?, ?, 'skipped', ?, NULL, ?) "
                     "ON CONFLICT(relpath) DO UPDATE SET size = excluded.size, mtime_ns = excluded.mtime_ns, "
                     "sha256 = excluded.sha256, status = 'skipped', reason = excluded.reason, vec = NULL, "
                     "updated_ns = excluded.updated_ns",
-                    (rel, size, mtime, digest, reason, time.time_ns()),
+                    rows,
                 )
                 con.execute("UPDATE state SET value = value + 1 WHERE key = 'generation'")
                 con.execute("COMMIT")
