@@ -62,6 +62,13 @@ NORM_TOLERANCE = 0.02
 _BEFORE_COMMIT: Callable[[], None] | None = None
 
 
+def _rollback(con: sqlite3.Connection) -> None:
+    """Roll back the open transaction, if any: an interrupt (Ctrl-C) can land after COMMIT has already ended
+    it, and a ROLLBACK then would raise and hide the interrupt."""
+    if con.in_transaction:
+        con.execute("ROLLBACK")
+
+
 class GalleryError(Exception):
     """A gallery cannot be created, opened or used as asked."""
 
@@ -750,7 +757,7 @@ class Gallery:
                 con.execute("UPDATE state SET value = value + 1 WHERE key = 'generation'")
                 con.execute("COMMIT")
             except BaseException:
-                con.execute("ROLLBACK")
+                _rollback(con)
                 raise
         return ids
 
@@ -820,7 +827,7 @@ class Gallery:
                 con.execute("UPDATE state SET value = value + 1 WHERE key = 'generation'")
                 con.execute("COMMIT")
             except BaseException:
-                con.execute("ROLLBACK")
+                _rollback(con)
                 raise
 
     def delete(self, relpaths: Iterable[str]) -> int:
@@ -851,7 +858,7 @@ class Gallery:
                     con.execute("UPDATE state SET value = value + 1 WHERE key = 'generation'")
                 con.execute("COMMIT")
             except BaseException:
-                con.execute("ROLLBACK")
+                _rollback(con)
                 raise
         return n
 
@@ -903,7 +910,7 @@ class Gallery:
                 )
                 con.execute("COMMIT")
             except BaseException:
-                con.execute("ROLLBACK")
+                _rollback(con)
                 raise
             (self.path / "ann.json").unlink(missing_ok=True)
             self._remove_stray_segments({sg.seg for sg in new_segments})
