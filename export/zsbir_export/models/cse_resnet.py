@@ -53,6 +53,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from zsbir_export.models.resnet import RESNET_DEPTHS
+
 __all__ = [
     "CSE_DEPTHS",
     "CSEBasicBlock",
@@ -67,11 +69,7 @@ __all__ = [
 ]
 
 #: Block type and blocks per stage of each supported CSE depth.
-CSE_DEPTHS: dict[str, tuple[str, tuple[int, int, int, int]]] = {
-    "cse_resnet18": ("basic", (2, 2, 2, 2)),
-    "cse_resnet34": ("basic", (3, 4, 6, 3)),
-    "cse_resnet50": ("bottleneck", (3, 4, 6, 3)),
-}
+CSE_DEPTHS: dict[str, tuple[str, tuple[int, int, int, int]]] = {f"cse_{name}": v for name, v in RESNET_DEPTHS.items()}
 
 
 class ModelOutput(NamedTuple):

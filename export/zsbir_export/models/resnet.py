@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "RESNET_DEPTHS",
     "BasicBlock",
     "Bottleneck",
     "PretrainedLoadError",
@@ -35,7 +36,7 @@ __all__ = [
 ]
 
 #: Block type and blocks per stage of each supported depth.
-_DEPTHS: dict[str, tuple[str, tuple[int, int, int, int]]] = {
+RESNET_DEPTHS: dict[str, tuple[str, tuple[int, int, int, int]]] = {
     "resnet18": ("basic", (2, 2, 2, 2)),
     "resnet34": ("basic", (3, 4, 6, 3)),
     "resnet50": ("bottleneck", (3, 4, 6, 3)),
@@ -195,9 +196,9 @@ def build_resnet(
     name: str, width: int = 64, num_classes: int | None = 1000, zero_init_residual: bool = False
 ) -> ResNet:
     """Build ``resnet18`` / ``resnet34`` / ``resnet50`` by name."""
-    if name not in _DEPTHS:
-        raise ValueError(f"unknown ResNet {name!r}; expected one of {sorted(_DEPTHS)}")
-    kind, layers = _DEPTHS[name]
+    if name not in RESNET_DEPTHS:
+        raise ValueError(f"unknown ResNet {name!r}; expected one of {sorted(RESNET_DEPTHS)}")
+    kind, layers = RESNET_DEPTHS[name]
     block: type[BasicBlock] | type[Bottleneck] = BasicBlock if kind == "basic" else Bottleneck
     return ResNet(block, layers, num_classes=num_classes, width=width, zero_init_residual=zero_init_residual)
 
