@@ -41,23 +41,13 @@ __all__ = [
 PHOTO_TAG = 1  # CONTRACTS §4
 SKETCH_TAG = 0
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 
 def make_spec(size: int) -> dict[str, Any]:
-    """The preprocessing spec (CONTRACTS §3) our trainer uses for both domains at ``size`` px."""
+    """The preprocessing spec (CONTRACTS §3) our trainer uses for both domains at ``size`` px: the runtime's
+    default (squash, PIL bilinear, ImageNet mean/std, RGB, white background) at ``size`` x ``size``."""
     if size < 32:
         raise ValueError(f"image size must be at least 32 px (ResNets downsample 32x), got {size}")
-    return {
-        "size": [size, size],
-        "resize": "squash",
-        "interpolation": "bilinear",
-        "mean": list(IMAGENET_MEAN),
-        "std": list(IMAGENET_STD),
-        "color": "rgb",
-        "background": "white",
-    }
+    return PreprocessSpec(size=(size, size)).to_dict()
 
 
 class ImageCache:
