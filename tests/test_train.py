@@ -204,3 +204,40 @@ def test_class_pretraining_option(tiny_data: Path, tmp_path: Path) -> None:
     res = run.step(run.batches[0])
     assert set(res) - {"loss", "acc"} == {"ce", "ce_teacher_head"}
     assert run.teacher_classes == open_benchmark(tiny_data).seen_classes
+
+
+def test_hold_out_classes_is_deterministic_disjoint_and_relabelled(tiny_data: Path) -> None:
+    from zsbir_export.train import hold_out_classes
+
+    seen = open_benchmark(tiny_data).split("seen")
+    tr, val = hold_out_classes(seen, 1, seed=5)
+    tr2, val2 = hold_out_classes(seen, 1, seed=5)
+    assert val.classes == val2.classes and tr.classes == tr2.classes
+    assert len(val.classes) == 1 and sorted(tr.classes + val.classes) == seen.classes
+    for part in (tr, val):
+        for s in part.photos + part.sketches:
+            assert part.classes[s.label] == s.class_name
+    assert len(tr.photos) + len(val.photos) == len(seen.photos)
+    assert len(tr.sketches) + len(val.sketches) == len(seen.sketches)
+    others = {tuple(hold_out_classes(seen, 1, seed=s)[1].classes) for s in range(20)}
+    assert len(others) > 1  # the seed picks the classes
+    with pytest.raises(ValueError, match="val-classes"):
+        hold_out_classes(seen, len(seen.classes) - 1, seed=0)
+
+
+def test_validation_on_held_out_seen_classes(tiny_data: Path, tmp_path: Path) -> None:
+    from zsbir_export.checkpoints import load_checkpoint
+
+    pre = train(_cfg(tiny_data, tmp_path / "pre", method="none", epochs=1, val_classes=1), log=_quiet)
+    run = train(_cfg(tiny_data, tmp_path / "t", epochs=2, val_classes=1, pretrained=str(pre.checkpoint)), log=_quiet)
+    held = run.metrics["val_classes"]
+    assert len(held) == 1 and 0 <= run.metrics["val"]["map_all"] <= 1
+    assert all("val" in h and "unseen" not in h for h in run.history)  # unseen is not looked at while training
+    assert "map_all" in run.metrics["unseen"]  # ... but evaluated once at the end
+    cfg = load_checkpoint(run.checkpoint).config
+    assert held[0] not in cfg["class_names"] and len(cfg["class_names"]) == 3
+    assert cfg["train"]["benchmark"]["val"] == 1
+    # a pre-training run that saw the held-out classes is refused (it would leak them)
+    leaky = train(_cfg(tiny_data, tmp_path / "leaky", method="none", epochs=1), log=_quiet)
+    with pytest.raises(ValueError, match="held-out validation"):
+        train(_cfg(tiny_data, tmp_path / "t2", epochs=1, val_classes=1, pretrained=str(leaky.checkpoint)), log=_quiet)

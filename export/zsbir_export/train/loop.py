@@ -38,7 +38,7 @@ import os
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -57,9 +57,9 @@ from zsbir_export.train.data import (
     iter_eval_batches,
     make_spec,
 )
-from zsbir_infer.datasets import SplitData, open_benchmark
+from zsbir_infer.datasets import Sample, SplitData, open_benchmark
 
-__all__ = ["METHODS", "TrainConfig", "TrainResult", "evaluate_split", "train"]
+__all__ = ["METHODS", "TrainConfig", "TrainResult", "evaluate_split", "hold_out_classes", "train"]
 
 METHODS = ("tursun", "dsn", "none")
 RESUME_NAME = "resume.pt"
@@ -89,6 +89,7 @@ class TrainConfig:
     ablation: bool = False
     pretrained: str | None = None
     val_every: int = 1
+    val_classes: int = 0  # hold out this many seen classes for validation/model selection (0: validate on unseen)
     max_batches: int | None = None  # cap batches per epoch (smoke tests)
     threads: int | None = None
     workers: int = 1  # data-loading processes (0: render batches in the training process)
@@ -107,6 +108,8 @@ class TrainConfig:
         for name in ("width", "embed_dim", "size", "epochs", "batch_size", "per_class", "val_every"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if int(self.val_classes) < 0:
+            raise ValueError(f"val_classes must be >= 0, got {self.val_classes}")
         if self.lr <= 0 or not 0 < self.lr_final <= 1:
             raise ValueError(f"lr must be > 0 and lr_final in (0, 1], got {self.lr} and {self.lr_final}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -317,6 +320,29 @@ def evaluate_split(
     return result
 
 
+def hold_out_classes(split: SplitData, n: int, seed: int) -> tuple[SplitData, SplitData]:
+    """Split ``split`` by class into (training, validation) with ``n`` validation classes.
+
+    The choice depends only on the sorted class list, ``n`` and ``seed``, so a pre-training run and the
+    run that starts from it hold out the same classes. Labels are re-indexed within each part.
+    """
+    if not 0 < n < len(split.classes) - 1:
+        raise ValueError(f"--val-classes {n}: need 1 .. {len(split.classes) - 2} for {len(split.classes)} seen classes")
+    rng = np.random.default_rng([int(seed), 0x7A1])
+    val_set = {split.classes[i] for i in rng.choice(len(split.classes), size=n, replace=False)}
+
+    def part(name: str, keep: Callable[[str], bool]) -> SplitData:
+        classes = [c for c in split.classes if keep(c)]
+        index = {c: i for i, c in enumerate(classes)}
+
+        def relabel(samples: list[Sample]) -> list[Sample]:
+            return [replace(s, label=index[s.class_name]) for s in samples if s.class_name in index]
+
+        return SplitData(name=name, classes=classes, photos=relabel(split.photos), sketches=relabel(split.sketches))
+
+    return part("train", lambda c: c not in val_set), part("val", lambda c: c in val_set)
+
+
 def _worker_init(worker_id: int) -> None:
     torch.set_num_threads(1)
 
@@ -356,6 +382,10 @@ class _Run:
         self.bench = open_benchmark(cfg.data)
         self.seen = self.bench.split("seen")
         self.unseen = self.bench.split("unseen")
+        self.val: SplitData | None = None
+        if cfg.val_classes:
+            self.seen, self.val = hold_out_classes(self.seen, cfg.val_classes, cfg.seed)
+            self.log(f"validation: {len(self.val.classes)} held-out seen classes; training on {len(self.seen.classes)}")
         if len(self.seen.classes) < 2:
             raise ValueError(f"{cfg.data}: training needs at least 2 seen classes, found {len(self.seen.classes)}")
         self.spec = make_spec(cfg.size)
@@ -376,6 +406,13 @@ class _Run:
             self.teacher_classes = list(self.pretrained_config.get("teacher_classes") or [])
             if not self.teacher_classes:
                 self.teacher_classes = list(self.pretrained_config.get("class_names") or [])
+            if self.val is not None:
+                leaked = sorted(set(self.pretrained_config.get("class_names") or []) & set(self.val.classes))
+                if leaked:
+                    raise ValueError(
+                        f"--pretrained {cfg.pretrained} was trained on {len(leaked)} of this run's held-out validation "
+                        f"classes (e.g. {leaked[0]}); pre-train with the same --val-classes and --seed"
+                    )
             pre_arch = self.pretrained_config["arch"]
             for key in ("width", "embed_dim"):
                 if pre_arch.get(key) != getattr(cfg, key):
@@ -606,8 +643,9 @@ class _Run:
             "lr",
             "lr_final",
             "weight_decay",
+            "val_classes",
         ):
-            if old.get(key) != getattr(self.cfg, key):
+            if old.get(key, getattr(TrainConfig, key, None)) != getattr(self.cfg, key):
                 raise ValueError(
                     f"cannot resume: the saved run has {key}={old.get(key)!r}, this command asks for "
                     f"{getattr(self.cfg, key)!r} (resume with the same settings)"
@@ -665,16 +703,24 @@ def train(
             "seconds": round(time.perf_counter() - t0, 2),
         }
         if run.epoch % cfg.val_every == 0 or run.epoch == cfg.epochs:
-            stats["unseen"] = evaluate_split(run.model, run.unseen, run.spec, run.device, run.cache)
+            key, split = ("val", run.val) if run.val is not None else ("unseen", run.unseen)
+            stats[key] = evaluate_split(run.model, split, run.spec, run.device, run.cache)
         run.history.append(stats)
         _atomic_torch_save(run.state(), resume_path)
         with open(log_path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(stats) + "\n")
         msg = " ".join(f"{k}={v:.4f}" for k, v in stats.items() if isinstance(v, float))
-        val = stats.get("unseen", {}).get("map_all")
-        log(f"epoch {run.epoch}/{cfg.epochs} {msg}" + (f" unseen mAP@all={val:.4f}" if val is not None else ""))
+        vkey = "val" if run.val is not None else "unseen"
+        val = stats.get(vkey, {}).get("map_all")
+        log(f"epoch {run.epoch}/{cfg.epochs} {msg}" + (f" {vkey} mAP@all={val:.4f}" if val is not None else ""))
 
     metrics: dict[str, Any] = {}
+    if run.val is not None:
+        done = run.history and "val" in run.history[-1] and run.history[-1]["epoch"] == run.epoch
+        metrics["val"] = (
+            run.history[-1]["val"] if done else evaluate_split(run.model, run.val, run.spec, run.device, run.cache)
+        )
+        metrics["val_classes"] = list(run.val.classes)
     if run.history and "unseen" in run.history[-1] and run.epoch == cfg.epochs:
         metrics["unseen"] = run.history[-1]["unseen"]
     else:
@@ -703,6 +749,7 @@ def _save_final(run: _Run, metrics: dict[str, Any], seconds: float) -> Path:
         "kind": run.bench.kind,
         "seen": len(run.seen.classes),
         "unseen": len(run.unseen.classes),
+        "val": len(run.val.classes) if run.val is not None else 0,
     }
     meta_path = Path(cfg.data) / "meta.json"
     if meta_path.exists():
