@@ -157,6 +157,54 @@ def test_decoder_crash_never_stops_the_run(tmp_path: Path, enc: Encoder, monkeyp
     assert len(report.skipped) == 1 and report.skipped[0][1].startswith("corrupt: cannot decode image: MemoryError")
 
 
+def test_read_file_reads_whole_file_up_to_the_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "f.jpg"
+    data = os.urandom(5000)
+    path.write_bytes(data)
+    assert indexer._read_file(os.fsencode(path)) == data
+    monkeypatch.setattr(indexer, "MAX_FILE_BYTES", 1000)  # too large: one byte more than the limit is read
+    assert indexer._read_file(os.fsencode(path)) == data[:1001]
+    monkeypatch.setattr(indexer, "MAX_FILE_BYTES", 5000)
+    assert indexer._read_file(os.fsencode(path)) == data
+
+
+def test_read_file_follows_a_file_that_grew_after_fstat(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "f.jpg"
+    path.write_bytes(b"a" * 100)
+    real_fstat = os.fstat
+
+    def fstat_then_grow(fd: int) -> os.stat_result:
+        st = real_fstat(fd)
+        with open(path, "ab") as fh:
+            fh.write(b"b" * 50)
+        return st
+
+    monkeypatch.setattr(indexer.os, "fstat", fstat_then_grow)
+    assert indexer._read_file(os.fsencode(path)) == b"a" * 100 + b"b" * 50
+
+
+@pytest.mark.parametrize(("batch_size", "workers"), [(4, 1), (4, 2), (7, 3), (32, 2), (1, 2)])
+def test_decoded_batches_in_chunks_keep_files_in_order(
+    tmp_path: Path, enc: Encoder, monkeypatch: pytest.MonkeyPatch, batch_size: int, workers: int
+) -> None:
+    from zsbir_infer.preprocess import preprocess
+
+    monkeypatch.setattr(indexer, "DECODE_CHUNK", 3)
+    write_photos(tmp_path / "p", 23)
+    (tmp_path / "p" / "p0_010.jpg").write_bytes(b"broken")
+    entries = walk(tmp_path / "p").entries
+    spec = enc.bundle.preprocess_spec("photo")
+    seen: list[str] = []
+    for part, batch, results in indexer._decoded_batches(entries, enc, batch_size, workers):
+        assert len(part) == len(batch) == len(results) <= batch_size
+        for e, row, (ok, what) in zip(part, batch, results, strict=True):
+            seen.append(e.relpath)
+            assert ok == (e.relpath != "p0_010.jpg"), (e.relpath, what)
+            if ok:
+                np.testing.assert_array_equal(row, preprocess(Path(os.fsdecode(e.path)), spec))
+    assert seen == [e.relpath for e in entries]
+
+
 def test_incremental_add_change_delete(tmp_path: Path, enc: Encoder) -> None:
     root = tmp_path / "photos"
     rels = write_photos(root, 10)

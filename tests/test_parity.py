@@ -11,7 +11,7 @@ import pytest
 from zsbir_infer.bundle import Bundle, default_bundle_path
 from zsbir_infer.datasets import open_benchmark
 from zsbir_infer.datasets.synth import SynthConfig, generate_synthetic
-from zsbir_infer.preprocess import preprocess_batch
+from zsbir_infer.preprocess import load_image, preprocess_batch
 
 pytestmark = pytest.mark.torch
 
@@ -30,12 +30,17 @@ def _samples(root: Path) -> tuple[list[Path], list[Path]]:
     return [s.path for s in split.photos], [s.path for s in split.sketches]
 
 
-@pytest.mark.parametrize("size", [64, 96])
+# The photos are 96 px JPEGs: at 48 px the runtime decodes them at 1/2 scale straight to the target, at
+# 32 px at 1/2 scale and then resizes, at 64 and 96 px at full size.
+@pytest.mark.parametrize("size", [32, 48, 64, 96])
 def test_trainer_eval_tensors_equal_runtime_preprocessing(tiny_bench: Path, size: int) -> None:
     from zsbir_export.train.data import ImageCache, iter_eval_batches, make_spec
 
     spec = make_spec(size)
     split = open_benchmark(tiny_bench).split("all")
+    photo = split.photos[0].path
+    drafted = load_image(photo, target_size=(size, size)).size
+    assert (drafted == (48, 48)) == (size in (32, 48)), drafted  # reduced-size decoding happens where expected
     for samples in (split.photos, split.sketches):
         for cache in (None, ImageCache()):
             trained = np.concatenate([b.numpy() for b in iter_eval_batches(samples, spec, cache, batch_size=4)])

@@ -51,19 +51,30 @@ def make_spec(size: int) -> dict[str, Any]:
 
 
 class ImageCache:
-    """Decoded images kept in memory (benchmark images are small; decoding dominates otherwise)."""
+    """Decoded images kept in memory (benchmark images are small; decoding dominates otherwise).
+
+    Two kinds of entry: ``get(path)`` is the full-size decode that training augments (augmentation
+    works on the full image, then ``preprocess_into`` resizes); ``get(path, target_size=(h, w))`` is
+    the decode the runtime does for a model of that input size (:func:`load_image` with
+    ``target_size``, which lets JPEGs decode at reduced size), used by :func:`iter_eval_batches` so
+    that evaluation tensors equal the runtime's exactly.
+    """
 
     def __init__(self, max_items: int = 200_000) -> None:
-        self._items: dict[str, Image.Image] = {}
+        self._items: dict[str | tuple[str, tuple[int, int]], Image.Image] = {}
         self.max_items = max_items
 
-    def get(self, path: str) -> Image.Image:
-        """The decoded RGB image at ``path`` (decoded once)."""
-        img = self._items.get(path)
+    def get(self, path: str, target_size: tuple[int, int] | None = None) -> Image.Image:
+        """The decoded RGB image at ``path`` (decoded once): full size, or as the runtime decodes it for
+        a ``target_size`` ``(height, width)`` input."""
+        key: str | tuple[str, tuple[int, int]] = (
+            path if target_size is None else (path, (int(target_size[0]), int(target_size[1])))
+        )
+        img = self._items.get(key)
         if img is None:
-            img = load_image(path)
+            img = load_image(path, target_size=target_size)
             if len(self._items) < self.max_items:
-                self._items[path] = img
+                self._items[key] = img
         return img
 
 
@@ -195,7 +206,11 @@ def render_batch(
     augment: bool = True,
     n_views: int = 0,
 ) -> Batch:
-    """Decode, augment and normalize the images of ``plan`` into tensors."""
+    """Decode, augment and normalize the images of ``plan`` into tensors.
+
+    Images are decoded at full size (no reduced-size JPEG decoding): the augmentations work on the
+    whole image and ``preprocess_into`` resizes afterwards. Evaluation (:func:`iter_eval_batches`)
+    decodes like the runtime instead."""
     s = as_spec(spec)
     samples = [split.sketches[i] for i in plan.sketches] + [split.photos[i] for i in plan.photos]
     n = len(samples)
@@ -216,13 +231,20 @@ def render_batch(
 def iter_eval_batches(
     samples: Sequence[Any], spec: PreprocessSpec | dict[str, Any], cache: ImageCache | None, batch_size: int
 ) -> Iterator[Tensor]:
-    """Preprocessed (no augmentation) image batches for evaluation."""
+    """Preprocessed (no augmentation) image batches for evaluation.
+
+    Images are decoded exactly as the runtime decodes them (``load_image(path, target_size=spec.size)``,
+    reduced-size JPEG decoding included), so these tensors equal ``zsbir_infer.preprocess`` output for
+    the same files bit for bit (``tests/test_parity.py``). Training batches (:func:`render_batch`)
+    decode at full size instead: augmentation needs the whole image.
+    """
     s = as_spec(spec)
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
         arr = np.empty((len(chunk), 3, s.height, s.width), dtype=np.float32)
         for k, sample in enumerate(chunk):
-            img = cache.get(str(sample.path)) if cache is not None else load_image(sample.path)
+            path = str(sample.path)
+            img = cache.get(path, s.size) if cache is not None else load_image(path, target_size=s.size)
             preprocess_into(img, s, arr[k])
         yield torch.from_numpy(arr)
 
