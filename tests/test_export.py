@@ -244,7 +244,9 @@ def test_int8_qdq_structure(tmp_path: Path) -> None:
         (np.arange(16) % 2).astype(np.int64),
         np.full(16, -1, dtype=np.int64),
     )
-    report = quantize_int8(tmp_path / "m.onnx", tmp_path / "q.onnx", calib, method="percentile", batch_size=4)
+    report = quantize_int8(
+        tmp_path / "m.onnx", tmp_path / "q.onnx", calib, method="percentile", batch_size=4, float_policy="none"
+    )
     assert report.per_domain == {"photo": 8, "sketch": 8}
     q = onnx.load(str(tmp_path / "q.onnx"))
     g = q.graph
@@ -261,6 +263,9 @@ def test_int8_qdq_structure(tmp_path: Path) -> None:
     # weights per output channel: one scale per filter
     w_scale = inits[producer[convs[0].input[1]].input[1]]
     assert w_scale.ndim == 1 and w_scale.size == 16
+    # Q/DQ on the inputs of the heavy ops only, never on their outputs (TensorRT's recommended placement)
+    heavy_outputs = {o for n in g.node if n.op_type in ("Conv", "Gemm", "MatMul") for o in n.output}
+    assert not any(n.input[0] in heavy_outputs for n in qnodes)
     # the domain input and the normalization stay float: nothing quantizes them
     assert not any("domain" in n.input for n in qnodes)
     l2 = next(n for n in g.node if n.op_type == "ReduceL2")
@@ -284,8 +289,10 @@ def test_int8_calibration_methods_ranges(tmp_path: Path) -> None:
     images[0, 0, 0, 0] = 9.0  # one outlier in ~2e5 values: min-max must cover it, the clipping methods should not
     calib = ImageSet(images, (np.arange(64) % 2).astype(np.int64), np.full(64, -1, dtype=np.int64))
     scales: dict[str, dict[str, float]] = {}
-    for method in ("minmax", "percentile", "entropy"):
-        quantize_int8(tmp_path / "m.onnx", tmp_path / f"{method}.onnx", calib, method=method, batch_size=16)
+    for method in ("minmax", "percentile", "entropy", "mse"):
+        quantize_int8(
+            tmp_path / "m.onnx", tmp_path / f"{method}.onnx", calib, method=method, batch_size=16, float_policy="none"
+        )
         g = onnx.load(str(tmp_path / f"{method}.onnx")).graph
         inits = {i.name: numpy_helper.to_array(i) for i in g.initializer}
         scales[method] = {n.input[0]: float(inits[n.input[1]]) for n in g.node if n.op_type == "QuantizeLinear"}
@@ -296,7 +303,9 @@ def test_int8_calibration_methods_ranges(tmp_path: Path) -> None:
     assert 4.5 < expected < 5.0
     assert scales["percentile"]["image"] * 127 == pytest.approx(expected, abs=0.05)
     assert scales["entropy"]["image"] < 0.6 * scales["minmax"]["image"]
-    for method in ("percentile", "entropy"):
+    # mse: a threshold inside the observed range that clips the lone outlier too
+    assert scales["mse"]["image"] < 0.8 * scales["minmax"]["image"]
+    for method in ("percentile", "entropy", "mse"):
         assert all(scales[method][k] <= scales["minmax"][k] * (1 + 1e-6) for k in scales["minmax"])
 
 
@@ -311,11 +320,22 @@ def test_int8_sensitivity_fallback(tmp_path: Path) -> None:
         np.full(24, -1, dtype=np.int64),
     )
     # reachable target: nothing falls back
-    easy = quantize_int8(tmp_path / "m.onnx", tmp_path / "a.onnx", calib, max_float_layers=3, target_overlap=0.0)
+    easy = quantize_int8(
+        tmp_path / "m.onnx", tmp_path / "a.onnx", calib, max_float_layers=3, target_overlap=0.0, float_policy="none"
+    )
     assert easy.fallback_nodes == [] and easy.fallback_report["initial"] == easy.fallback_report["final"]
+    assert easy.fallback_report["measured_on"] == "calibration images (optimistic)"
     # unreachable target: exactly max_float_layers layers, the most sensitive first, end up in float
-    hard = quantize_int8(tmp_path / "m.onnx", tmp_path / "b.onnx", calib, max_float_layers=2, target_overlap=1.01)
+    hard = quantize_int8(
+        tmp_path / "m.onnx", tmp_path / "b.onnx", calib, max_float_layers=2, target_overlap=1.01, float_policy="none"
+    )
     assert len(hard.fallback_nodes) == 2
+    assert hard.fallback_report["reached_target"] is False
+    assert [s["float_layers"] for s in hard.fallback_report["steps"]] == [
+        [],
+        hard.fallback_nodes[:1],
+        hard.fallback_nodes,
+    ]
     sens = hard.fallback_report["sensitivity_top"]
     assert list(sens)[:2] == hard.fallback_nodes and sens[hard.fallback_nodes[0]] >= sens[hard.fallback_nodes[1]]
     g = onnx.load(str(tmp_path / "b.onnx")).graph
@@ -430,8 +450,20 @@ def test_bundle_all_precisions_with_benchmark(tmp_path: Path, bench: Path) -> No
     } <= names
     cal = m["calibration"]
     assert cal["method"] == "percentile" and cal["format"] == "QDQ" and cal["percentile"] == 99.999
-    assert cal["per_domain"] == {"photo": 12, "sketch": 12}
+    # one of the 4 seen classes is the holdout: 3 classes x 6 photos, 3 x 3 sketches are left to calibrate
+    assert cal["per_domain"] == {"photo": 12, "sketch": 9}
     assert cal["source"]["kind"] == "benchmark" and cal["source"]["calibration_split"] == "seen"
+    split = cal["split"]
+    assert split["calibration_pool"] == {"photo": 18, "sketch": 9} and split["holdout_pool"] == {
+        "photo": 6,
+        "sketch": 3,
+    }
+    assert split["calibration_images"] == {"photo": 12, "sketch": 9} and split["holdout_images"] == {
+        "photo": 6,
+        "sketch": 3,
+    }
+    assert len(split["holdout_classes"]) == 1 and split["evaluation"] == f"benchmark {bench}, unseen split"
+    assert cal["float_policy"] == "first-last" and cal["qdq_placement"].startswith("inputs only")
 
 
 def test_bundle_fp32_unconditioned_random_samples(tmp_path: Path) -> None:
@@ -464,8 +496,12 @@ def test_bundle_plain_calibration_folder(tmp_path: Path, bench: Path) -> None:
     result = export_bundle(tiny(True), config_for(True), tmp_path / "b", options, source=SOURCE)
     v = result.manifest["verification"]
     assert v["evaluation"]["labelled"] is False
-    assert v["evaluation"]["source"] == f"folder {plain}, images not used for calibration"
-    assert v["evaluation"]["queries"] == 5 and v["evaluation"]["gallery"] == 5  # 10 per domain, 5 calibrate
+    assert v["evaluation"]["source"] == f"folder {plain}, images not used for calibration or the holdout"
+    # 10 per domain: 2 held out, 5 of the other 8 calibrate, 3 verify
+    assert v["evaluation"]["queries"] == 3 and v["evaluation"]["gallery"] == 3
+    split = result.manifest["calibration"]["split"]
+    assert split["holdout_images"] == {"photo": 2, "sketch": 2}
+    assert split["calibration_images"] == {"photo": 5, "sketch": 5}
     assert "retrieval" not in v["int8"] and 0.0 <= v["int8"]["top10_overlap"] <= 1.0
     assert result.manifest["calibration"]["method"] == "minmax"
 
@@ -522,13 +558,15 @@ def test_failed_verification_is_not_a_bundle(tmp_path: Path, bench: Path) -> Non
     assert err.value.failed_dir == failed
     manifest = json.loads((failed / "manifest.json").read_text())
     assert manifest["verification"]["passed"] is False
-    # the sensitivity fallback measured with the verification's own overlap (its target is capped at 1.0: when
-    # the int8 rankings already match fp32 exactly there is nothing to fall back, else it spends its budget)
+    # the sensitivity fallback measured on the holdout, never on the verification's images (its target is
+    # capped at 1.0: when the int8 rankings already match fp32 there is nothing to fall back, else it spends
+    # its budget on the layers left after the first/last policy)
     fb = manifest["calibration"]["sensitivity_fallback"]
-    assert "unseen split" in fb["measured_on"] and fb["target"] == 1.0
+    assert fb["measured_on"].startswith("holdout: seeded choice of 20% of the seen classes") and fb["target"] == 1.0
+    assert "unseen" not in fb["measured_on"]
     nodes = manifest["calibration"]["sensitivity_fallback_nodes"]
-    assert (fb["initial"] >= 1.0 and nodes == []) or len(nodes) == 2
-    assert fb["final"] == pytest.approx(manifest["verification"]["int8"]["top10_overlap"])
+    assert (fb["initial"] >= 1.0 and nodes == []) or (nodes and nodes == list(fb["sensitivity_top"])[: len(nodes)])
+    assert fb["final"] == fb["steps"][-1]["score"] == fb["steps"][-1]["lower_bound"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.failed"]
 
 
@@ -878,7 +916,8 @@ def test_cli_export_writes_bundle(tmp_path: Path, bench: Path, fake_loader: None
     [
         (["--precision", "int8"], "INT8 needs calibration images: pass --calib DIR"),
         (["--precision", "fp64"], "give a comma-separated list of fp32, fp16, int8"),
-        (["--calib-method", "mse"], "Invalid value for '--calib-method'"),
+        (["--calib-method", "kl"], "Invalid value for '--calib-method'"),
+        (["--int8-float-policy", "all"], "Invalid value for '--int8-float-policy'"),
         (["--precision", "int8", "--calib", "/no/such/folder"], "calibration folder does not exist"),
         (["--opt-batch", "64", "--max-batch", "8"], "1 <= --opt-batch <= --max-batch"),
         (["--default"], "either CHECKPOINT or --default"),

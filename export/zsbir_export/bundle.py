@@ -23,24 +23,29 @@ from pathlib import Path
 from typing import Any
 
 from zsbir_export.calibration import (
+    HOLDOUT_FRACTION,
     CalibrationError,
     DataSource,
+    HoldoutSplit,
     ImageSet,
     load_images,
     open_source,
     pick,
     random_images,
+    split_holdout,
 )
 from zsbir_export.onnx_export import DEFAULT_OPSET, DOMAIN_INPUT, EMBEDDING_OUTPUT, IMAGE_INPUT, Exporter
-from zsbir_export.quantize import CALIB_METHODS, CalibMethod
+from zsbir_export.quantize import CALIB_METHODS, FLOAT_POLICIES, CalibMethod, FloatPolicy, Measure
 from zsbir_export.verify import CheckResult, Tolerances
 
 PRECISIONS = ("fp32", "fp16", "int8")
 MODEL_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
 FORMAT = "zsbir-bundle"
 FORMAT_VERSION = 1
-# The INT8 fallback aims this far above the verification's overlap limit (it measures the same overlap, on the
-# same evaluation images, so only a small safety margin is needed).
+# The INT8 sensitivity fallback stops when the *lower prediction bound* of the top-10 overlap on the holdout
+# (held-out seen classes; see calibration.split_holdout and verify.overlap_estimate) is at least this far
+# above the verification's overlap limit, and the holdout |delta mAP@all| is within its limit. The bound
+# already allows for another set of classes behaving differently; the margin only absorbs rounding.
 FALLBACK_MARGIN = 0.005
 Log = Callable[[str], None]
 
@@ -67,8 +72,11 @@ class ExportOptions:
     precisions: Sequence[str] = ("fp32",)
     calib_dir: Path | None = None
     calib_count: int = 512
-    calib_method: CalibMethod = "percentile"
+    calib_method: CalibMethod = "mse"
     int8_fallback: int = 8
+    int8_float_policy: FloatPolicy = "first-last"
+    holdout_fraction: float = HOLDOUT_FRACTION
+    holdout_count: int | None = 1000
     verify_count: int = 32
     eval_count: int | None = 1000
     trt: bool = False
@@ -102,6 +110,14 @@ class ExportOptions:
             raise BundleError(f"calibration folder does not exist: {self.calib_dir}")
         if self.calib_method not in CALIB_METHODS:
             raise BundleError(f"unknown calibration method {self.calib_method!r}; choose {', '.join(CALIB_METHODS)}")
+        if self.int8_float_policy not in FLOAT_POLICIES:
+            raise BundleError(
+                f"unknown INT8 float policy {self.int8_float_policy!r}; choose {', '.join(FLOAT_POLICIES)}"
+            )
+        if not 0.0 < self.holdout_fraction < 1.0:
+            raise BundleError(f"the holdout fraction must be in (0, 1), got {self.holdout_fraction}")
+        if self.holdout_count is not None and self.holdout_count < 1:
+            raise BundleError(f"the holdout image count must be positive, got {self.holdout_count}")
         if self.int8_fallback < 0:
             raise BundleError(
                 f"--int8-fallback must be 0 (off) or a positive number of layers, got {self.int8_fallback}"
@@ -332,13 +348,27 @@ def _build(
     calibration_entry: dict[str, Any] | None = None
     evaluation: ImageSet | None = None
     evaluation_source = ""
+    split: HoldoutSplit | None = None
     if data is not None:
-        evaluation, evaluation_source = _evaluation_set(data, preprocess, options)
+        trained = config.get("class_names")
+        split = split_holdout(
+            data,
+            fraction=options.holdout_fraction,
+            seed=options.seed,
+            trained_classes=[str(c) for c in trained] if isinstance(trained, list) else None,
+        )
+        evaluation, evaluation_source = _evaluation_set(data, split, preprocess, options)
     if "int8" in precisions:
-        assert data is not None  # validate() guarantees --calib with int8
+        assert data is not None and split is not None  # validate() guarantees --calib with int8
         per_domain = max(1, options.calib_count // 2)
         say(f"loading up to {per_domain} calibration images per domain from {data.root} ...")
-        calib = load_images(data.calibration, preprocess, per_domain, seed=options.seed)
+        calib = load_images(split.calibration, preprocess, per_domain, seed=options.seed)
+        holdout: ImageSet | None = None
+        if split.usable():
+            holdout = load_images(split.holdout, preprocess, options.holdout_count, seed=options.seed + 2)
+        _check_disjoint(calib, holdout, evaluation)
+        check = _holdout_check(tmp / MODEL_FILES["fp32"], holdout, options.tolerances)
+        holdout_source = f"holdout: {split.rule}" if check is not None else ""
         say(f"calibrating INT8 ({options.calib_method}) on {len(calib)} images ...")
         report = quantize_int8(
             tmp / MODEL_FILES["fp32"],
@@ -347,15 +377,38 @@ def _build(
             method=options.calib_method,
             max_float_layers=options.int8_fallback,
             target_overlap=min(1.0, options.tolerances.int8_min_top10_overlap + FALLBACK_MARGIN),
-            check=_overlap_check(tmp / MODEL_FILES["fp32"], evaluation),
+            check=check,
+            check_source=(
+                f"{holdout_source} ({len(holdout)} images), lower prediction bound of the top-10 overlap"
+                if holdout is not None and check is not None
+                else ""
+            ),
+            float_policy=options.int8_float_policy,
         )
         if report.fallback_nodes:
             say(f"  kept {len(report.fallback_nodes)} sensitive layer(s) in float: {', '.join(report.fallback_nodes)}")
-        calibration_entry = {**report.to_dict(), "source": data.describe(), "seed": options.seed}
-        if report.fallback_report.get("measured_on") == "caller's check":
-            calibration_entry["sensitivity_fallback"]["measured_on"] = (
-                f"the verification's int8 top-10 overlap ({evaluation_source})"
-            )
+        calibration_entry = {
+            **report.to_dict(),
+            "source": data.describe(),
+            "seed": options.seed,
+            "split": {
+                **split.describe(),
+                "calibration_images": {"photo": calib.count("photo"), "sketch": calib.count("sketch")},
+                "holdout_images": {
+                    "photo": holdout.count("photo") if holdout is not None else 0,
+                    "sketch": holdout.count("sketch") if holdout is not None else 0,
+                },
+                "evaluation": evaluation_source,
+                "disjoint": "calibration, holdout and evaluation images are pairwise disjoint"
+                if data.evaluation is not None
+                else "the holdout is disjoint from calibration and evaluation images",
+                "used_for": {
+                    "calibration": "activation ranges; ranking of layers by sensitivity",
+                    "holdout": "the sensitivity fallback's stop criterion",
+                    "evaluation": "the verification report only",
+                },
+            },
+        }
 
     if data is not None and evaluation is not None and len(evaluation) >= 2:
         samples = _subsample(evaluation, options.verify_count, options.seed)
@@ -401,22 +454,47 @@ def _build(
     return ExportResult(out, manifest, checks)
 
 
-def _overlap_check(fp32_path: Path, evaluation: ImageSet | None) -> Callable[[Path], float] | None:
-    """The verification's INT8 overlap measure (top-10 sketch->photo overlap with fp32 on the evaluation set),
-    for the quantizer's sensitivity fallback; None without an evaluation set with both domains."""
-    if evaluation is None or evaluation.count("photo") == 0 or evaluation.count("sketch") == 0:
+def _holdout_check(fp32_path: Path, holdout: ImageSet | None, tolerances: Tolerances) -> _HoldoutCheck | None:
+    """The sensitivity fallback's measure on the holdout; None without a holdout of both domains."""
+    if holdout is None or holdout.count("photo") == 0 or holdout.count("sketch") == 0:
         return None
-    from zsbir_export.verify import OnnxEmbedder, embed_all, topk_overlap
+    return _HoldoutCheck(fp32_path, holdout, tolerances)
 
-    q = evaluation.domains == 0
-    g = evaluation.domains == 1
-    base = embed_all(OnnxEmbedder(fp32_path), evaluation)
 
-    def check(path: Path) -> float:
-        emb = embed_all(OnnxEmbedder(path), evaluation)
-        return topk_overlap(base[q], base[g], emb[q], emb[g], k=10)
+class _HoldoutCheck:
+    """``check(path) -> Measure``: a lower prediction bound of the int8 top-10 overlap with fp32 on the holdout
+    (see :func:`zsbir_export.verify.overlap_estimate`), and, with labels, the holdout |delta mAP@all|."""
 
-    return check
+    def __init__(self, fp32_path: Path, data: ImageSet, tolerances: Tolerances) -> None:
+        from zsbir_export.verify import OnnxEmbedder, embed_all, retrieval_metrics
+
+        self.data = data
+        self.tolerances = tolerances
+        self.labelled = bool((data.labels >= 0).all())
+        self.base = embed_all(OnnxEmbedder(fp32_path), data)
+        self.base_map = retrieval_metrics(self.base, data)["map_all"] if self.labelled else None
+
+    def __call__(self, path: Path) -> Measure:
+        from zsbir_export.verify import OnnxEmbedder, embed_all, overlap_estimate, retrieval_metrics
+
+        emb = embed_all(OnnxEmbedder(path), self.data)
+        details: dict[str, Any] = dict(overlap_estimate(self.base, emb, self.data))
+        ok = True
+        if self.base_map is not None:
+            delta = float(retrieval_metrics(emb, self.data)["map_all"] - self.base_map)
+            details["delta_map_all"] = delta
+            ok = abs(delta) <= self.tolerances.int8_max_map_delta
+        return Measure(float(details["lower_bound"]), ok, details)
+
+
+def _check_disjoint(calib: ImageSet, holdout: ImageSet | None, evaluation: ImageSet | None) -> None:
+    """Refuse to go on if the holdout shares an image with calibration or evaluation (a bug, never expected)."""
+    if holdout is None:
+        return
+    held = set(holdout.paths)
+    for name, other in (("calibration", calib), ("evaluation", evaluation)):
+        if other is not None and held & set(other.paths):
+            raise BundleError(f"internal error: the INT8 holdout shares images with the {name} set")
 
 
 def _subsample(data: ImageSet, per_domain: int, seed: int) -> ImageSet:
@@ -434,13 +512,13 @@ def _subsample(data: ImageSet, per_domain: int, seed: int) -> ImageSet:
 
 
 def _evaluation_set(
-    data: DataSource, preprocess: dict[str, dict[str, Any]], options: ExportOptions
+    data: DataSource, split: HoldoutSplit, preprocess: dict[str, dict[str, Any]], options: ExportOptions
 ) -> tuple[ImageSet, str]:
-    """The images of the retrieval checks and where they come from.
+    """The images of the retrieval checks and where they come from; never the holdout's.
 
     Benchmark: the unseen split (classes calibration never saw), up to ``eval_count`` images per domain.
-    Plain folder: the images calibration does not use, or, when the folder is too small for that, all of
-    them (the description says so).
+    Plain folder: the images neither calibration nor the holdout uses, or, when the folder is too small for
+    that, all non-holdout images (the description says so).
     """
     if data.evaluation is not None:
         images = load_images(data.evaluation, preprocess, options.eval_count, seed=options.seed + 1)
@@ -448,14 +526,18 @@ def _evaluation_set(
     per_domain = max(1, options.calib_count // 2)
     rest: dict[str, list[Any]] = {}
     held_out = True
-    for domain, items in data.calibration.items():
+    for domain, items in split.calibration.items():
         chosen = {str(it.path) for it in pick(items, per_domain, options.seed, domain)}
         rest[domain] = [it for it in items if str(it.path) not in chosen]
         if not rest[domain]:
             rest[domain] = list(items)
             held_out = False
     images = load_images(rest, preprocess, options.eval_count, seed=options.seed + 1)
-    what = "images not used for calibration" if held_out else "all images, including calibration ones (too few)"
+    what = (
+        "images not used for calibration or the holdout"
+        if held_out
+        else "all non-holdout images, including calibration ones (too few)"
+    )
     return images, f"folder {data.root}, {what}"
 
 

@@ -5,6 +5,13 @@ calibration images come from its *seen* split and verification from its *unseen*
 check does not reuse calibration data) or a plain folder with ``photo/`` and ``sketch/`` subfolders (images
 anywhere below them; the subfolder gives the domain). Both domains are always required, because a
 domain-conditioned model's activations differ between them.
+
+:func:`split_holdout` sets part of the calibration source aside as a *holdout*: the images on which the
+exporter measures its automatic choices (the INT8 sensitivity fallback). It is disjoint from the images that
+calibrate and from the images the verification reports on, so no reported number steers a choice. On a
+benchmark the holdout is made of whole seen *classes* (the classes the model was not trained on, when the
+checkpoint says which, else a seeded 20% of the seen classes), which mimics zero-shot retrieval better than
+held-out images of calibration classes; in a plain folder it is a seeded 20% of the images of each domain.
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ import numpy as np
 
 DOMAIN_TAGS: dict[str, int] = {"photo": 1, "sketch": 0}  # CONTRACTS §4
 DOMAINS: tuple[str, str] = ("photo", "sketch")
+HOLDOUT_FRACTION = 0.2
+_HOLDOUT_STREAM = 0x401D  # seeds the holdout choice apart from the calibration sample
 _IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 
 
@@ -128,6 +137,77 @@ def _require_both(items: Mapping[str, Sequence[_Item]], root: Path, what: str) -
             f"calibration data in {root} ({what}) has no {' and no '.join(missing)} images; "
             "INT8 calibration needs images of both domains"
         )
+
+
+@dataclass
+class HoldoutSplit:
+    """The calibration source split into a calibration pool and a disjoint holdout (see the module doc)."""
+
+    calibration: dict[str, list[_Item]]
+    holdout: dict[str, list[_Item]]
+    rule: str
+    holdout_classes: list[str] = field(default_factory=list)
+
+    def usable(self) -> bool:
+        """Whether the holdout has images of both domains (else nothing can be measured on it)."""
+        return all(self.holdout.get(d) for d in DOMAINS)
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-ready description for the manifest."""
+        out: dict[str, Any] = {
+            "rule": self.rule,
+            "calibration_pool": {d: len(self.calibration.get(d, [])) for d in DOMAINS},
+            "holdout_pool": {d: len(self.holdout.get(d, [])) for d in DOMAINS},
+        }
+        if self.holdout_classes:
+            out["holdout_classes"] = list(self.holdout_classes)
+        return out
+
+
+def split_holdout(
+    data: DataSource,
+    *,
+    fraction: float = HOLDOUT_FRACTION,
+    seed: int = 0,
+    trained_classes: Sequence[str] | None = None,
+) -> HoldoutSplit:
+    """Split ``data.calibration`` into a calibration pool and a holdout; both disjoint from ``data.evaluation``.
+
+    Benchmark: whole seen classes. If ``trained_classes`` (the checkpoint's training classes) leaves out at
+    least two seen classes, those classes are the holdout (zero-shot for the model); otherwise a seeded choice
+    of ``round(fraction * seen)`` classes (at least 1, at most all but one), topped up from the untrained
+    ones first. With a single seen class, or a plain folder: a seeded ``fraction`` of each domain's images
+    (none when a domain has fewer than 3).
+    """
+    if not 0.0 < fraction < 1.0:
+        raise CalibrationError(f"the holdout fraction must be in (0, 1), got {fraction}")
+    seen = data.classes.get("seen", [])
+    if data.kind == "benchmark" and len(seen) >= 2:
+        trained = set(trained_classes or [])
+        untrained = [c for c in seen if c not in trained] if trained & set(seen) else []
+        n = min(len(seen) - 1, max(1, round(fraction * len(seen))))
+        if 2 <= len(untrained) < len(seen):
+            held = set(untrained)
+            rule = "seen classes the checkpoint was not trained on"
+        else:
+            rng = np.random.default_rng([seed, _HOLDOUT_STREAM])
+            rest = [c for c in seen if c not in untrained]
+            extra = max(0, n - len(untrained))
+            held = set(untrained) | {rest[int(i)] for i in rng.choice(len(rest), size=extra, replace=False)}
+            rule = f"seeded choice of {fraction:.0%} of the seen classes (seed {seed})"
+        names = [c for c in seen if c in held]
+        calib = {d: [it for it in items if seen[it.label] not in held] for d, items in data.calibration.items()}
+        hold = {d: [it for it in items if seen[it.label] in held] for d, items in data.calibration.items()}
+        return HoldoutSplit(calib, hold, rule, names)
+    calib = {}
+    hold = {}
+    for domain, items in data.calibration.items():
+        n = int(fraction * len(items)) if len(items) >= 3 else 0
+        rng = np.random.default_rng([seed, _HOLDOUT_STREAM, DOMAIN_TAGS[domain]])
+        chosen = set(rng.choice(len(items), size=n, replace=False).tolist()) if n else set()
+        hold[domain] = [it for i, it in enumerate(items) if i in chosen]
+        calib[domain] = [it for i, it in enumerate(items) if i not in chosen]
+    return HoldoutSplit(calib, hold, f"seeded choice of {fraction:.0%} of the images of each domain (seed {seed})")
 
 
 def pick(items: Sequence[_Item], count: int | None, seed: int, domain: str) -> list[_Item]:
