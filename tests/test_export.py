@@ -150,6 +150,16 @@ def test_onnx_export_domain_input_dynamic_batch(tmp_path: Path, exporter: str) -
     assert np.abs(photo - sketch).max() > 1e-4
 
 
+def test_onnx_export_is_reproducible_and_free_of_source_locations(tmp_path: Path) -> None:
+    """The fingerprint hashes the file: it must not change with stack traces or line numbers of the source."""
+    model = tiny(True)
+    for name in ("a.onnx", "b.onnx"):
+        export_onnx(model, tmp_path / name, domain_conditioned=True, input_size=(SIZE, SIZE), exporter="dynamo")
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+    graph = onnx.load(str(tmp_path / "a.onnx")).graph
+    assert all(not n.doc_string and len(n.metadata_props) == 0 for n in graph.node)
+
+
 def test_onnx_export_unconditioned_has_no_domain_input(tmp_path: Path) -> None:
     export_onnx(
         tiny(False), tmp_path / "m.onnx", domain_conditioned=False, input_size=(SIZE, SIZE), exporter="torchscript"

@@ -137,6 +137,22 @@ def _set_batch_dim(model: onnx.ModelProto, names: set[str]) -> None:
             dim.dim_param = "batch"
 
 
+def strip_debug_info(model: onnx.ModelProto) -> None:
+    """Drop per-node doc strings and metadata (the dynamo exporter records Python stack traces and source
+    line numbers there), so the file, and the bundle fingerprint computed from it, depend only on the graph
+    and weights, not on where the model's source code happens to sit."""
+    graphs = [model.graph]
+    while graphs:
+        graph = graphs.pop()
+        for node in graph.node:
+            node.doc_string = ""
+            del node.metadata_props[:]
+            for attr in node.attribute:
+                if attr.HasField("g"):
+                    graphs.append(attr.g)
+                graphs.extend(attr.graphs)
+
+
 def export_onnx(
     model: nn.Module,
     path: str | Path,
@@ -210,6 +226,7 @@ def export_onnx(
         tmpdir.cleanup()
 
     _finalize_names(onnx_model, tmp_output)
+    strip_debug_info(onnx_model)
     _set_batch_dim(onnx_model, {*input_names, EMBEDDING_OUTPUT})
     onnx_model.producer_name = "zsbir-export"
     try:
