@@ -3,7 +3,7 @@
 
 One reproducible command (run from the repository root, in the project's virtual environment)::
 
-    python benchmarks/train_default.py            # about 15-30 min on a 2-core CPU
+    python benchmarks/train_default.py            # about 20 min on a 2-core CPU
     python benchmarks/train_default.py --no-install --work /tmp/zsbir-default   # try without touching assets
 
 Steps (each a ``zsbir`` command, recorded verbatim in the results):

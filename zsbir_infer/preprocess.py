@@ -33,7 +33,7 @@ draft) the mean absolute difference is 0.004-0.005 and the maximum 0.08-0.12 in 
 (about 1 and 30 grey levels); where the draft lands exactly on the target (512, 256 and 128 px to 64,
 448 to 224) the mean is 0.02-0.034 and the maximum 0.16-0.35, at hard edges. ``tests/test_preprocess.py``
 holds the first case to mean < 0.008 and max < 0.15 and the second to mean < 0.04 and max < 0.4.
-Retrieval does not measurably suffer: with the embedded default model (d738087ed5639023, 64 px) on
+Retrieval does not measurably suffer: with the former default model (fingerprint d738087ed5639023, 64 px) on
 the unseen split of the synthetic benchmark, mAP@all is 0.27660 with full decoding and 0.27659 with
 1/2-scale decoding of its 128 px photos, and on a 256 px rendering of it (1/4 scale) 0.2661 with
 ``DRAFT_MARGIN = 2`` and 0.2656 with 1 (paired bootstrap 95% interval of the change over the 500
