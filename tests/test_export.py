@@ -44,17 +44,10 @@ from zsbir_export.tensorrt_build import (  # noqa: E402
 from zsbir_export.verify import Tolerances, compare, topk_overlap  # noqa: E402
 
 from zsbir_infer.cli import main  # noqa: E402
+from zsbir_infer.preprocess import PreprocessSpec  # noqa: E402
 
 SIZE = 32
-SPEC = {
-    "size": [SIZE, SIZE],
-    "resize": "squash",
-    "interpolation": "bilinear",
-    "mean": [0.485, 0.456, 0.406],
-    "std": [0.229, 0.224, 0.225],
-    "color": "rgb",
-    "background": "white",
-}
+SPEC = PreprocessSpec(size=(SIZE, SIZE)).to_dict()  # squash, bilinear, ImageNet mean/std, RGB
 
 
 class TinyNet(nn.Module):

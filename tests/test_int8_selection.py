@@ -29,16 +29,10 @@ from zsbir_export.onnx_export import export_onnx  # noqa: E402
 from zsbir_export.quantize import mse_threshold, policy_float_nodes  # noqa: E402
 from zsbir_export.verify import Tolerances, overlap_estimate  # noqa: E402
 
+from zsbir_infer.preprocess import PreprocessSpec  # noqa: E402
+
 SIZE = 32
-SPEC = {
-    "size": [SIZE, SIZE],
-    "resize": "squash",
-    "interpolation": "bilinear",
-    "mean": [0.485, 0.456, 0.406],
-    "std": [0.229, 0.224, 0.225],
-    "color": "rgb",
-    "background": "white",
-}
+SPEC = PreprocessSpec(size=(SIZE, SIZE)).to_dict()  # squash, bilinear, ImageNet mean/std, RGB
 SOURCE = {"path": "tiny", "sha256": "0" * 64, "format": "zsbir", "method": "none"}
 
 
