@@ -194,7 +194,9 @@ def test_sigkill_during_an_incremental_run(tmp_path: Path) -> None:
 def test_ctrl_c_stops_cleanly_and_the_rerun_completes(tmp_path: Path) -> None:
     bundle = make_bundle(tmp_path / "bundle")[0]
     root = tmp_path / "photos"
-    rels = set(write_photos(root, 200, size=(96, 128)))
+    # enough photos that the run is still busy when SIGINT lands (200 finished within the signal's latency once
+    # decoding got faster)
+    rels = set(write_photos(root, 1500, size=(48, 64)))
     gal = tmp_path / "g"
     proc = subprocess.Popen(
         _cmd(root, gal, bundle), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
