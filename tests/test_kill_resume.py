@@ -194,12 +194,17 @@ def test_sigkill_during_an_incremental_run(tmp_path: Path) -> None:
 def test_ctrl_c_stops_cleanly_and_the_rerun_completes(tmp_path: Path) -> None:
     bundle = make_bundle(tmp_path / "bundle")[0]
     root = tmp_path / "photos"
-    # enough photos that the run is still busy when SIGINT lands (200 finished within the signal's latency once
-    # decoding got faster)
-    rels = set(write_photos(root, 1500, size=(48, 64)))
+    rels = set(write_photos(root, 200, size=(96, 128)))
     gal = tmp_path / "g"
+    # A shell without job control starts background jobs with SIGINT ignored, and Python then installs no
+    # KeyboardInterrupt handler; give the child the default disposition, as a terminal's Ctrl-C finds it.
     proc = subprocess.Popen(
-        _cmd(root, gal, bundle), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        _cmd(root, gal, bundle),
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 60
     while proc.poll() is None and _committed(gal) < 20 and time.monotonic() < deadline:
