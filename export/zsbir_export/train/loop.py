@@ -694,6 +694,8 @@ def train(
         log(f"resumed from {resume_path} after epoch {run.epoch}")
     last_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, int(stop_after))
     log_path = out / "log.jsonl"
+    # periodic validation: held-out seen classes when there are any, else (as the official code) the unseen ones
+    vkey, vsplit = ("val", run.val) if run.val is not None else ("unseen", run.unseen)
     while run.epoch < last_epoch:
         t0 = time.perf_counter()
         stats: dict[str, Any] = run.train_epoch()
@@ -703,14 +705,12 @@ def train(
             "seconds": round(time.perf_counter() - t0, 2),
         }
         if run.epoch % cfg.val_every == 0 or run.epoch == cfg.epochs:
-            key, split = ("val", run.val) if run.val is not None else ("unseen", run.unseen)
-            stats[key] = evaluate_split(run.model, split, run.spec, run.device, run.cache)
+            stats[vkey] = evaluate_split(run.model, vsplit, run.spec, run.device, run.cache)
         run.history.append(stats)
         _atomic_torch_save(run.state(), resume_path)
         with open(log_path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(stats) + "\n")
         msg = " ".join(f"{k}={v:.4f}" for k, v in stats.items() if isinstance(v, float))
-        vkey = "val" if run.val is not None else "unseen"
         val = stats.get(vkey, {}).get("map_all")
         log(f"epoch {run.epoch}/{cfg.epochs} {msg}" + (f" {vkey} mAP@all={val:.4f}" if val is not None else ""))
 
