@@ -40,20 +40,13 @@ from typing import Any
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from hardware import cpu_model
+
 ROOT = Path(__file__).resolve().parent
 PRECISIONS = ("fp32", "fp16", "int8")
 # The default synthetic benchmark as benchmarks/train_default.py leaves it, else data/synth (generated if absent).
 DEFAULT_BENCHES = (ROOT.parent / "build" / "default_model" / "synth", ROOT.parent / "data" / "synth")
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _ensure_bench(path: Path) -> Path:
@@ -277,7 +270,7 @@ def measure(bundle: Path, bench: Path, threads: int, reps: int) -> dict[str, Any
         "calibration": manifest.get("calibration"),
         "rows": rows,
         "machine": {
-            "cpu": _cpu_name(),
+            "cpu": cpu_model(),
             "cores": os.cpu_count(),
             "ort_threads": threads,
             "onnxruntime": onnxruntime.__version__,

@@ -10,17 +10,12 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from hardware import cpu_model  # a sibling module: the scripts that import this one run from benchmarks/
+
 
 def machine() -> dict[str, Any]:
     """CPU model, cores usable, memory, OS, Python and key package versions."""
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     mem = None
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():

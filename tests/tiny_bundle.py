@@ -17,16 +17,9 @@ from typing import Any
 import numpy as np
 
 from zsbir_infer.bundle import compute_fingerprint, sha256_file
+from zsbir_infer.preprocess import PreprocessSpec
 
-SPEC: dict[str, Any] = {
-    "size": [16, 16],
-    "resize": "squash",
-    "interpolation": "bilinear",
-    "mean": [0.485, 0.456, 0.406],
-    "std": [0.229, 0.224, 0.225],
-    "color": "rgb",
-    "background": "white",
-}
+SPEC: dict[str, Any] = PreprocessSpec(size=(16, 16)).to_dict()  # squash, bilinear, ImageNet mean/std, RGB
 
 
 @dataclass
