@@ -62,7 +62,7 @@ __global__ void __launch_bounds__(kThreads) merge_kernel(const skey_t* __restric
                                                          float* __restrict__ out_scores,
                                                          int32_t* __restrict__ out_dist,
                                                          int64_t* __restrict__ out_idx, int mode) {
-  extern __shared__ __align__(128) unsigned char smem[];
+  ZSBIR_DYNAMIC_SMEM(smem);
   Selector sel;
   make_selector(smem, 1, P, k, kMergeTile, &sel);
   sel.init();
@@ -111,7 +111,7 @@ int launch_merge(const skey_t* ws, int nq, int nchunks, int k, float* out_scores
   int st = cuda_status(
       cudaFuncSetAttribute(merge_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   if (st != ZSBIR_OK) return st;
-  merge_kernel<<<nq, kThreads, smem, stream>>>(ws, nchunks, k, P, out_scores, out_dist, out_idx, mode);
+  ZSBIR_LAUNCH(merge_kernel, nq, kThreads, smem, stream)(ws, nchunks, k, P, out_scores, out_dist, out_idx, mode);
   return cuda_status(cudaGetLastError());
 }
 

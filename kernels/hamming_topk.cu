@@ -20,7 +20,7 @@ __global__ void __launch_bounds__(kThreads) hamming_kernel(const uint64_t* __res
                                                            const uint64_t* __restrict__ codes, int nq, int n, int W,
                                                            int k, int P, int qg, int rows_per_chunk, int nchunks,
                                                            skey_t* __restrict__ ws) {
-  extern __shared__ __align__(128) unsigned char smem[];
+  ZSBIR_DYNAMIC_SMEM(smem);
   uint64_t* qsh = reinterpret_cast<uint64_t*>(smem);
   Selector sel;
   make_selector(smem + (static_cast<size_t>(qg) * W * sizeof(uint64_t) + 15) / 16 * 16, qg, P, k, kHamTile, &sel);
@@ -138,7 +138,7 @@ extern "C" int zsbir_hamming_topk(const void* query_codes, const void* codes, in
     if (st != ZSBIR_OK) return st;
     skey_t* wsk = static_cast<skey_t*>(ws.ptr);
     const dim3 grid(plan.nchunks, groups);
-    hamming_kernel<<<grid, kThreads, smem, s>>>(qc + q0 * W, gc, snq, n, W, kk, P, qg, plan.rows_per_chunk,
+    ZSBIR_LAUNCH(hamming_kernel, grid, kThreads, smem, s)(qc + q0 * W, gc, snq, n, W, kk, P, qg, plan.rows_per_chunk,
                                                 plan.nchunks, wsk);
     st = cuda_status(cudaGetLastError());
     if (st != ZSBIR_OK) return st;

@@ -8,6 +8,15 @@
 #include "select.cuh"
 #include "zsbir_kernels.h"
 
+// Every kernel launch and every dynamic shared-memory declaration goes through these two macros, so the same
+// sources also build for the CPU emulator (kernels/emu, -DZSBIR_EMULATE), which runs them on the host to test
+// their logic where no GPU is present.
+#ifdef ZSBIR_EMULATE
+#define ZSBIR_LAUNCH(kernel, grid, block, smem, stream) ::zsbir_emu::launcher(kernel, grid, block, smem, stream)
+#else
+#define ZSBIR_LAUNCH(kernel, grid, block, smem, stream) kernel<<<grid, block, smem, stream>>>
+#endif
+
 namespace zsbir {
 
 constexpr int64_t kMaxRows = 2147483647LL;  // Q, N < 2^31

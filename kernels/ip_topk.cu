@@ -100,7 +100,7 @@ __global__ void __launch_bounds__(kThreads) ip_simt_kernel(const __half* __restr
                                                            const float* __restrict__ scales, int nq, int n, int d,
                                                            int k, int P, int qg, int rows_per_chunk, int nchunks,
                                                            skey_t* __restrict__ ws) {
-  extern __shared__ __align__(128) unsigned char smem[];
+  ZSBIR_DYNAMIC_SMEM(smem);
   const T* __restrict__ gallery = static_cast<const T*>(gallery_raw);
   const int q0 = blockIdx.y * qg;
   const int nqb = min(qg, nq - q0);
@@ -258,7 +258,7 @@ __global__ void __launch_bounds__(kThreads) ip_wmma_kernel(const __half* __restr
   constexpr int FR = COLS / 16;         // accumulator fragments per warp
   static_assert(QB * WPQ == kWarps && FR * 16 * WPQ == kTensorTile, "bad tensor tile shape");
 
-  extern __shared__ __align__(128) unsigned char smem[];
+  ZSBIR_DYNAMIC_SMEM(smem);
   const T* __restrict__ gallery = static_cast<const T*>(gallery_raw);
   __half* qs = reinterpret_cast<__half*>(smem);
   __half* gs = qs + QT * kLdh;
@@ -418,7 +418,7 @@ int run_ip(const __half* queries, const T* gallery, const float* scales, int64_t
     skey_t* wsk = static_cast<skey_t*>(ws.ptr);
     const __half* qptr = queries + qs * d;
     const dim3 grid(plan.nchunks, groups);
-    kernel<<<grid, kThreads, smem, stream>>>(qptr, gallery, scales, snq, n, d, k, P, qg, plan.rows_per_chunk,
+    ZSBIR_LAUNCH(kernel, grid, kThreads, smem, stream)(qptr, gallery, scales, snq, n, d, k, P, qg, plan.rows_per_chunk,
                                              plan.nchunks, wsk);
     st = cuda_status(cudaGetLastError());
     if (st != ZSBIR_OK) return st;

@@ -15,6 +15,13 @@
 
 #include <cstdint>
 
+// The block's dynamic shared memory (see ZSBIR_LAUNCH in internal.cuh for why this is a macro).
+#ifdef ZSBIR_EMULATE
+#define ZSBIR_DYNAMIC_SMEM(name) unsigned char* name = ::zsbir_emu::dynamic_shared()
+#else
+#define ZSBIR_DYNAMIC_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
+#endif
+
 namespace zsbir {
 
 constexpr int kThreads = 256;
