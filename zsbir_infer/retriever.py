@@ -110,6 +110,19 @@ def resolve_model(gallery: Path, model: str | os.PathLike[str] | None) -> str | 
     return None
 
 
+def _gpu_code_bytes(code_bytes: int) -> int:
+    """Width of packed codes for the GPU Hamming kernels: a multiple of 8 bytes, at least 8."""
+    return max(8, -(-code_bytes // 8) * 8)
+
+
+def _pad_codes(codes: np.ndarray) -> np.ndarray:
+    """Packed codes widened with zero bytes to the GPU kernels' width (zeros do not change distances)."""
+    width = _gpu_code_bytes(codes.shape[1])
+    out = np.zeros((codes.shape[0], width), dtype=np.uint8)
+    out[:, : codes.shape[1]] = codes
+    return out
+
+
 def _is_embedding_array(x: Any) -> bool:
     return isinstance(x, np.ndarray) and np.issubdtype(x.dtype, np.floating) and x.ndim in (1, 2)
 
@@ -197,6 +210,12 @@ class Retriever:
             ok, why = gpu.availability()
         except Exception as exc:  # missing cuda-python, broken driver, ...
             ok, why = False, f"{type(exc).__name__}: {exc}"
+        if ok and self.gallery.storage == "itq":
+            from zsbir_infer.gpu.search import MAX_CODE_BYTES
+
+            if _gpu_code_bytes((self.gallery.n_bits + 7) // 8) > MAX_CODE_BYTES:
+                ok = False
+                why = f"the GPU kernels take codes of up to {8 * MAX_CODE_BYTES} bits, not {self.gallery.n_bits}"
         if not ok:
             self.device_note = f"device='cuda' unavailable ({why}); searching on the CPU"
             warnings.warn(self.device_note, RuntimeWarning, stacklevel=3)
@@ -212,13 +231,18 @@ class Retriever:
             return
         from zsbir_infer import gpu
 
-        live = self.gallery.indexed()
+        # In row-id order: the kernels break ties by the smaller position, the CPU search by the smaller row id.
+        live = sorted(self.gallery.indexed(), key=lambda item: item[1])
         ids = np.array([i for _, i in live], dtype=np.int64)
-        vecs = self.gallery.vectors(ids).astype(np.float16) if ids.size else np.zeros((0, self.gallery.dim), np.float16)
+        rows = self.gallery.vectors(ids) if ids.size else None
         with self._gpu_lock:
             if self._gpu is not None:
                 self._gpu.close()
-            self._gpu = gpu.GpuGallery(vecs, device="cuda") if ids.size else None
+                self._gpu = None
+            if rows is not None and self.gallery.storage == "itq":  # packed codes: a Hamming search
+                self._gpu = gpu.GpuGallery(codes=_pad_codes(rows), device="cuda")
+            elif rows is not None:
+                self._gpu = gpu.GpuGallery(rows.astype(np.float16), device="cuda")
             self._gpu_ids = ids
             self._paths = {i: rel for rel, i in live}
 
@@ -293,23 +317,27 @@ class Retriever:
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or int(k) < 1:
             raise RetrieverError(f"k must be a positive integer; got {k!r}")
         q = self.embed(queries, domain)
-        if self.device == "cuda":
-            raw = self._search_gpu(q, int(k))
-        else:
+        raw = self._search_gpu(q, int(k)) if self.device == "cuda" else None
+        if raw is None:  # the CPU, or more results than the GPU kernels give (k > gpu.MAX_K)
             use_exact = bool(exact) or len(self.gallery) < ANN_MIN_ROWS
             found = self.gallery.search(q, int(k), exact=use_exact, fingerprint=self.fingerprint)
             raw = [[(h.path, h.score, h.id) for h in row] for row in found]
         return [[self._hit(rel, s, i, r + 1) for r, (rel, s, i) in enumerate(row)] for row in raw]
 
-    def _search_gpu(self, q: np.ndarray, k: int) -> list[list[tuple[str, float, int]]]:
+    def _search_gpu(self, q: np.ndarray, k: int) -> list[list[tuple[str, float, int]]] | None:
         from zsbir_infer import gpu
 
+        if k > gpu.MAX_K:
+            return None
         with self._gpu_lock:
             if self._gpu is None or self._gpu_ids is None:
                 return [[] for _ in range(q.shape[0])]
-            kk = min(k, gpu.MAX_K)
-            scores, idx = self._gpu.search(q.astype(np.float16), kk)
-            scores, idx = np.asarray(scores), np.asarray(idx)
+            if self.gallery.storage == "itq":  # scores as on the CPU: n_bits - 2 * Hamming distance
+                dist, idx = self._gpu.search_codes(_pad_codes(self.gallery.itq.transform(q)), k)
+                scores, idx = self.gallery.n_bits - 2.0 * np.asarray(dist, dtype=np.float64), np.asarray(idx)
+            else:
+                scores, idx = self._gpu.search(q.astype(np.float16), k)
+                scores, idx = np.asarray(scores), np.asarray(idx)
             ids, paths = self._gpu_ids, self._paths
         out: list[list[tuple[str, float, int]]] = []
         for qi in range(q.shape[0]):

@@ -68,8 +68,9 @@ class DeviceArray:
     shape: tuple[int, ...]
     dtype: np.dtype
     device_id: int | None = None
-    stream: int | None = None  # the producer's stream (CUDA Array Interface v3), if it named one
+    stream: int | None = None  # the stream the data is ready on: CAI v3 producer's, or the one DLPack was asked for
     keepalive: Any = field(default=None, repr=False)
+    readonly: bool = False  # the CUDA Array Interface producer marked the data read-only
 
     @property
     def ndim(self) -> int:
@@ -114,8 +115,9 @@ def _from_cai(obj: Any, name: str) -> DeviceArray:
     if not _is_contiguous(shape, None if strides is None else tuple(int(s) for s in strides), dtype.itemsize):
         raise ValueError(f"{name} must be C-contiguous (got strides {tuple(strides)} for shape {shape})")
     ptr = int(cai["data"][0] or 0)
+    readonly = bool(cai["data"][1]) if len(cai["data"]) > 1 else False
     stream = cai.get("stream")
-    return DeviceArray(ptr, shape, dtype, None, None if stream is None else int(stream), obj)
+    return DeviceArray(ptr, shape, dtype, None, None if stream is None else int(stream), obj, readonly)
 
 
 def _from_dlpack(obj: Any, name: str, stream: int) -> DeviceArray:
@@ -140,7 +142,8 @@ def _from_dlpack(obj: Any, name: str, stream: int) -> DeviceArray:
     if not _is_contiguous(shape, strides, dtype.itemsize):
         raise ValueError(f"{name} must be C-contiguous")
     ptr = int(t.data or 0) + int(t.byte_offset)
-    return DeviceArray(ptr, shape, dtype, int(t.device.device_id), None, (obj, capsule))
+    # the producer made the data ready on the stream we named (0 and 1 both mean the legacy default stream)
+    return DeviceArray(ptr, shape, dtype, int(t.device.device_id), int(stream or 0), (obj, capsule))
 
 
 def is_device_array(obj: Any) -> bool:

@@ -127,7 +127,20 @@ def _resolve_device(device: str, operands: Sequence[Operand | None]) -> Device:
         raise RuntimeError(f"device='cuda' requested but the GPU kernels cannot run: {reason}")
     if not ok and any(isinstance(op, DeviceArray) for op in operands):
         raise RuntimeError(f"inputs are CUDA device arrays but the GPU kernels cannot run: {reason}")
+    if ok:
+        _check_current_device(operands)
     return "cuda" if ok else "cpu"
+
+
+def _check_current_device(operands: Sequence[Operand | None]) -> None:
+    """Device arrays that say where they live (DLPack) must be on the current device."""
+    ids = {op.device_id for op in operands if isinstance(op, DeviceArray) and op.device_id is not None}
+    if not ids:
+        return
+    current = _cuda.current_device()
+    for dev in sorted(ids):
+        if dev != current:
+            raise ValueError(f"an input lives on CUDA device {dev} but the current device is {current}")
 
 
 def _to_host(x: Operand, stream: int) -> np.ndarray:
@@ -196,6 +209,8 @@ def _check_out(out: Any, shape: tuple[int, int], dtypes: tuple[Any, Any], stream
             raise TypeError(f"{name} must be {np.dtype(dt)}, got {op.dtype}")
         if isinstance(op, np.ndarray) and not (op.flags.c_contiguous and op.flags.writeable):
             raise ValueError(f"{name} must be a writeable C-contiguous array")
+        if isinstance(op, DeviceArray) and op.readonly:
+            raise ValueError(f"{name} is read-only (its __cuda_array_interface__ says so)")
         ops.append(op)
     return ops[0], ops[1]
 
@@ -321,11 +336,12 @@ def topk_ip(
     if path in ("tensor", "tensor32") and k > 256 and backend == "cuda":
         raise ValueError("the tensor-core path serves k <= 256; use path='auto' or 'simt'")
     if backend == "cuda":
-        return _ip_gpu(q, g, s, k, path, work, out_ops)
-    res = _cpu.topk_ip_cpu(
-        _to_host(q, work), _to_host(g, work), k, None if s is None else _to_host(s, work).astype(np.float32)
-    )
-    return _deliver(res, out_ops, work)
+        res = _ip_gpu(q, g, s, k, path, work, out_ops)
+    else:
+        _wait_for_producers(work, [q, g, s, *(out_ops or ())])
+        host_s = None if s is None else _to_host(s, work).astype(np.float32)
+        res = _deliver(_cpu.topk_ip_cpu(_to_host(q, work), _to_host(g, work), k, host_s), out_ops, work)
+    return res if out is None else (out[0], out[1])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -380,9 +396,11 @@ def hamming_topk(
     out_ops = None if out is None else _check_out(out, (nq, k), (np.int32, np.int64), work)
     backend = _resolve_device(device, [q, c, *(out_ops or ())])
     if backend == "cuda":
-        return _hamming_gpu(q, c, k, work, out_ops)
-    res = _cpu.hamming_topk_cpu(_to_host(q, work), _to_host(c, work), k)
-    return _deliver(res, out_ops, work)
+        res = _hamming_gpu(q, c, k, work, out_ops)
+    else:
+        _wait_for_producers(work, [q, c, *(out_ops or ())])
+        res = _deliver(_cpu.hamming_topk_cpu(_to_host(q, work), _to_host(c, work), k), out_ops, work)
+    return res if out is None else (out[0], out[1])
 
 
 # ----------------------------------------------------------------------------------------------------------
