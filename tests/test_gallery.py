@@ -417,6 +417,12 @@ def test_int8_storage(tmp_path: Path) -> None:
     g.close()
     with Gallery.open(tmp_path / "g") as g2:
         np.testing.assert_array_equal(g2.vectors(np.arange(1_500)), stored)
+        ids = np.array([1_499, 3, 1_000, 999])  # rows from both segments, in any order
+        rows, scales = g2.stored_rows(ids)  # as on disk: what a GPU gallery uploads
+        assert rows.dtype == np.int8 and scales is not None and scales.dtype == np.float32
+        np.testing.assert_array_equal(rows.astype(np.float32) * scales[:, None], stored[ids])
+        with pytest.raises(GalleryError):
+            g2.stored_rows([1_500])
 
 
 def test_itq_storage_hamming_search(tmp_path: Path) -> None:

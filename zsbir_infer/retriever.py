@@ -234,7 +234,8 @@ class Retriever:
         # In row-id order: the kernels break ties by the smaller position, the CPU search by the smaller row id.
         live = sorted(self.gallery.indexed(), key=lambda item: item[1])
         ids = np.array([i for _, i in live], dtype=np.int64)
-        rows = self.gallery.vectors(ids) if ids.size else None
+        # As stored: float16 rows, int8 rows with their per-row scales (the kernels' int8 path), or packed codes.
+        rows, scales = self.gallery.stored_rows(ids) if ids.size else (None, None)
         with self._gpu_lock:
             if self._gpu is not None:
                 self._gpu.close()
@@ -242,7 +243,7 @@ class Retriever:
             if rows is not None and self.gallery.storage == "itq":  # packed codes: a Hamming search
                 self._gpu = gpu.GpuGallery(codes=_pad_codes(rows), device="cuda")
             elif rows is not None:
-                self._gpu = gpu.GpuGallery(rows.astype(np.float16), device="cuda")
+                self._gpu = gpu.GpuGallery(rows, scales=scales, device="cuda")
             self._gpu_ids = ids
             self._paths = {i: rel for rel, i in live}
 

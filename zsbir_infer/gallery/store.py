@@ -970,6 +970,16 @@ class Gallery:
             raise GalleryError(f"row ids must be in [0, {snap.rows}); got {idx.min()}..{idx.max()}")
         return self._gather(snap, idx)
 
+    def stored_rows(self, ids: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Rows exactly as stored: ``(rows, scales)`` with float16 rows, int8 rows plus their float32 per-row
+        scales, or packed uint8 ITQ codes; ``scales`` is None except for int8 storage."""
+        snap = self._snapshot_now()
+        idx = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= snap.rows):
+            raise GalleryError(f"row ids must be in [0, {snap.rows}); got {idx.min()}..{idx.max()}")
+        parts = self._raw_rows(snap, idx)
+        return parts[0], (parts[1] if len(parts) > 1 else None)
+
     def _gather(self, snap: _Snapshot, idx: np.ndarray) -> np.ndarray:
         width = self._row_bytes[0][2][0]
         out_dtype = np.uint8 if self.storage == "itq" else np.float32
