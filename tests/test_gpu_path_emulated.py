@@ -21,7 +21,14 @@ from typing import Any
 import numpy as np
 import pytest
 from fake_cuda_runtime import EmulatedGpu, FakeCudaRuntime, cudaDeviceAttr, cudaError_t, cudaMemcpyKind, emulated_gpu
-from test_gpu_topk import check_topk, int_valued, ip_tolerance, ref_hamming, ref_topk_ip
+from test_gpu_topk import (
+    _DLManaged,
+    check_topk,
+    int_valued,
+    ip_tolerance,
+    ref_hamming,
+    ref_topk_ip,
+)
 
 from zsbir_infer import gpu
 from zsbir_infer.gpu import _cuda
@@ -115,28 +122,6 @@ class DevArray:
         if self.base:
             ok(self.rt.cudaFree(self.base))
             self.base = 0
-
-
-POISON_F32 = np.frombuffer(b"\x7f" * 4, np.float32)[0]
-POISON_I32 = np.frombuffer(b"\x7f" * 4, np.int32)[0]
-POISON_I64 = np.frombuffer(b"\x7f" * 8, np.int64)[0]
-
-
-class _DLManaged(ctypes.Structure):
-    _fields_ = [
-        ("data", ctypes.c_void_p),
-        ("device_type", ctypes.c_int32),
-        ("device_id", ctypes.c_int32),
-        ("ndim", ctypes.c_int32),
-        ("code", ctypes.c_uint8),
-        ("bits", ctypes.c_uint8),
-        ("lanes", ctypes.c_uint16),
-        ("shape", ctypes.POINTER(ctypes.c_int64)),
-        ("strides", ctypes.POINTER(ctypes.c_int64)),
-        ("byte_offset", ctypes.c_uint64),
-        ("manager_ctx", ctypes.c_void_p),
-        ("deleter", ctypes.c_void_p),
-    ]
 
 
 _DL_CODES = {"i": 0, "u": 1, "f": 2}

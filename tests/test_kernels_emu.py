@@ -23,7 +23,16 @@ from typing import Any
 
 import numpy as np
 import pytest
-from test_gpu_topk import check_topk, int_valued, ip_tolerance, ref_hamming, ref_topk_ip
+from test_gpu_topk import (
+    POISON_F32,
+    POISON_I32,
+    POISON_I64,
+    check_topk,
+    int_valued,
+    ip_tolerance,
+    ref_hamming,
+    ref_topk_ip,
+)
 
 from zsbir_infer.gpu import _cpu, _cuda
 
@@ -40,10 +49,6 @@ H100_SMEM = 232448  # opt-in shared memory per block: H100 227 KiB, A100 163 KiB
 A100_SMEM = 166912
 SM86_SMEM = 101376
 FORWARD, REVERSE, RANDOM, LOCKSTEP = 0, 1, 2, 3
-
-POISON_F32 = np.frombuffer(b"\x7f\x7f\x7f\x7f", np.float32)[0]
-POISON_I64 = np.frombuffer(b"\x7f" * 8, np.int64)[0]
-POISON_I32 = np.frombuffer(b"\x7f" * 4, np.int32)[0]
 
 
 def _build(target: str) -> None:
