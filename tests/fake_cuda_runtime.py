@@ -975,8 +975,9 @@ class EmulatorControls:
         self.lib.zsbir_emu_reset()
 
     def stats(self) -> list[int]:
-        """launches, blocks, last grid x/y/z, last and largest dynamic shared memory, live workspace blocks."""
-        out = (ctypes.c_longlong * 8)()
+        """launches, blocks, last grid x/y/z, last and largest dynamic shared memory, live workspace blocks,
+        largest workspace block, bytes read with streaming loads (see kernels/emu/emu.cpp)."""
+        out = (ctypes.c_longlong * 10)()
         self.lib.zsbir_emu_stats(out)
         return list(out)
 

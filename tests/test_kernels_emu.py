@@ -91,9 +91,10 @@ class Emu:
         return n, buf.value.decode()
 
     def stats(self) -> dict[str, int]:
-        out = (ctypes.c_longlong * 8)()
+        out = (ctypes.c_longlong * 10)()
         self.lib.zsbir_emu_stats(out)
-        keys = ("launches", "blocks", "grid_x", "grid_y", "grid_z", "smem", "max_smem", "live_workspace")
+        keys = ("launches", "blocks", "grid_x", "grid_y", "grid_z", "smem", "max_smem", "live_workspace",
+                "max_workspace", "streamed_bytes")  # fmt: skip
         return dict(zip(keys, (int(v) for v in out), strict=True))
 
     def topk_ip(
@@ -379,6 +380,39 @@ def test_more_chunks_than_one_wave_and_one_chunk(emu: Emu) -> None:
         assert emu.stats()["launches"] == 2  # stage 1 + merge
         grids.add(emu.stats()["blocks"] - 3)  # minus the merge kernel's one block per query
     assert len(grids) == 3, f"SM count did not change the number of chunks: {grids}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Traffic: the design's byte counts, which the roofline floors in benchmarks/README_gpu.md assume.
+
+
+@pytest.mark.parametrize("sms", [1, 132])
+def test_each_gallery_byte_is_streamed_once_per_query_group(emu: Emu, sms: int) -> None:
+    """Q <= 8 (one query group) reads the gallery exactly once, whatever the chunking; Q queries in groups of 8
+    read it ceil(Q / 8) times. The Q x N scores never reach device memory: the only workspace is k keys per
+    query and chunk."""
+    emu.configure(sms=sms)
+    rng = np.random.default_rng()
+    n, d, k = 5000, 64, 10
+    g = int_valued(rng, (n, d), -1, 1)
+    g8 = rng.integers(-128, 128, size=(n, d), dtype=np.int8)
+    for nq in (1, 8, 20):
+        q = int_valued(rng, (nq, d))
+        for gallery, scales, esize in ((g, None, 2), (g8, np.ones(n, np.float32), 1)):
+            emu.lib.zsbir_emu_reset()
+            st, _, _ = emu.topk_ip(q, gallery, k, "simt", scales=scales)
+            assert st == OK
+            stats = emu.stats()
+            groups = -(-nq // 8)
+            chunks = (stats["blocks"] - nq) // groups  # stage-1 blocks: chunks x query groups; merge: 1 per query
+            assert stats["streamed_bytes"] == groups * n * d * esize
+            assert stats["max_workspace"] == nq * chunks * k * 8 < nq * n * 4
+    codes = rng.integers(0, 256, size=(n, 16), dtype=np.uint8)
+    for nq in (1, 8, 9):
+        emu.lib.zsbir_emu_reset()
+        st, _, _ = emu.hamming(rng.integers(0, 256, size=(nq, 16), dtype=np.uint8), codes, k)
+        assert st == OK
+        assert emu.stats()["streamed_bytes"] == -(-nq // 8) * n * 16
 
 
 # ----------------------------------------------------------------------------------------------------------

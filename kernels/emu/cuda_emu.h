@@ -119,6 +119,8 @@ void sync_warp(unsigned int mask);
 void warp_exchange(const void* mine, void* out, size_t bytes, int src, unsigned int mask);
 // Record a fault (bad alignment, unsupported use): the launch then reports cudaErrorLaunchFailure.
 void fault(const char* what);
+// Add to the count of bytes read with streaming loads (__ldcs).
+void count_streamed(size_t bytes);
 // 4 KiB of scratch memory per warp (for warp-collective operations that compute once per warp).
 void* warp_scratch();
 // Warp-collective: fault unless every lane passes the same value (e.g. a WMMA pointer).
@@ -178,12 +180,15 @@ inline int atomicAdd(int* address, int value) {  // fibers of a block never run 
   return old;
 }
 
+// Streaming loads are how the kernels read the gallery: the emulator counts their bytes (zsbir_emu_stats), so
+// tests can check that a search reads each gallery byte as often as the design says (once for Q <= 8).
 template <typename T>
 T __ldcs(const T* p) {  // the device faults on a misaligned vector load; x86 would not
   if (reinterpret_cast<uintptr_t>(p) % alignof(T) != 0) {
     zsbir_emu::fault("__ldcs: misaligned global load");
     return T{};
   }
+  zsbir_emu::count_streamed(sizeof(T));
   return *p;
 }
 

@@ -66,6 +66,8 @@ struct Stats {
   dim3 last_grid{0, 0, 0};
   size_t last_smem = 0;
   size_t max_smem = 0;
+  size_t max_workspace = 0;       // largest cudaMallocAsync request
+  long long streamed_bytes = 0;   // bytes read with __ldcs
 };
 
 Config g_cfg;
@@ -293,6 +295,8 @@ unsigned char* dynamic_shared() { return g_smem; }
 
 void fault(const char* what) { record_fault(what); }
 
+void count_streamed(size_t bytes) { g_stats.streamed_bytes += static_cast<long long>(bytes); }
+
 void* warp_scratch() { return &g_scratch[static_cast<size_t>(g_current / 32) * 512]; }
 
 void sync_block() {
@@ -423,6 +427,7 @@ cudaError_t cudaMallocAsync(void** ptr, size_t bytes, cudaStream_t /*stream*/) {
   std::memset(p, kWorkFill, bytes);
   std::memset(p + bytes, kGuardFill, kGuardBytes);
   g_allocations[p] = bytes;
+  g_stats.max_workspace = std::max(g_stats.max_workspace, bytes);
   *ptr = p;
   return cudaSuccess;
 }
@@ -497,8 +502,8 @@ ZSBIR_EMU_API void zsbir_emu_reset() {
   zsbir_emu::g_stats = zsbir_emu::Stats{};
 }
 
-// Launch statistics since the last reset: launches, blocks, last grid (x, y, z), last and largest dynamic
-// shared memory, live workspace allocations.
+// Statistics since the last reset, into out[10]: launches, blocks, last grid (x, y, z), last and largest
+// dynamic shared memory, live workspace allocations, largest workspace allocation, bytes read with __ldcs.
 ZSBIR_EMU_API void zsbir_emu_stats(long long* out) {
   const zsbir_emu::Stats& s = zsbir_emu::g_stats;
   out[0] = s.launches;
@@ -509,4 +514,6 @@ ZSBIR_EMU_API void zsbir_emu_stats(long long* out) {
   out[5] = static_cast<long long>(s.last_smem);
   out[6] = static_cast<long long>(s.max_smem);
   out[7] = static_cast<long long>(zsbir_emu::g_allocations.size());
+  out[8] = static_cast<long long>(s.max_workspace);
+  out[9] = s.streamed_bytes;
 }
