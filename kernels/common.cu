@@ -14,7 +14,9 @@ int device_info(DeviceInfo* info) {
   if (st != ZSBIR_OK) return st;
   st = cuda_status(cudaDeviceGetAttribute(&info->sms, cudaDevAttrMultiProcessorCount, dev));
   if (st != ZSBIR_OK) return st;
-  return cuda_status(cudaDeviceGetAttribute(&info->smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  st = cuda_status(cudaDeviceGetAttribute(&info->smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  if (st != ZSBIR_OK) return st;
+  return cuda_status(cudaDeviceGetAttribute(&info->max_grid_y, cudaDevAttrMaxGridDimY, dev));
 }
 
 int keep_pool_memory() {

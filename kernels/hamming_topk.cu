@@ -128,7 +128,7 @@ extern "C" int zsbir_hamming_topk(const void* query_codes, const void* codes, in
 
   const uint64_t* qc = static_cast<const uint64_t*>(query_codes);
   const uint64_t* gc = static_cast<const uint64_t*>(codes);
-  const int64_t slice = static_cast<int64_t>(qg) * 32768;  // gridDim.y <= 65535
+  const int64_t slice = static_cast<int64_t>(qg) * dev.max_grid_y;  // one query group per gridDim.y
   for (int64_t q0 = 0; q0 < nq; q0 += slice) {
     const int snq = static_cast<int>(std::min<int64_t>(slice, nq - q0));
     const int groups = (snq + qg - 1) / qg;

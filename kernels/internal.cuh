@@ -28,6 +28,7 @@ inline int cuda_status(cudaError_t e) { return e == cudaSuccess ? ZSBIR_OK : ZSB
 struct DeviceInfo {
   int sms = 0;
   int smem_optin = 0;  // max dynamic shared memory per block after opt-in
+  int max_grid_y = 0;  // gridDim.y limit (65535 on every GPU so far); queries are run in slices under it
 };
 
 int device_info(DeviceInfo* info);

@@ -406,8 +406,8 @@ int run_ip(const __half* queries, const T* gallery, const float* scales, int64_t
   if (st != ZSBIR_OK) return st;
   if (bps < 1) return ZSBIR_ERR_SHARED_MEMORY;
 
-  // gridDim.y is limited to 65535: run the queries in slices.
-  const int64_t slice = static_cast<int64_t>(qg) * 32768;
+  // gridDim.y is limited (65535): run the queries in slices of at most that many query groups.
+  const int64_t slice = static_cast<int64_t>(qg) * dev.max_grid_y;
   for (int64_t qs = 0; qs < nq; qs += slice) {
     const int snq = static_cast<int>(std::min<int64_t>(slice, nq - qs));
     const int groups = (snq + qg - 1) / qg;

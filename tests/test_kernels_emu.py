@@ -71,6 +71,8 @@ def emu_lib() -> ctypes.CDLL:
     lib.zsbir_emu_reset.restype = None
     lib.zsbir_emu_stats.argtypes = [ctypes.POINTER(ctypes.c_longlong)]
     lib.zsbir_emu_stats.restype = None
+    lib.zsbir_emu_set_max_grid_y.argtypes = [ctypes.c_int]
+    lib.zsbir_emu_set_max_grid_y.restype = ctypes.c_int
     lib.zsbir_emu_selftest.argtypes = [ctypes.c_int, ctypes.c_void_p]
     lib.zsbir_emu_selftest.restype = ctypes.c_int
     return lib
@@ -380,6 +382,33 @@ def test_more_chunks_than_one_wave_and_one_chunk(emu: Emu) -> None:
         assert emu.stats()["launches"] == 2  # stage 1 + merge
         grids.add(emu.stats()["blocks"] - 3)  # minus the merge kernel's one block per query
     assert len(grids) == 3, f"SM count did not change the number of chunks: {grids}"
+
+
+@pytest.mark.parametrize("limit", [1, 2])
+def test_queries_beyond_the_grid_limit_run_in_slices(emu: Emu, limit: int) -> None:
+    """More query groups than gridDim.y allows (65535 on real GPUs, lowered here) run as several launches."""
+    assert emu.lib.zsbir_emu_set_max_grid_y(limit) == 0
+    rng = np.random.default_rng()
+    g = int_valued(rng, (700, 48), -1, 1)
+    for nq, path, per_group in ((37, "simt", 8), (150, "tensor", 64), (70, "tensor32", 32)):
+        q = int_valued(rng, (nq, 48), -3, 3)
+        emu.lib.zsbir_emu_reset()
+        st, s, i = emu.topk_ip(q, g, 20, path)
+        assert st == OK, (path, st)
+        slices = -(-nq // (per_group * limit))
+        assert emu.stats()["launches"] == 2 * slices  # stage 1 + merge per slice
+        _, val, idx = ref_topk_ip(q, g, 20)
+        np.testing.assert_array_equal(i, idx)
+        np.testing.assert_array_equal(s, val.astype(np.float32))
+    qc = rng.integers(0, 256, size=(19, 8), dtype=np.uint8)
+    c = rng.integers(0, 256, size=(600, 8), dtype=np.uint8)
+    emu.lib.zsbir_emu_reset()
+    st, dist, idx = emu.hamming(qc, c, 9)
+    assert st == OK
+    assert emu.stats()["launches"] == 2 * -(-19 // (8 * limit))
+    ref_d, ref_i = ref_hamming(qc, c, 9)
+    np.testing.assert_array_equal(idx, ref_i)
+    np.testing.assert_array_equal(dist, ref_d)
 
 
 # ----------------------------------------------------------------------------------------------------------

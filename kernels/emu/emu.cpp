@@ -47,6 +47,7 @@ enum class State { kRunnable, kBlockWait, kWarpWait, kDone };
 struct Config {
   int sms = 132;              // H100 SXM
   int smem_optin = 232448;    // 227 KiB per block after opt-in (H100); 228 KiB per SM
+  int max_grid_y = 65535;     // as on every GPU; tests lower it to exercise the query slicing
   Order order = Order::kForward;
 };
 
@@ -332,7 +333,7 @@ void launch(const void* func, dim3 grid, dim3 block, size_t smem, const std::fun
   }
   const unsigned long long threads = 1ull * block.x * block.y * block.z;
   if (threads < 1 || threads > 1024 || block.z > 64 || grid.x < 1 || grid.y < 1 || grid.z < 1 ||
-      grid.x > 2147483647u || grid.y > 65535u || grid.z > 65535u) {
+      grid.x > 2147483647u || grid.y > static_cast<unsigned>(g_cfg.max_grid_y) || grid.z > 65535u) {
     g_last_error = cudaErrorInvalidConfiguration;
     return;
   }
@@ -385,6 +386,9 @@ cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) 
       return cudaSuccess;
     case cudaDevAttrMaxSharedMemoryPerBlockOptin:
       *value = g_cfg.smem_optin;
+      return cudaSuccess;
+    case cudaDevAttrMaxGridDimY:
+      *value = g_cfg.max_grid_y;
       return cudaSuccess;
   }
   return cudaErrorInvalidValue;
@@ -484,8 +488,17 @@ ZSBIR_EMU_API int zsbir_emu_configure(int sms, int smem_optin, int order, unsign
   g_cfg.sms = sms;
   g_cfg.smem_optin = smem_optin;
   g_cfg.order = static_cast<zsbir_emu::Order>(order);
+  g_cfg.max_grid_y = 65535;
   zsbir_emu::g_rng.seed(seed);
   zsbir_emu::g_func_smem.clear();
+  return 0;
+}
+
+// Lower the device's gridDim.y limit (default 65535; reset by zsbir_emu_configure) so that tests reach the
+// host code's query slicing with a few queries. Returns 0, or 1 for a bad value.
+ZSBIR_EMU_API int zsbir_emu_set_max_grid_y(int limit) {
+  if (limit < 1 || limit > 65535) return 1;
+  g_cfg.max_grid_y = limit;
   return 0;
 }
 
