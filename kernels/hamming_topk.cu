@@ -138,8 +138,8 @@ extern "C" int zsbir_hamming_topk(const void* query_codes, const void* codes, in
     if (st != ZSBIR_OK) return st;
     skey_t* wsk = static_cast<skey_t*>(ws.ptr);
     const dim3 grid(plan.nchunks, groups);
-    ZSBIR_LAUNCH(hamming_kernel, grid, kThreads, smem, s)(qc + q0 * W, gc, snq, n, W, kk, P, qg, plan.rows_per_chunk,
-                                                plan.nchunks, wsk);
+    ZSBIR_LAUNCH(hamming_kernel, grid, kThreads, smem, s)(qc + q0 * W, gc, snq, n, W, kk, P, qg,
+                                                          plan.rows_per_chunk, plan.nchunks, wsk);
     st = cuda_status(cudaGetLastError());
     if (st != ZSBIR_OK) return st;
     st = launch_merge(wsk, snq, plan.nchunks, kk, nullptr, out_distances + q0 * kk, out_indices + q0 * kk, 1, s);

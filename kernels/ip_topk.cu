@@ -418,8 +418,8 @@ int run_ip(const __half* queries, const T* gallery, const float* scales, int64_t
     skey_t* wsk = static_cast<skey_t*>(ws.ptr);
     const __half* qptr = queries + qs * d;
     const dim3 grid(plan.nchunks, groups);
-    ZSBIR_LAUNCH(kernel, grid, kThreads, smem, stream)(qptr, gallery, scales, snq, n, d, k, P, qg, plan.rows_per_chunk,
-                                             plan.nchunks, wsk);
+    ZSBIR_LAUNCH(kernel, grid, kThreads, smem, stream)(qptr, gallery, scales, snq, n, d, k, P, qg,
+                                                       plan.rows_per_chunk, plan.nchunks, wsk);
     st = cuda_status(cudaGetLastError());
     if (st != ZSBIR_OK) return st;
     st = launch_merge(wsk, snq, plan.nchunks, k, out_scores + qs * k, nullptr, out_idx + qs * k, 0, stream);

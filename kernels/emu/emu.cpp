@@ -146,9 +146,11 @@ void wait(State why) {
   to_scheduler(false);
 }
 
-std::vector<int> run_order(int n) {
-  std::vector<int> order(static_cast<size_t>(n));
-  for (int i = 0; i < n; ++i) order[static_cast<size_t>(i)] = i;
+// 0..n-1 in the configured order (lanes of a warp, blocks of a grid).
+template <typename I>
+std::vector<I> run_order(I n) {
+  std::vector<I> order(static_cast<size_t>(n));
+  for (I i = 0; i < n; ++i) order[static_cast<size_t>(i)] = i;
   if (g_cfg.order == Order::kReverse) std::reverse(order.begin(), order.end());
   if (g_cfg.order == Order::kRandom) std::shuffle(order.begin(), order.end(), g_rng);
   return order;
@@ -351,12 +353,7 @@ void launch(const void* func, dim3 grid, dim3 block, size_t smem, const std::fun
   g_gdim = grid;
   g_body = &body;
   g_launch_faulted = false;
-  const long long nblocks = 1ll * grid.x * grid.y * grid.z;
-  std::vector<long long> blocks(static_cast<size_t>(nblocks));
-  for (long long i = 0; i < nblocks; ++i) blocks[static_cast<size_t>(i)] = i;
-  if (g_cfg.order == Order::kReverse) std::reverse(blocks.begin(), blocks.end());
-  if (g_cfg.order == Order::kRandom) std::shuffle(blocks.begin(), blocks.end(), g_rng);
-  for (const long long b : blocks) {
+  for (const long long b : run_order(1ll * grid.x * grid.y * grid.z)) {
     const uint3 bid{static_cast<unsigned>(b % grid.x), static_cast<unsigned>((b / grid.x) % grid.y),
                     static_cast<unsigned>(b / (1ll * grid.x * grid.y))};
     run_block(bid, smem);
