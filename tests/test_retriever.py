@@ -169,9 +169,17 @@ def test_ann_path_agrees_with_exact(setup: dict[str, Any], monkeypatch: pytest.M
         q = r.embed([str(s) for s in setup["sketches"]])
         approx = r.search(q, k=5, exact=False)
         exact = r.search(q, k=5, exact=True)
-    # 60 vectors: HNSW is exhaustive in practice; the candidates are rescored exactly.
-    for a, e in zip(approx, exact, strict=True):
-        assert [h.relpath for h in a] == [h.relpath for h in e]
+        every = r.search(q, k=60, exact=True)
+    # The ANN candidates are rescored exactly: every hit carries its exact score, best first. HNSW may still
+    # miss a row now and then, even among 60 (its multi-threaded build is not deterministic; a CI run saw one
+    # query lose its second-best row), so agreement with the exhaustive search is measured, not assumed.
+    overlap = []
+    for a, e, full in zip(approx, exact, every, strict=True):
+        exact_score = {h.relpath: h.score for h in full}
+        assert len(a) == 5 and all(h.score == exact_score[h.relpath] for h in a)
+        assert [h.score for h in a] == sorted((h.score for h in a), reverse=True)
+        overlap.append(len({h.relpath for h in a} & {h.relpath for h in e}) / 5)
+    assert np.mean(overlap) >= 0.9, overlap
 
 
 def test_cuda_device_falls_back_with_a_warning(setup: dict[str, Any]) -> None:
