@@ -390,10 +390,15 @@ def test_ann_recall_persistence_and_staleness(tmp_path: Path) -> None:
         again = g2.search(x[3_000:3_100], k=1)
         assert _as_pairs(again) == _as_pairs(new_hits)
         assert (tmp_path / "g" / "ann.usearch").stat().st_mtime_ns == mtime
-    # A damaged index file is rebuilt, not trusted.
+    # A damaged index file is rebuilt, not trusted. The rebuild adds all rows at once, so its graph is not the
+    # one built in two steps above and an approximate answer may differ (a CI run saw 1 of 100): it is held to
+    # the same bar as the first index, not to that index's exact answers.
     (tmp_path / "g" / "ann.usearch").write_bytes(b"garbage")
     with Gallery.open(tmp_path / "g") as g3:
-        assert _as_pairs(g3.search(x[3_000:3_100], k=1)) == _as_pairs(new_hits)
+        rebuilt = g3.search(x[3_000:3_100], k=1)
+        assert np.mean([row[0].id == 3_000 + i for i, row in enumerate(rebuilt)]) >= 0.95
+        assert g3.stats().ann_vectors == n and not g3.stats().ann_stale
+        assert (tmp_path / "g" / "ann.usearch").read_bytes() != b"garbage"
         assert g3.build_index() == n
 
 
