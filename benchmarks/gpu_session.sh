@@ -26,7 +26,7 @@ check() {
   build
   make -C kernels report 2>&1 | grep -E "Compiling entry|registers|spill" >"$OUT/ptxas_sm90.txt"
   "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu_topk.py tests/test_kernels_build.py -m "not slow" \
-    -x -rs 2>&1 | tee "$OUT/gpu_tests.log" | tail -5
+    --maxfail=10 --durations=12 -rs 2>&1 | tee "$OUT/gpu_tests.log" | tail -5
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 }
 
@@ -34,7 +34,7 @@ sanitize() {
   [ -f zsbir_infer/gpu/_lib/libzsbir_kernels.so ] || build
   local sel='test_gpu_ip_integer_data_equals_cpu_exactly or test_gpu_hamming_equals_cpu or test_gpu_int8 or misaligned'
   for tool in memcheck racecheck synccheck initcheck; do
-    if compute-sanitizer --tool "$tool" --error-exitcode 9 --target-processes all \
+    if timeout "${SANITIZER_TIMEOUT:-150}" compute-sanitizer --tool "$tool" --error-exitcode 9 --target-processes all \
       "$PY" -m pytest -q -x -p no:cacheprovider tests/test_gpu_topk.py -m gpu -k "$sel" >"$OUT/sanitizer_$tool.log" 2>&1; then
       echo "compute-sanitizer $tool: clean"
     else

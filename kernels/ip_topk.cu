@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "internal.cuh"
 
@@ -30,7 +31,6 @@ constexpr int kMaxQG = 8;                                  // queries per SIMT b
 constexpr int kTensorTile = 128;  // gallery rows per tensor-core tile
 constexpr int kTensorKC = 64;     // D consumed per shared-memory step
 constexpr int kLdh = kTensorKC + 8;
-constexpr int kLds = kTensorTile + 4;
 constexpr int kTensorMaxK = 256;
 
 __device__ __forceinline__ float2 half2_bits_to_float2(unsigned int w) {
@@ -239,30 +239,116 @@ __device__ __forceinline__ void load_tile(__half* __restrict__ dst, const T* __r
   }
 }
 
+// The next gallery step's 128 x 64 tile, held in registers while the current step is computed (software
+// pipelining: the global loads are in flight during the tensor-core math and the selection). VEC: 4 x 16-byte
+// (fp16) or 4 x 8-byte (int8, converted when stored) loads per thread; otherwise the loads happen at store.
+template <typename T, bool VEC>
+struct TilePrefetch;
+
+template <typename T>
+struct TilePrefetch<T, true> {
+  using Raw = typename std::conditional<sizeof(T) == 2, uint4, uint2>::type;
+  static constexpr int kVecPerRow = kTensorKC / 8;
+  static constexpr int kPer = kTensorTile * kVecPerRow / kThreads;
+  Raw v[kPer];
+
+  __device__ __forceinline__ void load(const T* __restrict__ src, int64_t row0, int64_t nrows, int d, int c0) {
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) {
+      const int i = threadIdx.x + j * kThreads;
+      const int r = i / kVecPerRow;
+      const int cv = (i - r * kVecPerRow) * 8;
+      const int64_t row = row0 + r;
+      v[j] = Raw{};
+      if (row < nrows && c0 + cv < d) v[j] = *reinterpret_cast<const Raw*>(src + row * d + c0 + cv);
+    }
+  }
+  __device__ __forceinline__ void store(__half* __restrict__ dst) const {
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) {
+      const int i = threadIdx.x + j * kThreads;
+      const int r = i / kVecPerRow;
+      const int cv = (i - r * kVecPerRow) * 8;
+      *reinterpret_cast<uint4*>(dst + r * kLdh + cv) = as_half8(v[j]);
+    }
+  }
+  __device__ __forceinline__ static uint4 as_half8(const uint4& u) { return u; }
+  __device__ __forceinline__ static uint4 as_half8(const uint2& u) {
+    __half h[8];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      h[j] = __int2half_rn(static_cast<int>(static_cast<int8_t>((u.x >> (8 * j)) & 0xffu)));
+      h[4 + j] = __int2half_rn(static_cast<int>(static_cast<int8_t>((u.y >> (8 * j)) & 0xffu)));
+    }
+    return make_uint4(pack_half2(h[0], h[1]), pack_half2(h[2], h[3]), pack_half2(h[4], h[5]),
+                      pack_half2(h[6], h[7]));
+  }
+};
+
+template <typename T>
+struct TilePrefetch<T, false> {  // scalar fallback (D not a multiple of 8, or a misaligned gallery)
+  const T* src = nullptr;
+  int64_t row0 = 0;
+  int64_t nrows = 0;
+  int d = 0;
+  int c0 = 0;
+  __device__ __forceinline__ void load(const T* __restrict__ s, int64_t r0, int64_t nr, int dd, int c) {
+    src = s, row0 = r0, nrows = nr, d = dd, c0 = c;
+  }
+  __device__ __forceinline__ void store(__half* __restrict__ dst) const {
+    load_tile<T, false>(dst, src, row0, nrows, d, c0, kTensorTile);
+  }
+};
+
+// Shared memory of the tensor kernel besides the selector: query tiles and gallery tiles, two of each (the
+// next step's are written while the current ones are read), and the per-query pre-filter thresholds.
 template <int QT>
 __host__ __device__ constexpr size_t wmma_fixed_bytes() {
-  return static_cast<size_t>(QT) * kLdh * 2 + static_cast<size_t>(kTensorTile) * kLdh * 2 +
-         static_cast<size_t>(QT) * kLds * 4;
+  return 2 * static_cast<size_t>(QT) * kLdh * 2 + 2 * static_cast<size_t>(kTensorTile) * kLdh * 2 +
+         (static_cast<size_t>(QT) * 4 + 15) / 16 * 16;
 }
 
+constexpr uint32_t kNegInfOrder = 0x007FFFFFu;  // order_bits(-inf)
+
+__device__ __forceinline__ float quiet_nan() { return __uint_as_float(0x7FC00000u); }
+
+// The raw score a candidate of a list whose k-th key is `kth` must reach: `!(s < t)` is then a superset of
+// "its key beats the k-th key". NaN (every comparison false, so everything goes on to the exact key test)
+// while the list is not full or its k-th score is -inf.
+__device__ __forceinline__ float prefilter_threshold(skey_t kth) {
+  const uint32_t o = static_cast<uint32_t>(kth >> 32);
+  return o <= kNegInfOrder ? quiet_nan() : order_bits_to_float(o);
+}
+
+// grid = (nchunks, query groups of QT); block = 256 threads (8 warps: QT/16 query blocks x 128/COLS columns).
+// Steps: one per (gallery tile of 128 rows, 64-wide slice of D), double-buffered: while a step's tiles are
+// multiplied, the next step's are written to the other buffers and the one after is loaded into registers,
+// so one barrier per step suffices and global loads are in flight for a whole step.
+// After a tile's last step each warp holds FR 16 x 16 score fragments in registers. Which tile element each
+// register holds is not specified by WMMA, so a probe MMA at the start finds out (16 r + c for element (r, c)).
+// Each score is compared in registers with the pre-filter threshold of its query; only the rare score that
+// can enter the top-k becomes a key and is appended to the query's list (select.cuh). A barrier that also
+// ORs "some list needs a flush" ends each tile.
 template <typename T, int QT, bool VEC>
-__global__ void __launch_bounds__(kThreads) ip_wmma_kernel(const __half* __restrict__ queries,
+__global__ void __launch_bounds__(kThreads, QT == 32 ? 2 : 1) ip_wmma_kernel(const __half* __restrict__ queries,
                                                            const void* __restrict__ gallery_raw,
                                                            const float* __restrict__ scales, int nq, int n, int d,
                                                            int k, int P, int /*qg*/, int rows_per_chunk,
                                                            int nchunks, skey_t* __restrict__ ws) {
   using namespace nvcuda;
+  using Acc = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
   constexpr int QB = QT / 16;           // 16-row query blocks
   constexpr int WPQ = kWarps / QB;      // warps per query block
   constexpr int COLS = kTensorTile / WPQ;
   constexpr int FR = COLS / 16;         // accumulator fragments per warp
+  constexpr int NE = Acc::num_elements;
   static_assert(QB * WPQ == kWarps && FR * 16 * WPQ == kTensorTile, "bad tensor tile shape");
 
   ZSBIR_DYNAMIC_SMEM(smem);
   const T* __restrict__ gallery = static_cast<const T*>(gallery_raw);
-  __half* qs = reinterpret_cast<__half*>(smem);
-  __half* gs = qs + QT * kLdh;
-  float* ss = reinterpret_cast<float*>(gs + kTensorTile * kLdh);
+  __half* qs = reinterpret_cast<__half*>(smem);           // [2][QT][kLdh]
+  __half* gs = qs + 2 * QT * kLdh;                          // [2][kTensorTile][kLdh]
+  float* thr_s = reinterpret_cast<float*>(gs + 2 * kTensorTile * kLdh);  // [QT] pre-filter thresholds
   Selector sel;
   make_selector(smem + wmma_fixed_bytes<QT>(), QT, P, k, kTensorTile, &sel);
 
@@ -276,51 +362,140 @@ __global__ void __launch_bounds__(kThreads) ip_wmma_kernel(const __half* __restr
   const int qb = warp % QB;
   const int col0 = (warp / QB) * COLS;
   const bool q_resident = d <= kTensorKC;
+  const int ksteps = (d + kTensorKC - 1) / kTensorKC;
+  const int64_t ntiles = end > start ? (end - start + kTensorTile - 1) / kTensorTile : 0;
+  const int64_t nsteps = ntiles * ksteps;
+  const __half* qsrc = queries + static_cast<int64_t>(q0) * d;
 
+  // Probe: A row r = (r, 1, 0, ...), B column c = (16, c, 0, ...), so D(r, c) = 16 r + c (exact).
   sel.init();
-  if (q_resident) load_tile<__half, VEC>(qs, queries + static_cast<int64_t>(q0) * d, 0, nqb, d, 0, QT);
+  for (int i = threadIdx.x; i < 2 * 256; i += blockDim.x) {
+    const int m = i & 255;
+    const int r = m >> 4;   // A: row-major [r][kk]; B: column-major [c][kk]
+    const int kk = m & 15;
+    float v = 0.0f;
+    if (i < 256) {
+      v = kk == 0 ? static_cast<float>(r) : (kk == 1 ? 1.0f : 0.0f);
+    } else {
+      v = kk == 0 ? 16.0f : (kk == 1 ? static_cast<float>(r) : 0.0f);
+    }
+    gs[i] = __float2half(v);
+  }
+  for (int g = threadIdx.x; g < QT; g += blockDim.x) {
+    thr_s[g] = g >= nqb ? INFINITY : quiet_nan();  // padding queries never pass; empty lists let all through
+  }
+  __syncthreads();
+  int pos[NE];
+  {
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> a;
+    wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> b;
+    Acc probe;
+    wmma::load_matrix_sync(a, gs, 16);
+    wmma::load_matrix_sync(b, gs + 256, 16);
+    wmma::fill_fragment(probe, 0.0f);
+    wmma::mma_sync(probe, a, b, probe);
+#pragma unroll
+    for (int i = 0; i < NE; ++i) pos[i] = static_cast<int>(probe.x[i]);
+  }
+  float thr_e[NE];
+  const bool prefilter = scales == nullptr;  // int8: scores are scaled per row; the exact test sees them all
+#pragma unroll
+  for (int i = 0; i < NE; ++i) thr_e[i] = prefilter ? thr_s[qb * 16 + (pos[i] >> 4)] : quiet_nan();
+  __syncthreads();  // the probe is read before the first gallery tile overwrites it
+
+  // Prologue: step 0's tiles into buffer 0, step 1's gallery tile into registers.
+  TilePrefetch<T, VEC> pf;
+  int64_t ld_base = start;  // the step whose gallery tile `pf` holds
+  int ld_kc = 0;
+  if (nsteps > 0) {
+    pf.load(gallery, ld_base, n, d, 0);
+    load_tile<__half, VEC>(qs, qsrc, 0, nqb, d, 0, QT);
+    pf.store(gs);
+    if (++ld_kc == ksteps) ld_kc = 0, ld_base += kTensorTile;
+    if (nsteps > 1) pf.load(gallery, ld_base, n, d, ld_kc * kTensorKC);
+  }
   __syncthreads();
 
-  for (int64_t base = start; base < end; base += kTensorTile) {
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[FR];
+  Acc acc[FR];
+  int64_t base = start;
+  int kc = 0;
+  for (int64_t step = 0; step < nsteps; ++step) {
+    const int buf = static_cast<int>(step & 1);
+    const __half* qt = qs + (q_resident ? 0 : buf) * QT * kLdh;
+    const __half* gt = gs + buf * kTensorTile * kLdh;
+    const int c0 = kc * kTensorKC;
+    if (kc == 0) {
 #pragma unroll
-    for (int f = 0; f < FR; ++f) wmma::fill_fragment(acc[f], 0.0f);
-    for (int c0 = 0; c0 < d; c0 += kTensorKC) {
-      __syncthreads();  // previous step's fragments are loaded
-      if (!q_resident) load_tile<__half, VEC>(qs, queries + static_cast<int64_t>(q0) * d, 0, nqb, d, c0, QT);
-      load_tile<T, VEC>(gs, gallery, base, n, d, c0, kTensorTile);
-      __syncthreads();
+      for (int f = 0; f < FR; ++f) wmma::fill_fragment(acc[f], 0.0f);
+    }
 #pragma unroll
-      for (int kk = 0; kk < kTensorKC; kk += 16) {
-        if (c0 + kk < d) {
-          wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> a;
-          wmma::load_matrix_sync(a, qs + qb * 16 * kLdh + kk, kLdh);
+    for (int kk = 0; kk < kTensorKC; kk += 16) {
+      if (c0 + kk < d) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> a;
+        wmma::load_matrix_sync(a, qt + qb * 16 * kLdh + kk, kLdh);
 #pragma unroll
-          for (int f = 0; f < FR; ++f) {
-            wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> b;
-            wmma::load_matrix_sync(b, gs + (col0 + 16 * f) * kLdh + kk, kLdh);
-            wmma::mma_sync(acc[f], a, b, acc[f]);
+        for (int f = 0; f < FR; ++f) {
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> b;
+          wmma::load_matrix_sync(b, gt + (col0 + 16 * f) * kLdh + kk, kLdh);
+          wmma::mma_sync(acc[f], a, b, acc[f]);
+        }
+      }
+    }
+    const bool tile_end = kc + 1 == ksteps;
+    bool need_flush = false;
+    if (tile_end) {
+#pragma unroll
+      for (int f = 0; f < FR; ++f) {
+        bool any = false;  // one branch per fragment on the common path
+#pragma unroll
+        for (int i = 0; i < NE; ++i) any |= !(acc[f].x[i] < thr_e[i]);
+        if (!any) continue;
+#pragma unroll
+        for (int i = 0; i < NE; ++i) {
+          const float v = acc[f].x[i];
+          if (!(v < thr_e[i])) {  // rare once the lists have filled
+            const int g = qb * 16 + (pos[i] >> 4);
+            const int64_t row = base + col0 + 16 * f + (pos[i] & 15);
+            if (g < nqb && row < end) {
+              const float s = scales != nullptr ? v * scales[row] : v;
+              const skey_t key = make_key(s, static_cast<uint32_t>(row));
+              if (key > sel.threshold(g)) {
+                const int at = atomicAdd(&sel.counts[g], 1);
+                sel.list(g)[k + at] = key;
+                need_flush |= at + 1 > sel.flush_at;
+              }
+            }
           }
         }
       }
     }
-#pragma unroll
-    for (int f = 0; f < FR; ++f) {
-      wmma::store_matrix_sync(ss + qb * 16 * kLds + col0 + 16 * f, acc[f], kLds, wmma::mem_row_major);
+    // The next step's tiles go to the other buffers (last read in the previous step, before its barrier).
+    if (step + 1 < nsteps) {
+      if (!q_resident) load_tile<__half, VEC>(qs + (buf ^ 1) * QT * kLdh, qsrc, 0, nqb, d, ld_kc * kTensorKC, QT);
+      pf.store(gs + (buf ^ 1) * kTensorTile * kLdh);
+      if (++ld_kc == ksteps) ld_kc = 0, ld_base += kTensorTile;
+      if (step + 2 < nsteps) pf.load(gallery, ld_base, n, d, ld_kc * kTensorKC);
     }
-    __syncthreads();
-    for (int g = warp; g < nqb; g += kWarps) {
-      const skey_t thr = sel.threshold(g);
-      for (int j = lane; j < kTensorTile; j += 32) {
-        const int64_t row = base + j;
-        if (row < end) {
-          float s = ss[g * kLds + j];
-          if (scales != nullptr) s *= scales[row];
-          sel.offer(g, make_key(s, static_cast<uint32_t>(row)), thr);
+    if (!tile_end) {
+      __syncthreads();
+      ++kc;
+      continue;
+    }
+    if (__syncthreads_or(need_flush)) {  // every offer of this tile is in
+      // A flush phase stops the whole block, so it also folds every buffer that is half full: fewer phases.
+      const int limit = sel.flush_at / 2;
+      for (int g = warp; g < nqb; g += kWarps) {
+        if (sel.counts[g] > limit) {
+          sel.flush_group(g, lane);
+          if (lane == 0 && prefilter) thr_s[g] = prefilter_threshold(sel.threshold(g));
         }
       }
+      __syncthreads();
+#pragma unroll
+      for (int i = 0; i < NE; ++i) thr_e[i] = prefilter ? thr_s[qb * 16 + (pos[i] >> 4)] : quiet_nan();
     }
-    sel.between_tiles();
+    base += kTensorTile;
+    kc = 0;
   }
   sel.finish();
   for (int g = warp; g < nqb; g += kWarps) {
@@ -365,7 +540,9 @@ int run_ip(const __half* queries, const T* gallery, const float* scales, int64_t
     P = list_len(k, kTensorTile);
     qg = 64;
     smem = wmma_fixed_bytes<64>() + selector_bytes(64, P);
-    if (smem > static_cast<size_t>(dev.smem_optin) || path == ZSBIR_PATH_TENSOR_QT32) {
+    // auto takes 32-query tiles: two blocks per SM (H100, k <= 128) measured faster than one of 64 queries
+    // (benchmarks/results/gpu_h100_2026-11-22); `path=tensor` keeps 64 where it fits.
+    if (smem > static_cast<size_t>(dev.smem_optin) || path == ZSBIR_PATH_TENSOR_QT32 || path == ZSBIR_PATH_AUTO) {
       qg = 32;
       smem = wmma_fixed_bytes<32>() + selector_bytes(32, P);
     }

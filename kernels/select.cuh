@@ -71,6 +71,51 @@ __device__ __forceinline__ void warp_bitonic_sort_desc(skey_t* s, int P, int lan
   }
 }
 
+// The same network for a compile-time P >= 128: each lane loads a batch of up to 4 of its P/64 pairs of a stage
+// before comparing them, so a stage costs one shared-memory latency per batch instead of one per pair.
+template <int P>
+__device__ __forceinline__ void warp_bitonic_sort_desc_fixed(skey_t* s, int lane) {
+  constexpr int J = P / 64;           // pairs per lane and stage
+  constexpr int B = J < 4 ? J : 4;    // pairs per batch (registers: 4 keys each way)
+  for (int size = 2; size <= P; size <<= 1) {
+    for (int stride = size >> 1; stride > 0; stride >>= 1) {
+      for (int j0 = 0; j0 < J; j0 += B) {
+        skey_t a[B];
+        skey_t b[B];
+#pragma unroll
+        for (int j = 0; j < B; ++j) {
+          const int i = lane + 32 * (j0 + j);
+          const int lo = 2 * i - (i & (stride - 1));
+          a[j] = s[lo];
+          b[j] = s[lo + stride];
+        }
+#pragma unroll
+        for (int j = 0; j < B; ++j) {
+          const int i = lane + 32 * (j0 + j);
+          const int lo = 2 * i - (i & (stride - 1));
+          const bool desc = (lo & size) == 0;
+          if (desc ? (a[j] < b[j]) : (a[j] > b[j])) {
+            s[lo] = b[j];
+            s[lo + stride] = a[j];
+          }
+        }
+      }
+      __syncwarp();
+    }
+  }
+}
+
+__device__ __forceinline__ void warp_sort_desc(skey_t* s, int P, int lane) {
+  switch (P) {
+    case 128: warp_bitonic_sort_desc_fixed<128>(s, lane); break;
+    case 256: warp_bitonic_sort_desc_fixed<256>(s, lane); break;
+    case 512: warp_bitonic_sort_desc_fixed<512>(s, lane); break;
+    case 1024: warp_bitonic_sort_desc_fixed<1024>(s, lane); break;
+    case 2048: warp_bitonic_sort_desc_fixed<2048>(s, lane); break;
+    default: warp_bitonic_sort_desc(s, P, lane); break;
+  }
+}
+
 // Per-block selection state, carved out of dynamic shared memory.
 struct Selector {
   skey_t* lists;  // [groups][P]
@@ -104,7 +149,7 @@ struct Selector {
     const int c = counts[g];
     for (int i = k + c + lane; i < P; i += 32) s[i] = 0ull;
     __syncwarp();
-    warp_bitonic_sort_desc(s, P, lane);
+    warp_sort_desc(s, P, lane);
     if (lane == 0) counts[g] = 0;
     __syncwarp();
   }

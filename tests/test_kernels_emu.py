@@ -622,7 +622,9 @@ def test_sanitizer_build_finds_no_out_of_bounds_access(tmp_path: Path) -> None:
 # a fault, an error status or a crash). A battery that passed them would prove nothing about the kernels.
 
 MUTANTS = [
-    ("ip_topk.cu", "__syncthreads();  // previous step's fragments are loaded", "// barrier removed"),
+    ("ip_topk.cu", "      __syncthreads();\n      ++kc;", "      ++kc;"),
+    ("ip_topk.cu", "if (!(v < thr_e[i])) {", "if (v > thr_e[i]) {"),
+    ("ip_topk.cu", "pos[i] = static_cast<int>(probe.x[i]);", "pos[i] = (threadIdx.x & 31) * NE + i;"),
     ("ip_topk.cu", "if (c0 + kk < d) {", "if (c0 + kk + 16 <= d) {"),
     ("ip_topk.cu", "v += __shfl_xor_sync(0xffffffffu, v, 4);", "// partial sum removed"),
     ("ip_topk.cu", "ok[r] = rows[r] < end;", "ok[r] = rows[r] <= end;"),

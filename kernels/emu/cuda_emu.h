@@ -118,6 +118,8 @@ const dim3& block_dim();
 const dim3& grid_dim();
 unsigned char* dynamic_shared();
 void sync_block();
+// __syncthreads_or: a block barrier that returns non-zero iff some thread passed a non-zero predicate.
+int sync_block_or(int predicate);
 void sync_warp(unsigned int mask);
 // Exchange `bytes` (<= 8) through the calling warp: every lane passes its value and gets lane `src`'s.
 void warp_exchange(const void* mine, void* out, size_t bytes, int src, unsigned int mask);
@@ -166,6 +168,7 @@ Launcher<F> launcher(F func, dim3 grid, dim3 block, size_t smem, cudaStream_t /*
 // Device intrinsics
 
 inline void __syncthreads() { zsbir_emu::sync_block(); }
+inline int __syncthreads_or(int predicate) { return zsbir_emu::sync_block_or(predicate); }
 inline void __syncwarp(unsigned int mask = 0xffffffffu) { zsbir_emu::sync_warp(mask); }
 
 template <typename T>
@@ -176,6 +179,13 @@ T __shfl_xor_sync(unsigned int mask, T value, int lane_mask, int width = 32) {
   T out = value;
   zsbir_emu::warp_exchange(&value, &out, sizeof(T), (lane ^ lane_mask) & 31, mask);
   return out;
+}
+
+// Warp vote, built from the emulated shuffle so that every lane must take part, as on the device.
+inline int __any_sync(unsigned int mask, int predicate) {
+  int v = predicate != 0 ? 1 : 0;
+  for (int m = 16; m > 0; m >>= 1) v |= __shfl_xor_sync(mask, v, m);
+  return v;
 }
 
 inline int atomicAdd(int* address, int value) {  // fibers of a block never run at the same time
@@ -260,7 +270,7 @@ struct row_major {};
 struct col_major {};
 enum layout_t { mem_row_major, mem_col_major };
 
-// Every lane holds the whole tile: element (r, c) at x[r * cols + c].
+// matrix_a / matrix_b: every lane holds the whole tile, element (r, c) at x[r * cols + c] (accumulators: below).
 template <typename Use, int M, int N, int K, typename T, typename Layout = void>
 struct fragment {
   static constexpr int rows = std::is_same<Use, matrix_b>::value ? K : M;
@@ -269,7 +279,18 @@ struct fragment {
   T x[rows * cols];
 };
 
+// Accumulators are spread over the warp like on the device (num_elements per lane, every tile element held by
+// exactly one lane), but in a scrambled order: element i of lane L holds tile position acc_pos(L, i) (row-major).
+// The device's distribution is not specified by the WMMA API, so kernels must find positions out (e.g. with a
+// probe MMA) instead of assuming one; a kernel that assumes the device's would fail here.
+template <int M, int N, int K>
+struct fragment<accumulator, M, N, K, float, void> {
+  static constexpr int num_elements = M * N / 32;
+  float x[num_elements];
+};
+
 namespace detail {
+constexpr int acc_pos(int lane, int i, int size) { return ((lane * (size / 32) + i) * 37 + 11) % size; }
 inline bool aligned32(const void* p) { return reinterpret_cast<uintptr_t>(p) % 32 == 0; }
 inline float to_float(__half h) { return __half2float(h); }
 }  // namespace detail
@@ -297,25 +318,30 @@ template <int M, int N, int K>
 void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a, M, N, K, __half, row_major>& a,
               const fragment<matrix_b, M, N, K, __half, col_major>& b,
               const fragment<accumulator, M, N, K, float>& c) {
-  // Lanes hold identical fragments (loads are uniform), so lane 0 computes the tile once for the warp.
+  // The lanes gather C in the warp scratch; lane 0 (whose a and b hold the whole tiles: loads are uniform)
+  // computes D there once for the warp; every lane takes back its own elements.
+  using Acc = fragment<accumulator, M, N, K, float>;
   static_assert(sizeof(float) * M * N <= 4096, "tile larger than the warp scratch");
-  float* out = static_cast<float*>(zsbir_emu::warp_scratch());
+  float* tile = static_cast<float*>(zsbir_emu::warp_scratch());
+  const int lane = static_cast<int>(threadIdx.x % 32);
   zsbir_emu::sync_warp(0xffffffffu);
-  if (threadIdx.x % 32 == 0) {
+  for (int i = 0; i < Acc::num_elements; ++i) tile[detail::acc_pos(lane, i, M * N)] = c.x[i];
+  zsbir_emu::sync_warp(0xffffffffu);
+  if (lane == 0) {
     float af[M * K];
     float bf[K * N];
     for (int i = 0; i < M * K; ++i) af[i] = detail::to_float(a.x[i]);
     for (int i = 0; i < K * N; ++i) bf[i] = detail::to_float(b.x[i]);
     for (int m = 0; m < M; ++m) {
       for (int n = 0; n < N; ++n) {
-        float s = c.x[m * N + n];
+        float s = tile[m * N + n];
         for (int kk = 0; kk < K; ++kk) s += af[m * K + kk] * bf[kk * N + n];
-        out[m * N + n] = s;
+        tile[m * N + n] = s;
       }
     }
   }
   zsbir_emu::sync_warp(0xffffffffu);
-  std::memcpy(d.x, out, sizeof(float) * M * N);
+  for (int i = 0; i < Acc::num_elements; ++i) d.x[i] = tile[detail::acc_pos(lane, i, M * N)];
   zsbir_emu::sync_warp(0xffffffffu);
 }
 
@@ -324,16 +350,16 @@ void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, float>& f,
   zsbir_emu::require_warp_uniform(p, "wmma::store_matrix_sync: lanes pass different pointers");
   if (!detail::aligned32(p)) zsbir_emu::fault("wmma::store_matrix_sync: pointer not 32-byte aligned");
   if (ldm % 4 != 0) zsbir_emu::fault("wmma::store_matrix_sync: ldm not a multiple of 4 floats");
-  // Lanes write disjoint parts of the tile, as on the device (lane L writes rows L % 16, alternating halves).
+  // Every lane writes the elements it holds (disjoint parts of the tile, as on the device).
   const int lane = static_cast<int>(threadIdx.x % 32);
-  for (int m = lane % M; m < M; m += 32) {
-    for (int n = (lane / M) * (N / 2); n < (lane / M + 1) * (N / 2) && n < N; ++n) {
-      const float v = f.x[m * N + n];
-      if (layout == mem_row_major) {
-        p[m * ldm + n] = v;
-      } else {
-        p[n * ldm + m] = v;
-      }
+  for (int i = 0; i < fragment<accumulator, M, N, K, float>::num_elements; ++i) {
+    const int pos = detail::acc_pos(lane, i, M * N);
+    const int m = pos / N;
+    const int n = pos % N;
+    if (layout == mem_row_major) {
+      p[m * ldm + n] = f.x[i];
+    } else {
+      p[n * ldm + m] = f.x[i];
     }
   }
   zsbir_emu::sync_warp(0xffffffffu);

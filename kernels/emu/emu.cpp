@@ -56,6 +56,7 @@ struct Fiber {
   void* stack = nullptr;
   uint3 tid{};
   State state = State::kRunnable;
+  long long or_barriers = 0;  // __syncthreads_or episodes this thread has passed
 #if ZSBIR_EMU_ASAN
   void* fake_stack = nullptr;
 #endif
@@ -93,6 +94,7 @@ unsigned char* g_smem = nullptr;
 const std::function<void()>* g_body = nullptr;
 std::vector<unsigned char> g_slots;  // warp exchange: [warp][lane][8 bytes]
 std::vector<double> g_scratch;       // per-warp scratch: [warp][512 doubles = 4 KiB]
+int g_or_acc[3] = {0, 0, 0};         // __syncthreads_or accumulators, by episode mod 3
 #if ZSBIR_EMU_ASAN
 const void* g_sched_stack_bottom = nullptr;
 size_t g_sched_stack_size = 0;
@@ -214,11 +216,13 @@ void run_block(uint3 bid, size_t smem_bytes) {
 #endif
   g_slots.assign(static_cast<size_t>((g_nthreads + 31) / 32) * 32 * 8, 0);
   g_scratch.assign(static_cast<size_t>((g_nthreads + 31) / 32) * 512, 0.0);
+  g_or_acc[0] = g_or_acc[1] = g_or_acc[2] = 0;
   for (int i = 0; i < g_nthreads; ++i) {
     Fiber& f = g_fibers[static_cast<size_t>(i)];
     f.tid = uint3{static_cast<unsigned>(i % bx), static_cast<unsigned>((i / bx) % by),
                   static_cast<unsigned>(i / (bx * by))};
     f.state = State::kRunnable;
+    f.or_barriers = 0;
 #if ZSBIR_EMU_ASAN
     __asan_unpoison_memory_region(f.stack, kStackBytes);  // a fiber abandoned after a deadlock left poison
     f.fake_stack = nullptr;
@@ -308,6 +312,18 @@ void sync_block() {
     return;
   }
   wait(State::kBlockWait);
+}
+
+int sync_block_or(int predicate) {
+  // Episode e accumulates in slot e % 3; after it, every thread clears slot (e + 2) % 3, which episode e - 1
+  // used (all its readers are past this barrier) and episode e + 2 will use (none of its writers can be).
+  const long long e = me().or_barriers++;
+  int& acc = g_or_acc[e % 3];
+  if (predicate != 0) acc = 1;
+  sync_block();
+  const int result = acc;
+  g_or_acc[(e + 2) % 3] = 0;
+  return result;
 }
 
 void sync_warp(unsigned int mask) {
