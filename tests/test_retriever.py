@@ -219,6 +219,57 @@ def test_cuda_device_on_a_gpu(setup: dict[str, Any]) -> None:
         np.testing.assert_allclose([h.score for h in hits], [w[1] for w in want], atol=2e-3)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("storage", ["float16", "int8", "itq"])
+def test_cuda_device_matches_the_cpu_for_every_storage(tmp_path: Path, storage: str) -> None:
+    """On a real GPU: a resident gallery of each storage answers like the exact CPU search (ties included)."""
+    from zsbir_infer import gpu
+    from zsbir_infer.gallery import FileRecord
+    from zsbir_infer.itq import ITQ
+
+    if not gpu.is_available():
+        pytest.fail("a GPU is present but the kernels cannot run: " + gpu.availability()[1])
+    d, n = 64, 30_000
+    bundle = make_bundle(tmp_path / "bundle", weights=make_weights(dim=d))[0]
+    rng = np.random.default_rng()
+    v = rng.standard_normal((n, d)).astype(np.float32)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    v[20_000:20_010] = v[7]  # exact duplicates: ties broken by the smaller row id
+    enc = Encoder.open(bundle, backend="ort-cpu", threads=1)
+    try:
+        itq = ITQ.fit(v[:5000], n_bits=64) if storage == "itq" else None
+        g = Gallery.create(tmp_path / "g", enc.fingerprint, d, storage, itq=itq)
+        try:
+            g.add([FileRecord(f"{i:06d}.jpg", 1, 1) for i in range(n)], v)
+        finally:
+            g.close()
+        queries = np.concatenate([v[[7, 123, 29_999]], rng.standard_normal((29, d)).astype(np.float32)])
+        queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+        with (
+            Retriever.open(tmp_path / "g", enc, device="cpu") as cpu,
+            Retriever.open(tmp_path / "g", enc, device="cuda") as r,
+        ):
+            assert r.device == "cuda", r.device_note
+            for k in (10, 100, 1100):  # 1100: above the kernels' k limit, served by the CPU path
+                want = cpu.search(queries, k=k + 1, exact=True)
+                got = r.search(queries, k=k)
+                for hits, ref in zip(got, want, strict=True):
+                    rs = np.array([h.score for h in ref])
+                    assert len(hits) == k
+                    if storage == "itq":  # integer scores: identical lists
+                        assert [(h.id, h.score) for h in hits] == [(e.id, e.score) for e in ref[:k]]
+                        continue
+                    np.testing.assert_allclose([h.score for h in hits], rs[:k], atol=3e-3)
+                    near = np.abs(np.diff(rs)) < 6e-3  # float16 queries may reorder near-ties
+                    for pos, (h, e) in enumerate(zip(hits, ref[:k], strict=True)):
+                        if not near[max(0, pos - 1) : pos + 1].any():
+                            assert h.id == e.id
+                m = min(k, 11)
+                assert [h.id for h in got[0][:m]] == [7, *range(20_000, 20_010)][:m]
+    finally:
+        enc.close()
+
+
 def test_passed_encoder_is_not_closed(setup: dict[str, Any]) -> None:
     enc = Encoder.open(setup["bundle"], backend="ort-cpu")
     with Retriever.open(setup["base"] / ".zsbir", enc) as r:
