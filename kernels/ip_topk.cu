@@ -78,8 +78,8 @@ __device__ __forceinline__ unsigned int pack_half2(__half lo, __half hi) {
 
 // 8 consecutive elements as 8 halves packed in a uint4 (for the tensor-core shared tiles).
 __device__ __forceinline__ uint4 load8_as_half(const __half* p) { return *reinterpret_cast<const uint4*>(p); }
-__device__ __forceinline__ uint4 load8_as_half(const int8_t* p) {
-  const uint2 u = *reinterpret_cast<const uint2*>(p);
+// 8 int8 values (as two 32-bit words) to 8 halves packed in a uint4 (exact: |x| <= 128).
+__device__ __forceinline__ uint4 half8_from_int8x8(const uint2& u) {
   __half h[8];
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
@@ -87,6 +87,9 @@ __device__ __forceinline__ uint4 load8_as_half(const int8_t* p) {
     h[4 + j] = __int2half_rn(static_cast<int>(static_cast<int8_t>((u.y >> (8 * j)) & 0xffu)));
   }
   return make_uint4(pack_half2(h[0], h[1]), pack_half2(h[2], h[3]), pack_half2(h[4], h[5]), pack_half2(h[6], h[7]));
+}
+__device__ __forceinline__ uint4 load8_as_half(const int8_t* p) {
+  return half8_from_int8x8(*reinterpret_cast<const uint2*>(p));
 }
 
 __device__ __forceinline__ size_t align16(size_t x) { return (x + 15) / 16 * 16; }
@@ -273,16 +276,7 @@ struct TilePrefetch<T, true> {
     }
   }
   __device__ __forceinline__ static uint4 as_half8(const uint4& u) { return u; }
-  __device__ __forceinline__ static uint4 as_half8(const uint2& u) {
-    __half h[8];
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      h[j] = __int2half_rn(static_cast<int>(static_cast<int8_t>((u.x >> (8 * j)) & 0xffu)));
-      h[4 + j] = __int2half_rn(static_cast<int>(static_cast<int8_t>((u.y >> (8 * j)) & 0xffu)));
-    }
-    return make_uint4(pack_half2(h[0], h[1]), pack_half2(h[2], h[3]), pack_half2(h[4], h[5]),
-                      pack_half2(h[6], h[7]));
-  }
+  __device__ __forceinline__ static uint4 as_half8(const uint2& u) { return half8_from_int8x8(u); }
 };
 
 template <typename T>
@@ -458,12 +452,7 @@ __global__ void __launch_bounds__(kThreads, QT == 32 ? 2 : 1) ip_wmma_kernel(con
             const int64_t row = base + col0 + 16 * f + (pos[i] & 15);
             if (g < nqb && row < end) {
               const float s = scales != nullptr ? v * scales[row] : v;
-              const skey_t key = make_key(s, static_cast<uint32_t>(row));
-              if (key > sel.threshold(g)) {
-                const int at = atomicAdd(&sel.counts[g], 1);
-                sel.list(g)[k + at] = key;
-                need_flush |= at + 1 > sel.flush_at;
-              }
+              need_flush |= sel.offer(g, make_key(s, static_cast<uint32_t>(row)), sel.threshold(g));
             }
           }
         }

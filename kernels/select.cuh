@@ -107,12 +107,11 @@ __device__ __forceinline__ void warp_bitonic_sort_desc_fixed(skey_t* s, int lane
 
 __device__ __forceinline__ void warp_sort_desc(skey_t* s, int P, int lane) {
   switch (P) {
-    case 128: warp_bitonic_sort_desc_fixed<128>(s, lane); break;
     case 256: warp_bitonic_sort_desc_fixed<256>(s, lane); break;
     case 512: warp_bitonic_sort_desc_fixed<512>(s, lane); break;
     case 1024: warp_bitonic_sort_desc_fixed<1024>(s, lane); break;
     case 2048: warp_bitonic_sort_desc_fixed<2048>(s, lane); break;
-    default: warp_bitonic_sort_desc(s, P, lane); break;
+    default: warp_bitonic_sort_desc(s, P, lane); break;  // no kernel makes other lengths today
   }
 }
 
@@ -136,11 +135,14 @@ struct Selector {
   // The key a candidate of group g must beat. Read only between flush phases.
   __device__ __forceinline__ skey_t threshold(int g) const { return list(g)[k - 1]; }
 
-  __device__ __forceinline__ void offer(int g, skey_t key, skey_t thr) const {
+  // Append `key` to group g's buffer if it beats `thr`; true if the buffer is then above flush_at.
+  __device__ __forceinline__ bool offer(int g, skey_t key, skey_t thr) const {
     if (key > thr) {
       const int pos = atomicAdd(&counts[g], 1);
       list(g)[k + pos] = key;
+      return pos + 1 > flush_at;
     }
+    return false;
   }
 
   // One warp: fold group g's buffer into its best-k.
