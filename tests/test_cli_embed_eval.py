@@ -154,6 +154,21 @@ def test_eval_perfect_retrieval_when_classes_are_separable(tmp_path: Path) -> No
     assert out["images_per_second"] > 0
 
 
+def test_eval_on_a_named_split_set_of_a_folder_benchmark(tmp_path: Path) -> None:
+    # Split set "21" (splits/seen21.txt + unseen21.txt) moves dog to the seen classes.
+    root, _ = make_bundle(tmp_path / "b", domain_input=False)
+    data = make_benchmark(tmp_path / "data")
+    (data / "splits" / "seen21.txt").write_text("apple\nbus\ncat\ndog\n")
+    (data / "splits" / "unseen21.txt").write_text("eel\nfox\n")
+    res = run("eval", "--model", root, "--data", data, "--zeroshot", "21", "--split", "unseen", "--json", "-q")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert out["classes"] == 2 and out["queries"] == 4 and out["gallery"] == 6
+    assert out["map_all"] == pytest.approx(1.0)
+    res = run("eval", "--model", root, "--data", data, "--zeroshot", "7", "-q")
+    assert res.exit_code != 0 and "seen7.txt" in res.output and "default, 21" in res.output
+
+
 def test_eval_matches_library_pipeline(bundle: Path, tmp_path: Path) -> None:
     data = make_benchmark(tmp_path / "data", photos=4, sketches=3)
     # Break the perfect separation: add noise images to the photo folders.

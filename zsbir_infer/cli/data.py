@@ -65,6 +65,17 @@ def synth(
     )
 
 
+ZEROSHOT_HELP = (
+    "Split set of a folder benchmark (e.g. 21 for splits/seen21.txt + unseen21.txt; default: seen.txt + "
+    "unseen.txt) or split folder of a real benchmark (zeroshot1/zeroshot0)."
+)
+
+
+def _names(names: list[str], limit: int = 12) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... (+{len(names) - limit})" if len(names) > limit else "")
+
+
 @command.command("info")
 @click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option(
@@ -73,14 +84,21 @@ def synth(
     type=click.Choice(["synthetic", "folder", "sketchy", "tuberlin", "quickdraw"]),
     help="Layout (default: auto-detect).",
 )
-@click.option("--zeroshot", default=None, help="Split folder of a real benchmark (Sketchy: zeroshot1 or zeroshot0).")
+@click.option("--zeroshot", default=None, metavar="NAME", help=ZEROSHOT_HELP)
+@click.option(
+    "--extra-sketches",
+    default=None,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Folder of extra sketches (sketch/<word>/ + class_map.csv, e.g. QuickDraw doodles) added to the "
+    "seen classes; words of unseen classes are refused.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def info(root: Path, kind: str | None, zeroshot: str | None, as_json: bool) -> None:
-    """Describe the benchmark at ROOT: layout, classes and image counts per split."""
+def info(root: Path, kind: str | None, zeroshot: str | None, extra_sketches: Path | None, as_json: bool) -> None:
+    """Describe the benchmark at ROOT: layout, split sets, classes and image counts per split."""
     from zsbir_infer.datasets import BenchmarkError, open_benchmark
 
     try:
-        bench = open_benchmark(root, kind=kind, zeroshot=zeroshot)
+        bench = open_benchmark(root, kind=kind, zeroshot=zeroshot, extra_sketches=extra_sketches)
     except BenchmarkError as e:
         raise click.ClickException(str(e)) from e
     summary = {
@@ -89,14 +107,34 @@ def info(root: Path, kind: str | None, zeroshot: str | None, as_json: bool) -> N
         "seen_classes": len(bench.seen_classes),
         "unseen_classes": len(bench.unseen_classes),
         "images": bench.counts(),
+        "classes": {"seen": bench.seen_classes, "unseen": bench.unseen_classes},
         **{k: v for k, v in bench.info.items() if k != "meta"},
         "missing": bench.missing,
     }
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
-    click.echo(f"{root}: {bench.kind}, {len(bench.seen_classes)} seen / {len(bench.unseen_classes)} unseen classes")
+    layout = f" ({bench.info['layout']} layout)" if "layout" in bench.info else ""
+    click.echo(
+        f"{root}: {bench.kind}{layout}, {len(bench.seen_classes)} seen / {len(bench.unseen_classes)} unseen classes"
+    )
+    sets = bench.info.get("split_sets")
+    if "split_set" in bench.info:
+        available = f" (available: {', '.join(map(str, sets))})" if isinstance(sets, list) else ""
+        click.echo(f"  split set: {bench.info['split_set']}{available}")
+    extra = bench.info.get("extra_sketches")
+    added = extra.get("added", 0) if isinstance(extra, dict) else 0
     for part, c in bench.counts().items():
-        click.echo(f"  {part}: {c['photo']} photos, {c['sketch']} sketches")
+        more = f" ({added} of them extra)" if part == "seen" and added else ""
+        click.echo(f"  {part}: {c['photo']} photos, {c['sketch']} sketches{more}")
     for part, why in bench.missing.items():
         click.echo(f"  {part}: not loadable ({why})")
+    click.echo(f"  unseen classes: {_names(bench.unseen_classes)}")
+    if "pairs_finegrained" in bench.info:
+        click.echo(f"  fine-grained pairs: {bench.info['pairs_finegrained']}")
+    if isinstance(extra, dict):
+        click.echo(
+            f"  extra sketches from {extra['root']}: {extra['added']} sketches of {extra['classes']} seen classes "
+            f"({extra['words']} words); refused {extra['unseen_refused']} words of unseen classes, skipped "
+            f"{extra['skipped_words']} words of no class here, {extra['unmapped_words']} words not in the class map"
+        )

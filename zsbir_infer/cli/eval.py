@@ -23,7 +23,7 @@ METRIC_LABELS = {"map_all": "mAP@all", "map_200": "mAP@200", "p_100": "P@100", "
     "--data",
     required=True,
     type=click.Path(exists=True, file_okay=False, path_type=Path),
-    help="Benchmark folder (synthetic, Sketchy, TU-Berlin or QuickDraw; auto-detected).",
+    help="Benchmark folder (our folder layout, synthetic, Sketchy, TU-Berlin or QuickDraw; auto-detected).",
 )
 @click.option("--split", default="unseen", show_default=True, help="Split: unseen, seen, all (val where present).")
 @click.option(
@@ -40,7 +40,12 @@ METRIC_LABELS = {"map_all": "mAP@all", "map_200": "mAP@200", "p_100": "P@100", "
     show_default=True,
     help="Mean over queries, or mean of per-class means.",
 )
-@click.option("--zeroshot", default=None, help="Split folder of a real benchmark (Sketchy: zeroshot1 or zeroshot0).")
+@click.option(
+    "--zeroshot",
+    default=None,
+    metavar="NAME",
+    help="Split set of a folder benchmark (e.g. 21) or split folder of a real benchmark (zeroshot1/zeroshot0).",
+)
 @encoder_options
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")

@@ -159,12 +159,16 @@ def open_real(root: Path, kind: str, zeroshot: str | None = None) -> Benchmark:
             f"{root} is not a {kind} benchmark: missing file {root / zs / layout.sketch_list.format(part='zero')} "
             f"(also looked in {root / FOLDER_NAMES[kind]})"
         )
+    available = [d.name for d in _zeroshot_dirs(bench_dir, layout)]
     if zeroshot is None:
-        zs_dir = _zeroshot_dirs(bench_dir, layout)[0]
+        zs_dir = bench_dir / available[0]
     else:
         zs_dir = bench_dir / zeroshot
         if not (zs_dir / layout.sketch_list.format(part="zero")).is_file():
-            raise BenchmarkError(f"missing file: {zs_dir / layout.sketch_list.format(part='zero')}")
+            raise BenchmarkError(
+                f"missing file: {zs_dir / layout.sketch_list.format(part='zero')} "
+                f"(split folders in {bench_dir}: {', '.join(available)})"
+            )
 
     seen = parse_cname_cid(zs_dir / "cname_cid.txt")
     unseen = parse_cname_cid(zs_dir / "cname_cid_zero.txt")
@@ -202,6 +206,6 @@ def open_real(root: Path, kind: str, zeroshot: str | None = None) -> Benchmark:
         seen_classes=seen,
         unseen_classes=unseen,
         items=items,
-        info={"zeroshot": zs_dir.name, "layout": layout_name},
+        info={"zeroshot": zs_dir.name, "layout": layout_name, "split_set": zs_dir.name, "split_sets": available},
         missing=missing,
     )
