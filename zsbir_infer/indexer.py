@@ -438,10 +438,49 @@ _CREATE_LEFTOVERS = frozenset(
 )
 
 
+@contextlib.contextmanager
+def _creation_lock(gallery_dir: Path) -> Iterator[None]:
+    """Serialize the creation of ``gallery_dir`` (and the cleanup of an interrupted one) between processes:
+    ``flock`` on its parent folder, which exists before the gallery does and needs no write access."""
+    import fcntl
+
+    fd = os.open(gallery_dir.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
 def _clear_half_created(gallery_dir: Path) -> None:
-    """Remove the leftovers of a ``Gallery.create`` killed before it wrote the manifest (nothing else)."""
+    """Remove the leftovers of a ``Gallery.create`` killed before it finished (nothing else): temporary
+    sibling folders of dead processes, and the files an older zsbir created in place before its manifest.
+    Called with the creation lock held."""
     import shutil
 
+    from zsbir_infer.gallery.store import creating_prefix
+
+    prefix = creating_prefix(gallery_dir.name)
+    with contextlib.suppress(OSError):
+        for sib in gallery_dir.parent.iterdir():
+            if not sib.name.startswith(prefix) or not sib.is_dir() or sib.is_symlink():
+                continue
+            pid = sib.name[len(prefix) :].split("-", 1)[0]
+            if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+                shutil.rmtree(sib, ignore_errors=True)
     if not gallery_dir.is_dir() or (gallery_dir / "manifest.json").exists():
         return
     names = {p.name for p in gallery_dir.iterdir()}
@@ -458,10 +497,27 @@ def _clear_half_created(gallery_dir: Path) -> None:
             p.unlink()
 
 
+def _ensure_gallery(gallery_dir: Path, encoder: Encoder, storage: str) -> None:
+    """Create the gallery at ``gallery_dir`` unless it exists, under the creation lock (race-free)."""
+    from zsbir_infer.gallery import Gallery
+
+    if (gallery_dir / "manifest.json").is_file():
+        return
+    gallery_dir.parent.mkdir(parents=True, exist_ok=True)
+    with _creation_lock(gallery_dir):
+        if (gallery_dir / "manifest.json").is_file():
+            return  # another run created it while we waited
+        _clear_half_created(gallery_dir)
+        Gallery.create(gallery_dir, fingerprint=encoder.fingerprint, dim=encoder.embedding_dim, storage=storage).close()
+
+
 def open_or_create_gallery(
     gallery_dir: Path, root: Path, encoder: Encoder, *, storage: str = "float16", model: str | None = None
 ) -> Gallery:
     """Open the gallery at ``gallery_dir`` for indexing ``root`` with ``encoder`` (creating it if absent).
+
+    Creation is race-free: it happens under a lock on the parent folder, in a temporary folder renamed
+    into place, so two runs started at once create one gallery.
 
     Raises:
         IndexingError: the gallery indexes another root.
@@ -469,20 +525,16 @@ def open_or_create_gallery(
     """
     from zsbir_infer.gallery import Gallery
 
-    if (gallery_dir / "manifest.json").is_file():
-        g = Gallery.open(gallery_dir, fingerprint=encoder.fingerprint)
-        info = read_indexer_info(gallery_dir)
-        old_root = info.get("root")
-        if old_root and Path(old_root) != root:
-            g.close()
-            raise IndexingError(
-                f"gallery {gallery_dir} indexes {old_root}, not {root}; a gallery indexes one folder. Use another "
-                f"gallery (-o DIR), or delete {gallery_dir} to start over"
-            )
-    else:
-        _clear_half_created(gallery_dir)
-        g = Gallery.create(gallery_dir, fingerprint=encoder.fingerprint, dim=encoder.embedding_dim, storage=storage)
+    _ensure_gallery(gallery_dir, encoder, storage)
+    g = Gallery.open(gallery_dir, fingerprint=encoder.fingerprint)
     info = read_indexer_info(gallery_dir)
+    old_root = info.get("root")
+    if old_root and Path(old_root) != root:
+        g.close()
+        raise IndexingError(
+            f"gallery {gallery_dir} indexes {old_root}, not {root}; a gallery indexes one folder. Use another "
+            f"gallery (-o DIR), or delete {gallery_dir} to start over"
+        )
     if info.get("root") != str(root) or "model" not in info:
         info.update({"format": "zsbir-indexer", "version": 1, "root": str(root), "model": model})
         _write_json_atomic(gallery_dir / INDEXER_FILE, info)
@@ -535,8 +587,7 @@ def index_folder(
     root_p = Path(root).resolve()
     gdir = Path(gallery).absolute()
     listing = walk(root_p, exclude=[gdir])
-    gdir.parent.mkdir(parents=True, exist_ok=True)
-    g = open_or_create_gallery(gdir, root_p, encoder, storage=storage, model=model)
+    _ensure_gallery(gdir, encoder, storage)
     report = IndexReport(
         root=str(root_p),
         gallery=str(gdir),
@@ -544,8 +595,9 @@ def index_folder(
         backend=encoder.backend,
         precision=encoder.precision,
     )
-    try:
-        with _run_lock(gdir):
+    with _run_lock(gdir):
+        g = open_or_create_gallery(gdir, root_p, encoder, storage=storage, model=model)
+        try:
             _run(g, listing, encoder, report, batch_size, workers, progress, on_plan, commit_files, commit_seconds)
             report.seconds = time.perf_counter() - t0
             threshold = build_ann_from
@@ -560,11 +612,11 @@ def index_folder(
             info = read_indexer_info(gdir)
             info["last_run"] = report.to_dict()
             _write_json_atomic(gdir / INDEXER_FILE, info)
-    except KeyboardInterrupt:
-        report.interrupted = True
-        raise
-    finally:
-        g.close()
+        except KeyboardInterrupt:
+            report.interrupted = True
+            raise
+        finally:
+            g.close()
     report.seconds = time.perf_counter() - t0
     return report
 

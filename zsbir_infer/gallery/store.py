@@ -11,6 +11,8 @@ import datetime as _dt
 import errno
 import json
 import os
+import secrets
+import shutil
 import sqlite3
 import threading
 import time
@@ -54,6 +56,13 @@ DATABASE = "meta.sqlite"
 SEGMENT_DIR = "segments"
 ITQ_FILE = "itq.npz"
 LOCK_FILE = ".lock"
+
+
+def creating_prefix(name: str) -> str:
+    """Prefix of the temporary sibling folder in which ``Gallery.create`` builds the gallery ``name``."""
+    return f".{name}.creating-"
+
+
 DEFAULT_SEGMENT_ROWS = 1 << 20
 NORM_TOLERANCE = 0.02
 
@@ -384,18 +393,6 @@ class Gallery:
             raise GalleryError(f"{p} already holds a gallery; open it with Gallery.open or choose another directory")
         if p.exists() and (not p.is_dir() or any(p.iterdir())):
             raise GalleryError(f"{p} exists and is not an empty directory; a gallery needs a directory of its own")
-        p.mkdir(parents=True, exist_ok=True)
-        (p / SEGMENT_DIR).mkdir(exist_ok=True)
-        if storage == "itq":
-            itq.save(p / ITQ_FILE)
-        con = sqlite3.connect(p / DATABASE)
-        try:
-            con.execute("PRAGMA journal_mode=WAL")
-            con.executescript(SCHEMA)
-            con.execute("INSERT OR IGNORE INTO state(key, value) VALUES ('generation', 0)")
-            con.commit()
-        finally:
-            con.close()
         from zsbir_infer import __version__
 
         manifest: dict[str, Any] = {
@@ -411,8 +408,41 @@ class Gallery:
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "zsbir_version": __version__,
         }
-        # The manifest is written last: a directory without one is not a gallery yet.
-        _write_json_atomic(p / MANIFEST, manifest)
+        # Built in a temporary sibling folder and renamed into place: the gallery appears whole or not at
+        # all, and two creations at once cannot mix their files (the second rename fails: not empty).
+        parent = p.absolute().parent
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = parent / f"{creating_prefix(p.name)}{os.getpid()}-{secrets.token_hex(4)}"
+        tmp.mkdir()
+        try:
+            (tmp / SEGMENT_DIR).mkdir()
+            if storage == "itq":
+                itq.save(tmp / ITQ_FILE)
+            con = sqlite3.connect(tmp / DATABASE)
+            try:
+                con.execute("PRAGMA journal_mode=WAL")
+                con.executescript(SCHEMA)
+                con.execute("INSERT OR IGNORE INTO state(key, value) VALUES ('generation', 0)")
+                con.commit()
+            finally:
+                con.close()
+            _write_json_atomic(tmp / MANIFEST, manifest)
+            _fsync_dir(tmp)
+            try:
+                os.rename(tmp, p)  # replaces p only when it is an empty directory
+            except OSError as e:
+                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                    raise
+                if exist_ok and (p / MANIFEST).exists():  # another process created it first
+                    return cls.create(p, fingerprint, dim, storage, itq=itq, segment_rows=segment_rows, exist_ok=True)
+                raise GalleryError(
+                    f"{p} appeared while this gallery was being created (another process?); open it with "
+                    "Gallery.open or choose another directory"
+                ) from None
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        _fsync_dir(parent)
         return cls(p, manifest, _token=_CONSTRUCT)
 
     @classmethod
