@@ -3,6 +3,7 @@ the fix. Uses the tiny test bundle (16x16 input) so the file runs in seconds."""
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -95,3 +96,142 @@ def test_two_first_time_runs_at_once_never_break_the_gallery(
     finally:
         for e in encs:
             e.close()
+
+
+# ------------------------------------------------------------------ 2. a gallery nobody may write to
+
+
+def _tree_state(d: Path) -> dict[str, tuple[int, int, bytes]]:
+    """(size, mtime, content) of every file below ``d``: proves that nothing was written."""
+    return {
+        str(f.relative_to(d)): (f.stat().st_size, f.stat().st_mtime_ns, f.read_bytes())
+        for f in sorted(d.rglob("*"))
+        if f.is_file()
+    }
+
+
+def _as_nobody(fn: Any) -> tuple[int, str]:
+    """Run ``fn()`` in a forked child that dropped root for the ``nobody`` user (so that file permissions
+    apply, as for any user: tests run as root); returns (exit status, what fn returned or the error)."""
+    import traceback
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 0
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            out = str(fn())
+        except BaseException:
+            out, code = traceback.format_exc(), 1
+        os.write(w, out.encode("utf-8", "replace"))
+        os.close(w)
+        os._exit(code)
+    os.close(w)
+    chunks = []
+    while chunk := os.read(r, 65536):
+        chunks.append(chunk)
+    os.close(r)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), b"".join(chunks).decode()
+
+
+@pytest.fixture()
+def world_readable(tmp_path: Path) -> Any:
+    """A folder the ``nobody`` user can reach (pytest's tmp_path lies below a root-only folder)."""
+    import shutil
+    import tempfile
+
+    d = Path(tempfile.mkdtemp(prefix="zsbir-ro-", dir="/tmp"))
+    d.chmod(0o755)
+    yield d
+    for f in [d, *d.rglob("*")]:
+        if not f.is_symlink():
+            f.chmod(0o755 if f.is_dir() else 0o644)
+    shutil.rmtree(d)
+
+
+def _chmod_a_minus_w(d: Path) -> None:
+    for f in [d, *d.rglob("*")]:
+        f.chmod(f.stat().st_mode & ~0o222)
+
+
+def test_read_only_gallery_answers_queries_info_and_retriever(world_readable: Path, enc: Encoder) -> None:
+    """Issue 13 item 2: `chmod -R a-w` on a gallery (read-only volume, shipped gallery, another user's)."""
+    if os.getuid() != 0:
+        pytest.skip("drops privileges to 'nobody', which needs root")
+    from click.testing import CliRunner
+
+    import zsbir_infer.cli.info  # noqa: F401 - imported before the fork
+    from zsbir_infer.cli import main
+    from zsbir_infer.retriever import Retriever
+
+    photos = world_readable / "photos"
+    write_photos(photos, 6)
+    gdir = world_readable / "g"
+    index_folder(photos, gdir, enc)
+    q = enc.embed([photos / "p0_001.jpg"], "photo")
+    with Retriever.open(gdir, model=enc) as r:
+        expected = [(h.relpath, round(h.score, 5)) for h in r.search(q, k=3)[0]]
+    _chmod_a_minus_w(world_readable)
+    before = _tree_state(gdir)
+
+    def reader() -> str:
+        assert not os.access(gdir / "meta.sqlite", os.W_OK)
+        with Gallery.open(gdir) as g:  # read-only by itself: the folder is not writable
+            assert g.readonly
+            assert len(g) == 6 and g.stats().files_indexed == 6
+            hits = g.search(q, k=3, exact=True)[0]
+        with Retriever.open(gdir, model=enc) as r:
+            got = [(h.relpath, round(h.score, 5)) for h in r.search(q, k=3)[0]]
+        assert got == expected and [h.path for h in hits] == [p for p, _ in expected]
+        res = CliRunner().invoke(main, ["info", str(gdir), "--json"], catch_exceptions=False)
+        assert res.exit_code == 0, res.output
+        assert '"files_indexed": 6' in res.output
+        return "ok"
+
+    code, out = _as_nobody(reader)
+    assert code == 0 and out == "ok", out
+    assert _tree_state(gdir) == before
+    # Indexing needs write access: a clear message, not a traceback.
+    code, out = _as_nobody(lambda: index_folder(photos, gdir, enc))
+    assert code == 1 and "cannot write to gallery" in out and "read-only" in out, out
+
+
+def test_reader_never_writes_to_a_writable_gallery(
+    tmp_path: Path, enc: Encoder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 13 item 2: readers open SQLite read-only (mode=ro) and never set WAL or write."""
+    import sqlite3
+
+    from click.testing import CliRunner
+
+    from zsbir_infer.cli import main
+    from zsbir_infer.retriever import Retriever
+
+    write_photos(tmp_path / "photos", 4)
+    gdir = tmp_path / "g"
+    index_folder(tmp_path / "photos", gdir, enc)
+    statements: list[str] = []
+    uris: list[str] = []
+    real_connect = sqlite3.connect
+
+    def traced(database: Any, *args: Any, **kwargs: Any) -> sqlite3.Connection:
+        uris.append(str(database))
+        con = real_connect(database, *args, **kwargs)
+        con.set_trace_callback(statements.append)
+        return con
+
+    monkeypatch.setattr(sqlite3, "connect", traced)
+    q = enc.embed([tmp_path / "photos" / "p0_000.png"], "photo")
+    with Retriever.open(gdir, model=enc) as r:
+        assert r.search(q, k=2)[0][0].relpath == "p0_000.png"
+    assert CliRunner().invoke(main, ["info", str(gdir)], catch_exceptions=False).exit_code == 0
+    assert uris and all("mode=ro" in u or "immutable=1" in u for u in uris), uris
+    writes = [s for s in statements if s.split()[0].upper() in ("INSERT", "UPDATE", "DELETE", "CREATE", "PRAGMA")]
+    assert [s for s in writes if not s.upper().startswith("PRAGMA BUSY_TIMEOUT")] == []
+    with Gallery.open(gdir, readonly=True) as g, pytest.raises(store.GalleryError, match="read-only"):
+        g.delete(["p0_000.png"])

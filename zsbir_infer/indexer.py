@@ -406,7 +406,13 @@ def find_gallery(start: str | os.PathLike[str] | None = None) -> Path | None:
 def _run_lock(gallery_dir: Path) -> Iterator[None]:
     import fcntl
 
-    fd = os.open(gallery_dir / RUN_LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(gallery_dir / RUN_LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise IndexingError(
+            f"cannot write to gallery {gallery_dir} ({exc.strerror or exc}); queries and 'zsbir info' work on a "
+            "read-only gallery, but indexing needs write access: copy it somewhere writable (or fix its permissions)"
+        ) from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -526,7 +532,7 @@ def open_or_create_gallery(
     from zsbir_infer.gallery import Gallery
 
     _ensure_gallery(gallery_dir, encoder, storage)
-    g = Gallery.open(gallery_dir, fingerprint=encoder.fingerprint)
+    g = Gallery.open(gallery_dir, fingerprint=encoder.fingerprint, readonly=False)
     info = read_indexer_info(gallery_dir)
     old_root = info.get("root")
     if old_root and Path(old_root) != root:

@@ -176,7 +176,7 @@ class Retriever:
         if device not in DEVICES:
             raise RetrieverError(f"device must be one of {', '.join(DEVICES)}; got {device!r}")
         gdir = resolve_gallery(gallery)
-        g = Gallery.open(gdir)
+        g = Gallery.open(gdir, readonly=True)  # a search never writes (read-only volumes work)
         try:
             if isinstance(model, Encoder):
                 enc, owns = model, False

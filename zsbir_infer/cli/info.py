@@ -31,7 +31,7 @@ def command(gallery: Path | None, as_json: bool) -> None:
 
     try:
         gdir = resolve_gallery(gallery)
-        with Gallery.open(gdir) as g:
+        with Gallery.open(gdir, readonly=True) as g:
             st = g.stats()
     except (RetrieverError, GalleryError) as exc:
         raise click.ClickException(str(exc)) from None

@@ -16,6 +16,7 @@ import shutil
 import sqlite3
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -303,10 +304,13 @@ class Gallery:
         itq: the ITQ model (ITQ storage) or None; ``n_bits`` its code length (0 otherwise).
     """
 
-    def __init__(self, path: Path, manifest: dict[str, Any], *, _token: object = None) -> None:
+    def __init__(self, path: Path, manifest: dict[str, Any], *, _token: object = None, readonly: bool = False) -> None:
         if _token is not _CONSTRUCT:
             raise TypeError("use Gallery.create(...) or Gallery.open(...)")
         self.path = path
+        #: True when opened read-only: nothing in the folder is ever written (searches, stats, vectors work).
+        self.readonly = bool(readonly)
+        self._immutable = False  # read-only and SQLite cannot even create its shared-memory file
         self.manifest = manifest
         self.fingerprint: str = manifest["fingerprint"]
         self.dim: int = int(manifest["dim"])
@@ -318,7 +322,7 @@ class Gallery:
         self._conns_lock = threading.Lock()
         self._state_lock = threading.Lock()
         self._ann_lock = threading.Lock()
-        self._writer = _WriterLock(path / LOCK_FILE)
+        self._writer_lock = _WriterLock(path / LOCK_FILE)
         self._snapshot: _Snapshot | None = None
         self._ann: AnnIndex | None = None
         self._closed = False
@@ -446,13 +450,19 @@ class Gallery:
         return cls(p, manifest, _token=_CONSTRUCT)
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], fingerprint: str | None = None) -> Gallery:
+    def open(
+        cls, path: str | os.PathLike[str], fingerprint: str | None = None, *, readonly: bool | None = None
+    ) -> Gallery:
         """Open an existing gallery.
 
         Args:
             path: the gallery directory.
             fingerprint: if given, the fingerprint of the model that will query or extend the gallery;
                 a different one raises :class:`ModelMismatchError`.
+            readonly: True opens the gallery for reading only (SQLite ``mode=ro``; searches, stats and
+                :meth:`vectors` work on a read-only volume, a shipped gallery or another user's folder, and
+                nothing is ever written); False requires write access; None (default) opens read-only
+                when the folder or its database is not writable.
 
         Raises:
             GalleryError: if the directory is not a readable gallery of a supported version.
@@ -480,7 +490,15 @@ class Gallery:
             raise GalleryError(f"{mpath}: unknown storage {manifest['storage']!r}")
         if not (p / DATABASE).exists():
             raise GalleryError(f"{p} is damaged: {DATABASE} is missing")
-        g = cls(p, manifest, _token=_CONSTRUCT)
+        writable = os.access(p, os.W_OK) and os.access(p / DATABASE, os.W_OK)
+        if readonly is None:
+            readonly = not writable
+        elif not readonly and not writable:
+            raise GalleryError(
+                f"cannot write to gallery {p} (the folder or its {DATABASE} is read-only); queries and 'zsbir info' "
+                "work read-only, but indexing needs write access: copy the gallery somewhere writable"
+            )
+        g = cls(p, manifest, _token=_CONSTRUCT, readonly=readonly)
         if fingerprint is not None:
             try:
                 g.check_model(fingerprint)
@@ -519,15 +537,45 @@ class Gallery:
 
     # ------------------------------------------------------------------ plumbing
 
+    def _writer(self) -> _WriterLock:
+        if self.readonly:
+            raise GalleryError(
+                f"gallery {self.path} is opened read-only; open it with Gallery.open(path, readonly=False) to change it"
+            )
+        return self._writer_lock
+
+    def _connect(self) -> sqlite3.Connection:
+        db = self.path / DATABASE
+        if not self.readonly:
+            return sqlite3.connect(db, timeout=60.0, isolation_level=None, check_same_thread=False)
+        uri = (
+            "file:" + urllib.parse.quote(os.fspath(db.absolute())) + ("?immutable=1" if self._immutable else "?mode=ro")
+        )
+        con = sqlite3.connect(uri, uri=True, timeout=60.0, isolation_level=None, check_same_thread=False)
+        if self._immutable:
+            return con
+        try:
+            con.execute("SELECT value FROM state WHERE key = 'generation'").fetchone()
+        except sqlite3.OperationalError as e:
+            con.close()
+            if "readonly" not in str(e) and "unable to open" not in str(e):
+                raise
+            # A WAL database on a read-only folder without its -shm file: SQLite cannot share memory with
+            # writers, and there can be none (nobody can write here), so read the file as it is.
+            self._immutable = True
+            return self._connect()
+        return con
+
     def _con(self) -> sqlite3.Connection:
         if self._closed:
             raise GalleryError(f"gallery {self.path} is closed")
         con: sqlite3.Connection | None = getattr(self._local, "con", None)
         if con is None:
-            con = sqlite3.connect(self.path / DATABASE, timeout=60.0, isolation_level=None, check_same_thread=False)
-            con.execute("PRAGMA journal_mode=WAL")
-            con.execute("PRAGMA synchronous=FULL")
+            con = self._connect()
+            # The journal mode (WAL) is a property of the file, set once by create(): a reader never sets it.
             con.execute("PRAGMA busy_timeout=60000")
+            if not self.readonly:
+                con.execute("PRAGMA synchronous=FULL")
             self._local.con = con
             with self._conns_lock:
                 self._conns.append(con)
@@ -733,7 +781,7 @@ class Gallery:
         if not recs:
             return []
         arrays, max_norm = self._encode(v)
-        with self._writer.hold():
+        with self._writer().hold():
             con = self._con()
             segments = self._read_segments(con)
             total = sum(s.rows for s in segments)
@@ -842,7 +890,7 @@ class Gallery:
             rows.append((rel, size, mtime, digest, reason, now))
         if not rows:
             return
-        with self._writer.hold():
+        with self._writer().hold():
             con = self._con()
             con.execute("BEGIN IMMEDIATE")
             try:
@@ -869,7 +917,7 @@ class Gallery:
         rels = [_check_relpath(r) for r in relpaths]
         if not rels:
             return 0
-        with self._writer.hold():
+        with self._writer().hold():
             con = self._con()
             con.execute("BEGIN IMMEDIATE")
             try:
@@ -901,7 +949,7 @@ class Gallery:
         point leaves either the old or the new layout. The ANN index is rebuilt on its next use.
         Concurrent searches (threads or processes) finish on the old files or restart on the new ones.
         """
-        with self._writer.hold():
+        with self._writer().hold():
             con = self._con()
             segments = self._read_segments(con)
             cur = con.execute("SELECT vec FROM files WHERE vec IS NOT NULL ORDER BY vec")
@@ -1135,9 +1183,9 @@ class Gallery:
             return ann
         if ann.rows != snap.rows or ann.dead_covered != int(np.count_nonzero(snap.dead[: ann.rows])):
             changed = ann.sync(snap.rows, snap.dead, self._read_float_rows(snap))
-            if changed:
+            if changed and not self.readonly:
                 # Save when no other writer is busy; otherwise keep the updated index in memory only.
-                with self._writer.hold(blocking=False) as got:
+                with self._writer().hold(blocking=False) as got:
                     if got:
                         ann.save()
         return ann
@@ -1149,7 +1197,7 @@ class Gallery:
         snap = self._snapshot_now()
         with self._ann_lock:
             ann = self._ensure_ann(snap)
-            with self._writer.hold():
+            with self._writer().hold():
                 ann.save()
             return ann.size
 
