@@ -115,7 +115,7 @@ def test_index_json_incremental_and_info(tmp_path: Path, default_model: Path) ->
     info = json.loads(run("info", gal, "--json").stdout)
     assert (info["files_indexed"], info["files_skipped"], info["files_deleted"]) == (7, 1, 1)
     assert info["fingerprint"] == bundle_mod.Bundle.open(default_model).fingerprint
-    assert info["format_version"] == 1 and info["bytes_total"] > info["bytes_vectors"] > 0
+    assert info["format_version"] == 2 and info["bytes_total"] > info["bytes_vectors"] > 0
     assert info["root"] == str((tmp_path / "p").resolve()) and info["model"] is None
     text = run("info", gal).stdout
     assert "7 indexed, 1 skipped, 1 deleted" in text and info["fingerprint"] in text

@@ -60,7 +60,7 @@ def test_create_add_reopen_persists(tmp_path: Path) -> None:
     before = g.search(x[:5], k=7, exact=True)
     g.close()
     manifest = json.loads((tmp_path / "g" / "manifest.json").read_text())
-    assert manifest["format"] == "zsbir-gallery" and manifest["format_version"] == 1
+    assert manifest["format"] == "zsbir-gallery" and manifest["format_version"] == 2
     assert manifest["fingerprint"] == FP and manifest["dim"] == 16 and manifest["metric"] == "ip"
     assert manifest["storage"] == "float16"
     with Gallery.open(tmp_path / "g", fingerprint=FP) as g2:

@@ -235,3 +235,117 @@ def test_reader_never_writes_to_a_writable_gallery(
     assert [s for s in writes if not s.upper().startswith("PRAGMA BUSY_TIMEOUT")] == []
     with Gallery.open(gdir, readonly=True) as g, pytest.raises(store.GalleryError, match="read-only"):
         g.delete(["p0_000.png"])
+
+
+# ------------------------------------------------------------------ 3. damaged vectors and catalog
+
+
+def _flip(path: Path, offset: int, n: int = 4) -> None:
+    data = bytearray(path.read_bytes())
+    for i in range(offset, offset + n):
+        data[i] ^= 0x5A
+    path.write_bytes(bytes(data))
+
+
+def test_damaged_segment_is_an_error_and_index_re_embeds_only_its_rows(tmp_path: Path, enc: Encoder) -> None:
+    """Issue 13 item 3: flipping bytes of segments/000000.f16 gave "cosine" scores of 170.5 while index and
+    info called the gallery healthy."""
+    from click.testing import CliRunner
+
+    from zsbir_infer.cli import main
+    from zsbir_infer.retriever import Retriever
+
+    photos = tmp_path / "photos"
+    write_photos(photos, 9)
+    gdir = tmp_path / "g"
+    # Nine rows per segment: the photos of the first segment only are re-embedded after the repair.
+    Gallery.create(gdir, enc.fingerprint, enc.embedding_dim, segment_rows=9).close()
+    index_folder(photos, gdir, enc)
+    write_photos(photos, 3, seed=1, sub="more")
+    index_folder(photos, gdir, enc)
+    before = _files(gdir)
+    assert len(before) == 12 and (gdir / "segments" / "000001.f16").exists()
+    seg0 = gdir / "segments" / "000000.f16"
+    _flip(seg0, enc.embedding_dim * 2 * 3 + 1)  # row 3
+    q = enc.embed([photos / "p0_003.png"], "photo")
+    with Gallery.open(gdir) as g, pytest.raises(store.SegmentDamagedError, match=r"000000\.f16.*zsbir index"):
+        g.search(q, k=3, exact=True)
+    with pytest.raises(store.SegmentDamagedError, match="checksum"):
+        Retriever.open(gdir, model=enc)
+    res = CliRunner().invoke(main, ["info", str(gdir)])
+    assert res.exit_code == 1 and "000000.f16" in res.output and "zsbir index" in res.output
+    res = CliRunner().invoke(main, ["info", str(gdir), "--verify"])
+    assert res.exit_code == 1 and "does not match its checksum" in res.output and "Traceback" not in res.output
+    report = index_folder(photos, gdir, enc)
+    assert any("the 9 photos stored in segments/000000.f16 are embedded again" in n for n in report.notes), report
+    assert report.indexed == 9 and report.unchanged == 3
+    after = _files(gdir)
+    assert after.keys() == before.keys()
+    for rel, v in before.items():
+        np.testing.assert_allclose(after[rel], v, atol=2e-3)
+    with Retriever.open(gdir, model=enc) as r:
+        hits = r.search(q, k=3, exact=True)[0]
+    assert hits[0].relpath == "p0_003.png" and all(h.score <= 1.001 for h in hits)
+    res = CliRunner().invoke(main, ["info", str(gdir), "--verify"])
+    assert res.exit_code == 0 and "no damage found" in res.output, res.output
+
+
+def test_damaged_catalog_is_a_clear_error(tmp_path: Path, enc: Encoder) -> None:
+    """Issue 13 item 3: a damaged meta.sqlite gives a message naming PRAGMA quick_check, not a traceback."""
+    from click.testing import CliRunner
+
+    from zsbir_infer.cli import main
+
+    write_photos(tmp_path / "photos", 4)
+    gdir = tmp_path / "g"
+    index_folder(tmp_path / "photos", gdir, enc)
+    db = gdir / "meta.sqlite"
+    data = bytearray(db.read_bytes())
+    data[100 : len(data)] = os.urandom(len(data) - 100)  # everything after the header
+    db.write_bytes(bytes(data))
+    with pytest.raises(store.GalleryError, match=r"meta\.sqlite.*quick_check.*new gallery"):
+        Gallery.open(gdir)
+    res = CliRunner().invoke(main, ["info", str(gdir)])
+    assert res.exit_code == 1 and "quick_check" in res.output and "Traceback" not in res.output
+    res = CliRunner().invoke(main, ["info", str(gdir), "--verify"])
+    assert res.exit_code == 1 and "quick_check" in res.output
+
+
+def _downgrade_to_format_1(gdir: Path) -> None:
+    """What an older zsbir wrote: no checksums column, no uuid, format_version 1."""
+    import json
+    import sqlite3
+
+    con = sqlite3.connect(gdir / "meta.sqlite")
+    con.execute("ALTER TABLE segments DROP COLUMN checksums")
+    con.commit()
+    con.close()
+    m = json.loads((gdir / "manifest.json").read_text())
+    m["format_version"] = 1
+    del m["uuid"]
+    (gdir / "manifest.json").write_text(json.dumps(m))
+
+
+def test_format_1_gallery_opens_read_only_and_is_upgraded_by_index(tmp_path: Path, enc: Encoder) -> None:
+    import json
+
+    photos = tmp_path / "photos"
+    write_photos(photos, 5)
+    gdir = tmp_path / "g"
+    index_folder(photos, gdir, enc)
+    before = _files(gdir)
+    _downgrade_to_format_1(gdir)
+    with Gallery.open(gdir, readonly=True) as g:
+        assert g.format_version == 1 and g.uuid == "" and len(g) == 5
+        assert g.verify() == []  # no checksums, but the vectors' lengths are checked
+        assert g.search(before["p0_000.png"], k=1, exact=True)[0][0].path == "p0_000.png"
+    assert json.loads((gdir / "manifest.json").read_text())["format_version"] == 1  # a reader changes nothing
+    report = index_folder(photos, gdir, enc)
+    assert report.indexed == 0 and any("from format 1 to 2" in n for n in report.notes)
+    m = json.loads((gdir / "manifest.json").read_text())
+    assert m["format_version"] == 2 and len(m["uuid"]) == 32
+    assert _files(gdir).keys() == before.keys()
+    # The checksums written by the upgrade hold: damage is now detected.
+    _flip(gdir / "segments" / "000000.f16", 3)
+    with Gallery.open(gdir) as g:
+        assert any("checksum" in p for p in g.verify())

@@ -351,6 +351,7 @@ class IndexReport:
     seconds: float = 0.0
     embed_seconds: float = 0.0
     interrupted: bool = False
+    notes: list[str] = field(default_factory=list)
 
     @property
     def files_per_s(self) -> float:
@@ -604,6 +605,7 @@ def index_folder(
     with _run_lock(gdir):
         g = open_or_create_gallery(gdir, root_p, encoder, storage=storage, model=model)
         try:
+            _check_and_repair(g, report)
             _run(g, listing, encoder, report, batch_size, workers, progress, on_plan, commit_files, commit_seconds)
             report.seconds = time.perf_counter() - t0
             threshold = build_ann_from
@@ -625,6 +627,23 @@ def index_folder(
             g.close()
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _check_and_repair(g: Gallery, report: IndexReport) -> None:
+    """Note an upgrade of the gallery's format; verify its vectors and drop the photos of damaged segments,
+    which this run then embeds again (they are planned as new)."""
+    from zsbir_infer.gallery import FORMAT_VERSION, SegmentDamagedError
+
+    if g.migrated_from is not None:
+        report.notes.append(
+            f"upgraded gallery {g.path} from format {g.migrated_from} to {FORMAT_VERSION} (vector checksums added)"
+        )
+    try:
+        g.load()
+    except SegmentDamagedError as exc:
+        report.notes.append(str(exc).split("; its vectors")[0])
+        for name, n in g.repair():
+            report.notes.append(f"repaired: the {n} photos stored in segments/{name} are embedded again")
 
 
 def _skip_many(g: Gallery, items: Sequence[tuple[Any, str]]) -> None:

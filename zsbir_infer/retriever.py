@@ -178,6 +178,7 @@ class Retriever:
         gdir = resolve_gallery(gallery)
         g = Gallery.open(gdir, readonly=True)  # a search never writes (read-only volumes work)
         try:
+            g.load()  # verifies the vectors' checksums: damage is reported here, not as wrong scores
             if isinstance(model, Encoder):
                 enc, owns = model, False
             else:

@@ -117,6 +117,8 @@ def command(
     finally:
         bar.close()
         enc.close()
+    for note in report.notes:
+        click.echo(f"note: {note}", err=True)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
         return

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -23,18 +24,37 @@ def _size(n: int) -> str:
 @click.command(name="info", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("gallery", required=False, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def command(gallery: Path | None, as_json: bool) -> None:
-    """Describe GALLERY (default: the nearest .zsbir): model fingerprint, file counts, sizes, format version."""
+@click.option(
+    "--verify",
+    is_flag=True,
+    help="Check the whole gallery: the catalog (PRAGMA quick_check), every vector file against its checksum, "
+    "every vector's length. Exits with status 1 when something is damaged, saying how to repair it.",
+)
+def command(gallery: Path | None, as_json: bool, verify: bool) -> None:
+    """Describe GALLERY (default: $ZSBIR_GALLERY, else the nearest .zsbir): model fingerprint, file counts, sizes,
+    format version. Opening it checks the vectors' checksums; --verify checks everything."""
     from zsbir_infer.gallery import Gallery, GalleryError
     from zsbir_infer.indexer import read_indexer_info
     from zsbir_infer.retriever import RetrieverError, resolve_gallery
 
+    problems: list[str] | None = None
     try:
         gdir = resolve_gallery(gallery)
         with Gallery.open(gdir, readonly=True) as g:
-            st = g.stats()
+            if verify:
+                problems = g.verify(full=True)
+            st = g.stats() if not problems else None
     except (RetrieverError, GalleryError) as exc:
         raise click.ClickException(str(exc)) from None
+    if problems:
+        if as_json:
+            click.echo(json.dumps({"path": str(gdir), "verified": False, "problems": problems}, indent=2))
+        else:
+            click.echo(f"gallery {gdir}: {len(problems)} problem(s) found", err=True)
+            for line in problems:
+                click.echo(f"  {line}", err=True)
+        sys.exit(1)
+    assert st is not None
     info = read_indexer_info(gdir)
     last: dict[str, Any] = info.get("last_run") or {}
     doc: dict[str, Any] = {
@@ -43,6 +63,8 @@ def command(gallery: Path | None, as_json: bool) -> None:
         "model": info.get("model"),
         "last_run": {k: v for k, v in last.items() if k != "skipped"} if last else None,
     }
+    if verify:
+        doc["verified"] = True
     if as_json:
         click.echo(json.dumps(doc, indent=2))
         return
@@ -55,6 +77,10 @@ def command(gallery: Path | None, as_json: bool) -> None:
     ann = f"{st.ann_vectors} vectors{' (stale)' if st.ann_stale else ''}" if st.ann_vectors else "not built"
     click.echo(f"ANN index    {ann}")
     click.echo(f"on disk      {_size(st.bytes_total)} ({_size(st.bytes_vectors)} vectors)")
+    if st.format_version < 2:
+        click.echo("checksums    none (format 1): 'zsbir index' upgrades the gallery and adds them")
+    if verify:
+        click.echo("verified     catalog, vector checksums and lengths: no damage found")
     if last:
         click.echo(
             f"last run     {last.get('indexed', 0)} indexed, {last.get('unchanged', 0)} unchanged, "

@@ -66,6 +66,7 @@ from zsbir_infer.gallery.store import (
     Hit,
     ModelMismatchError,
     Plan,
+    SegmentDamagedError,
 )
 
 __all__ = [
@@ -80,4 +81,5 @@ __all__ = [
     "Hit",
     "ModelMismatchError",
     "Plan",
+    "SegmentDamagedError",
 ]

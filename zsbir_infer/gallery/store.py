@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import errno
+import functools
 import json
 import os
 import secrets
@@ -17,10 +18,12 @@ import sqlite3
 import threading
 import time
 import urllib.parse
+import uuid
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import numpy as np
 
@@ -47,10 +50,15 @@ __all__ = [
     "Hit",
     "ModelMismatchError",
     "Plan",
+    "SegmentDamagedError",
 ]
 
 FORMAT = "zsbir-gallery"
-FORMAT_VERSION = 1
+#: Version written by this zsbir. 2 added per-segment checksums and the gallery's identity (``uuid``).
+FORMAT_VERSION = 2
+#: Versions this zsbir opens: format 1 opens read-only as it is (no checksums to verify) and is upgraded in
+#: place (atomically) the first time it is opened for writing (``zsbir index``).
+READABLE_VERSIONS = (1, 2)
 STORAGES = ("float16", "int8", "itq")
 MANIFEST = "manifest.json"
 DATABASE = "meta.sqlite"
@@ -81,6 +89,55 @@ def _rollback(con: sqlite3.Connection) -> None:
 
 class GalleryError(Exception):
     """A gallery cannot be created, opened or used as asked."""
+
+
+class SegmentDamagedError(GalleryError):
+    """A segment file does not match the checksum committed with it: its vectors cannot be trusted."""
+
+    def __init__(self, gallery: Path, file: Path, base: int, rows: int, why: str) -> None:
+        self.gallery, self.file, self.base, self.rows = gallery, file, base, rows
+        super().__init__(
+            f"gallery {gallery} is damaged: {SEGMENT_DIR}/{file.name} {why} (rows {base}..{base + rows - 1}); its "
+            "vectors would give wrong results. Repair: rerun 'zsbir index' on the photo folder with this gallery "
+            "(-o " + str(gallery) + "): it re-embeds only the photos stored in the damaged segment "
+            "(Gallery.repair() in the library)"
+        )
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+_DISK_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def _guarded(fn: _F) -> _F:
+    """Turn SQLite errors and a full disk into a :class:`GalleryError` that says what to do."""
+
+    @functools.wraps(fn)
+    def wrapper(self: Gallery, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(self, *args, **kwargs)
+        except sqlite3.DatabaseError as e:
+            raise self._catalog_error(e) from None
+        except OSError as e:
+            if e.errno in _DISK_FULL_ERRNOS:
+                raise self._disk_full(e) from None
+            raise
+
+    return cast(_F, wrapper)
+
+
+def _crc_file(path: Path, start: int, stop: int, crc: int = 0) -> int:
+    """CRC-32 of bytes ``start:stop`` of a file, continuing ``crc`` (the CRC of the bytes before ``start``)."""
+    with open(path, "rb") as fh:
+        fh.seek(start)
+        left = stop - start
+        while left > 0:
+            chunk = fh.read(min(left, 1 << 24))
+            if not chunk:
+                raise EOFError(path)
+            crc = zlib.crc32(chunk, crc)
+            left -= len(chunk)
+    return crc
 
 
 class ModelMismatchError(GalleryError):
@@ -168,6 +225,7 @@ class GalleryStats:
     ann_stale: bool
     generation: int
     created: str
+    uuid: str = ""
 
 
 _ROW_KINDS: dict[str, tuple[tuple[str, str], ...]] = {
@@ -176,6 +234,21 @@ _ROW_KINDS: dict[str, tuple[tuple[str, str], ...]] = {
     "int8": (("i8", "int8"), ("scale", "float32")),
     "itq": (("itq", "uint8"),),
 }
+
+
+def _to_db(relpath: str) -> str | bytes:
+    """A path as stored in the catalog: text, or the raw bytes of a name that is not valid UTF-8 (held in
+    ``str`` with surrogate escapes, as ``os.fsdecode`` gives it), so that every file name is kept losslessly."""
+    try:
+        relpath.encode("utf-8")
+    except UnicodeEncodeError:
+        return relpath.encode("utf-8", "surrogateescape")
+    return relpath
+
+
+def _from_db(value: str | bytes) -> str:
+    """Inverse of :func:`_to_db`."""
+    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else str(value)
 
 
 def _check_relpath(relpath: str) -> str:
@@ -254,6 +327,7 @@ class _Segment:
     base: int
     rows: int
     max_norm: float
+    checksums: dict[str, int] | None = None  # CRC-32 of the committed bytes of each file (format 2)
 
 
 @dataclass(frozen=True)
@@ -282,7 +356,8 @@ CREATE TABLE IF NOT EXISTS segments (
     seg INTEGER PRIMARY KEY,
     base INTEGER NOT NULL,
     rows INTEGER NOT NULL,
-    max_norm REAL NOT NULL
+    max_norm REAL NOT NULL,
+    checksums TEXT
 );
 CREATE TABLE IF NOT EXISTS state (
     key TEXT PRIMARY KEY,
@@ -311,6 +386,12 @@ class Gallery:
         #: True when opened read-only: nothing in the folder is ever written (searches, stats, vectors work).
         self.readonly = bool(readonly)
         self._immutable = False  # read-only and SQLite cannot even create its shared-memory file
+        self.format_version = int(manifest["format_version"])
+        #: Random identity given at creation: a gallery deleted and created again at the same path differs.
+        self.uuid: str = str(manifest.get("uuid") or "")
+        #: Format this gallery was upgraded from when this open upgraded it (else None).
+        self.migrated_from: int | None = None
+        self._crc_done: dict[tuple[int, int, str], tuple[int, int]] = {}  # (layout, seg, suffix) -> verified
         self.manifest = manifest
         self.fingerprint: str = manifest["fingerprint"]
         self.dim: int = int(manifest["dim"])
@@ -411,6 +492,7 @@ class Gallery:
             "itq": {"file": ITQ_FILE, "n_bits": int(itq.n_bits)} if storage == "itq" else None,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "zsbir_version": __version__,
+            "uuid": uuid.uuid4().hex,
         }
         # Built in a temporary sibling folder and renamed into place: the gallery appears whole or not at
         # all, and two creations at once cannot mix their files (the second rename fails: not empty).
@@ -478,10 +560,10 @@ class Gallery:
             raise GalleryError(f"cannot read {mpath}: {e}") from e
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise GalleryError(f"{mpath} is not a zsbir gallery manifest")
-        if manifest.get("format_version") != FORMAT_VERSION:
+        if manifest.get("format_version") not in READABLE_VERSIONS:
             raise GalleryError(
-                f"{p} has gallery format version {manifest.get('format_version')}; this zsbir reads version "
-                f"{FORMAT_VERSION}. Re-index the photos with this version."
+                f"{p} has gallery format version {manifest.get('format_version')}; this zsbir reads versions "
+                f"{', '.join(map(str, READABLE_VERSIONS))}. Upgrade zsbir, or re-index the photos with this version."
             )
         for key in ("fingerprint", "dim", "storage", "metric", "segment_rows"):
             if key not in manifest:
@@ -499,13 +581,95 @@ class Gallery:
                 "work read-only, but indexing needs write access: copy the gallery somewhere writable"
             )
         g = cls(p, manifest, _token=_CONSTRUCT, readonly=readonly)
-        if fingerprint is not None:
-            try:
+        try:
+            g._probe()
+            if g.format_version < FORMAT_VERSION and not g.readonly:
+                g._upgrade()
+            if fingerprint is not None:
                 g.check_model(fingerprint)
-            except ModelMismatchError:
-                g.close()
-                raise
+        except BaseException:
+            g.close()
+            raise
         return g
+
+    @_guarded
+    def _probe(self) -> None:
+        """Read the catalog's tables once, so that a damaged meta.sqlite is reported on open."""
+        con = self._con()
+        self._generation(con)
+        con.execute("SELECT seg FROM segments LIMIT 1").fetchall()
+        con.execute("SELECT relpath FROM files LIMIT 1").fetchall()
+
+    def _catalog_error(self, e: sqlite3.DatabaseError) -> GalleryError:
+        msg = str(e)
+        low = msg.lower()
+        if "full" in low:
+            return self._disk_full(e)
+        if "locked" in low or "busy" in low:
+            return GalleryError(f"gallery {self.path} is busy ({msg}): another process holds its database; retry")
+        if "readonly" in low or "read-only" in low:
+            return GalleryError(
+                f"cannot write to gallery {self.path} ({msg}); it is read-only: queries work, indexing needs "
+                "write access"
+            )
+        return GalleryError(
+            f"gallery {self.path} is damaged: its catalog {DATABASE} cannot be used ({msg}; PRAGMA quick_check: "
+            f"{self._quick_check()}). The list of photos cannot be rebuilt from the vectors: restore the gallery "
+            f"from a backup, or index the photos again into a new gallery ('zsbir index PHOTOS -o NEW_GALLERY')"
+        )
+
+    def _disk_full(self, e: BaseException) -> GalleryError:
+        return GalleryError(
+            f"the disk holding gallery {self.path} is full ({getattr(e, 'strerror', None) or e}); nothing of the "
+            "batch being written was committed and the gallery is intact: free some space and rerun (indexing "
+            "continues where it stopped)"
+        )
+
+    def _quick_check(self) -> str:
+        """``PRAGMA quick_check`` of the catalog on a fresh read-only connection, as one line."""
+        uri = "file:" + urllib.parse.quote(os.fspath((self.path / DATABASE).absolute())) + "?mode=ro"
+        try:
+            con = sqlite3.connect(uri, uri=True, timeout=5.0)
+            try:
+                lines = [str(r[0]) for r in con.execute("PRAGMA quick_check(20)")]
+            finally:
+                con.close()
+        except sqlite3.DatabaseError as e:
+            return f"cannot run it: {e}"
+        return "; ".join(lines)
+
+    def _upgrade(self) -> None:
+        """Upgrade a format-1 gallery in place: checksums of the committed vectors, an identity. The catalog
+        changes in one transaction, then the manifest is replaced atomically (a crash in between leaves a
+        format-1 gallery that the next writer upgrades again)."""
+        with self._writer().hold():
+            con = self._con()
+            cols = {str(r[1]) for r in con.execute("PRAGMA table_info(segments)")}
+            segments = self._read_segments(con, checksums=False)
+            sums = {}
+            for sg in segments:
+                sums[sg.seg] = {
+                    suffix: _crc_file(self._seg_path(sg.seg, suffix), 0, self._seg_bytes(sg.rows, i))
+                    for i, (suffix, _, _) in enumerate(self._row_bytes)
+                }
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                if "checksums" not in cols:
+                    con.execute("ALTER TABLE segments ADD COLUMN checksums TEXT")
+                con.executemany(
+                    "UPDATE segments SET checksums = ? WHERE seg = ?",
+                    [(json.dumps(v, sort_keys=True), seg) for seg, v in sums.items()],
+                )
+                con.execute("COMMIT")
+            except BaseException:
+                _rollback(con)
+                raise
+            manifest = {**self.manifest, "format_version": FORMAT_VERSION, "uuid": self.uuid or uuid.uuid4().hex}
+            _write_json_atomic(self.path / MANIFEST, manifest)
+            self.migrated_from, self.format_version = self.format_version, FORMAT_VERSION
+            self.manifest, self.uuid = manifest, str(manifest["uuid"])
+            with self._state_lock:
+                self._snapshot = None
 
     def check_model(self, fingerprint: str) -> None:
         """Raise :class:`ModelMismatchError` unless ``fingerprint`` is the one the gallery was built with."""
@@ -596,9 +760,23 @@ class Gallery:
     def _seg_path(self, seg: int, suffix: str) -> Path:
         return self.path / SEGMENT_DIR / f"{seg:06d}.{suffix}"
 
-    def _read_segments(self, con: sqlite3.Connection) -> list[_Segment]:
-        rows = con.execute("SELECT seg, base, rows, max_norm FROM segments ORDER BY seg").fetchall()
-        return [_Segment(int(a), int(b), int(c), float(d)) for a, b, c, d in rows]
+    def _read_segments(self, con: sqlite3.Connection, *, checksums: bool = True) -> list[_Segment]:
+        if not checksums or self.format_version < 2:
+            rows = con.execute("SELECT seg, base, rows, max_norm FROM segments ORDER BY seg").fetchall()
+            return [_Segment(int(a), int(b), int(c), float(d)) for a, b, c, d in rows]
+        out = []
+        for a, b, c, d, e in con.execute("SELECT seg, base, rows, max_norm, checksums FROM segments ORDER BY seg"):
+            try:
+                sums = {str(k): int(v) for k, v in json.loads(e).items()} if e is not None else None
+            except (ValueError, TypeError, AttributeError):
+                sums = {}  # unreadable: no file matches, reported as damage
+            out.append(_Segment(int(a), int(b), int(c), float(d), sums))
+        return out
+
+    def _seg_bytes(self, rows: int, part: int) -> int:
+        """Bytes of ``rows`` rows in the file of the ``part``-th per-row array."""
+        _, dtype, shape = self._row_bytes[part]
+        return rows * dtype.itemsize * int(np.prod(shape, dtype=np.int64))
 
     def _generation(self, con: sqlite3.Connection) -> int:
         return self._state(con, "generation")
@@ -631,7 +809,7 @@ class Gallery:
             self._snapshot = snap
             return snap
 
-    def _load_snapshot(self, con: sqlite3.Connection, prev_snap: _Snapshot | None) -> _Snapshot:
+    def _load_snapshot(self, con: sqlite3.Connection, prev_snap: _Snapshot | None, verify: bool = True) -> _Snapshot:
         con.execute("BEGIN")
         try:
             gen = self._generation(con)
@@ -653,7 +831,15 @@ class Gallery:
             if s.rows == 0:
                 continue
             prev = old.get((s.seg, s.rows))
-            arrays = (prev.data, prev.scale) if prev is not None else self._map_segment(s)
+            if prev is not None:
+                arrays = (prev.data, prev.scale)
+            elif verify:
+                arrays = self._map_segment(s, layout)
+            else:  # verify() and repair(): a damaged segment is left out (they check it themselves)
+                try:
+                    arrays = self._map_segment(s, layout, verify=False)
+                except (SegmentDamagedError, FileNotFoundError):
+                    continue
             blocks.append(
                 Block(
                     base=s.base,
@@ -666,18 +852,37 @@ class Gallery:
             keys.append((s.seg, s.rows))
         return _Snapshot(gen, layout, total, tuple(segments), tuple(blocks), tuple(keys), dead)
 
-    def _map_segment(self, s: _Segment) -> tuple[np.ndarray, np.ndarray | None]:
+    def _map_segment(self, s: _Segment, layout: int, verify: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
         arrays: list[np.ndarray] = []
-        for suffix, dtype, shape in self._row_bytes:
+        for i, (suffix, dtype, shape) in enumerate(self._row_bytes):
             f = self._seg_path(s.seg, suffix)
-            need = s.rows * dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+            need = self._seg_bytes(s.rows, i)
             size = f.stat().st_size  # FileNotFoundError: see _snapshot_now
             if size < need:
-                raise GalleryError(
-                    f"gallery {self.path} is damaged: {f.name} holds {size} bytes but the metadata commits {need}"
+                raise SegmentDamagedError(
+                    self.path, f, s.base, s.rows, f"holds {size} bytes but the catalog commits {need}"
                 )
+            if verify:
+                self._verify_file(s, f, suffix, need, layout)
             arrays.append(np.memmap(f, dtype=dtype, mode="r", shape=(s.rows, *shape)))
         return arrays[0], (arrays[1] if len(arrays) > 1 else None)
+
+    def _verify_file(self, s: _Segment, f: Path, suffix: str, need: int, layout: int) -> None:
+        """Check the committed bytes of a segment file against their checksum; only the bytes appended since
+        the last check of this file are read (a reader that follows an indexing run reads each row once)."""
+        if s.checksums is None:  # format 1: nothing to check against
+            return
+        key = (layout, s.seg, suffix)
+        done, crc = self._crc_done.get(key, (0, 0))
+        if done > need:
+            done, crc = 0, 0
+        try:
+            crc = _crc_file(f, done, need, crc)
+        except EOFError:
+            raise SegmentDamagedError(self.path, f, s.base, s.rows, "is shorter than the catalog says") from None
+        if crc != s.checksums.get(suffix):
+            raise SegmentDamagedError(self.path, f, s.base, s.rows, "does not match its checksum")
+        self._crc_done[key] = (need, crc)
 
     # ------------------------------------------------------------------ incremental bookkeeping
 
@@ -802,8 +1007,7 @@ class Gallery:
                 next_seg += 1
                 base += take
                 pos += take
-            for seg, a, b, _ in pieces:
-                self._append(seg, [arr[a:b] for arr in arrays])
+            sums = [self._append(seg, [arr[a:b] for arr in arrays]) for seg, a, b, _ in pieces]
             if any(is_new for *_, is_new in pieces):
                 _fsync_dir(self.path / SEGMENT_DIR)
             if _BEFORE_COMMIT is not None:
@@ -813,16 +1017,17 @@ class Gallery:
             rows = [(r.relpath, int(r.size), int(r.mtime_ns), r.sha256, i, now) for r, i in zip(recs, ids, strict=True)]
             con.execute("BEGIN IMMEDIATE")
             try:
-                for seg, a, b, is_new in pieces:
+                for (seg, a, b, is_new), crcs in zip(pieces, sums, strict=True):
                     if is_new:
                         con.execute(
-                            "INSERT INTO segments(seg, base, rows, max_norm) VALUES (?, ?, ?, ?)",
-                            (seg.seg, seg.base, b - a, max_norm),
+                            "INSERT INTO segments(seg, base, rows, max_norm, checksums) VALUES (?, ?, ?, ?, ?)",
+                            (seg.seg, seg.base, b - a, max_norm, json.dumps(crcs, sort_keys=True)),
                         )
                     else:
                         con.execute(
-                            "UPDATE segments SET rows = rows + ?, max_norm = MAX(max_norm, ?) WHERE seg = ?",
-                            (b - a, max_norm, seg.seg),
+                            "UPDATE segments SET rows = rows + ?, max_norm = MAX(max_norm, ?), checksums = ? "
+                            "WHERE seg = ?",
+                            (b - a, max_norm, json.dumps(crcs, sort_keys=True), seg.seg),
                         )
                 con.executemany(
                     "INSERT INTO files(relpath, size, mtime_ns, sha256, status, reason, vec, updated_ns) "
@@ -839,8 +1044,10 @@ class Gallery:
                 raise
         return ids
 
-    def _append(self, seg: _Segment, parts: list[np.ndarray]) -> None:
-        """Write rows after the committed end of a segment (dropping any uncommitted tail) and fsync."""
+    def _append(self, seg: _Segment, parts: list[np.ndarray]) -> dict[str, int]:
+        """Write rows after the committed end of a segment (dropping any uncommitted tail) and fsync; returns
+        the checksums of each file's bytes up to the new end (to be committed with the rows)."""
+        sums: dict[str, int] = {}
         for (suffix, dtype, shape), arr in zip(self._row_bytes, parts, strict=True):
             f = self._seg_path(seg.seg, suffix)
             committed = seg.rows * dtype.itemsize * int(np.prod(shape, dtype=np.int64))
@@ -855,6 +1062,7 @@ class Gallery:
                 if size > committed:
                     os.ftruncate(fd, committed)  # garbage of an interrupted batch
                 data = np.ascontiguousarray(arr, dtype=dtype).tobytes()
+                sums[suffix] = zlib.crc32(data, (seg.checksums or {}).get(suffix, 0) if seg.rows else 0)
                 view = memoryview(data)
                 off = committed
                 while view:
@@ -864,6 +1072,7 @@ class Gallery:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+        return sums
 
     def skip(self, file: FileStat | FileRecord | str, reason: str) -> None:
         """Record that a file was not indexed and why (unreadable, not an image, ...).
@@ -950,7 +1159,10 @@ class Gallery:
         Concurrent searches (threads or processes) finish on the old files or restart on the new ones.
         """
         with self._writer().hold():
-            con = self._con()
+            return self._compact_locked(self._con(), None)
+
+    def _compact_locked(self, con: sqlite3.Connection, snap: _Snapshot | None) -> int:
+        if True:  # (indentation of the locked section)
             segments = self._read_segments(con)
             cur = con.execute("SELECT vec FROM files WHERE vec IS NOT NULL ORDER BY vec")
             live = np.array([r[0] for r in cur], dtype=np.int64)
@@ -958,23 +1170,24 @@ class Gallery:
             self._remove_stray_segments({sg.seg for sg in segments})
             if live.size == total:
                 return 0
-            snap = self._snapshot_now()
+            if snap is None:
+                snap = self._snapshot_now()
             next_seg = (segments[-1].seg + 1) if segments else 0
             new_segments: list[_Segment] = []
             for start in range(0, live.size, self.segment_rows):
                 ids = live[start : start + self.segment_rows]
                 seg = _Segment(next_seg, start, 0, 0.0)
                 parts = self._raw_rows(snap, ids)
-                self._append(seg, parts)
-                new_segments.append(_Segment(next_seg, start, ids.size, self._stored_max_norm(parts)))
+                crcs = self._append(seg, parts)
+                new_segments.append(_Segment(next_seg, start, ids.size, self._stored_max_norm(parts), crcs))
                 next_seg += 1
             _fsync_dir(self.path / SEGMENT_DIR)
             con.execute("BEGIN IMMEDIATE")
             try:
                 con.execute("DELETE FROM segments")
                 con.executemany(
-                    "INSERT INTO segments(seg, base, rows, max_norm) VALUES (?, ?, ?, ?)",
-                    [(sg.seg, sg.base, sg.rows, sg.max_norm) for sg in new_segments],
+                    "INSERT INTO segments(seg, base, rows, max_norm, checksums) VALUES (?, ?, ?, ?, ?)",
+                    [(sg.seg, sg.base, sg.rows, sg.max_norm, json.dumps(sg.checksums)) for sg in new_segments],
                 )
                 # Ascending old ids get ascending new ids <= old: no UNIQUE(vec) conflict along the way.
                 con.executemany(
@@ -993,6 +1206,131 @@ class Gallery:
             (self.path / "ann.json").unlink(missing_ok=True)
             self._remove_stray_segments({sg.seg for sg in new_segments})
             return int(total - live.size)
+
+    # ------------------------------------------------------------------ verification and repair
+
+    def _segment_problem(self, sg: _Segment) -> SegmentDamagedError | None:
+        """A full check of one segment's files (size, checksum), without the cache of :meth:`_verify_file`."""
+        for i, (suffix, _, _) in enumerate(self._row_bytes):
+            f = self._seg_path(sg.seg, suffix)
+            need = self._seg_bytes(sg.rows, i)
+            try:
+                size = f.stat().st_size
+            except FileNotFoundError:
+                return SegmentDamagedError(self.path, f, sg.base, sg.rows, "is missing")
+            if size < need:
+                return SegmentDamagedError(self.path, f, sg.base, sg.rows, f"holds {size} bytes, the catalog {need}")
+            if sg.checksums is not None and _crc_file(f, 0, need) != sg.checksums.get(suffix):
+                return SegmentDamagedError(self.path, f, sg.base, sg.rows, "does not match its checksum")
+        return None
+
+    @_guarded
+    def load(self) -> None:
+        """Map the committed vectors and verify their checksums now (else the first search does it).
+
+        Raises:
+            SegmentDamagedError: a segment file does not match its checksum (see :meth:`repair`).
+        """
+        self._snapshot_now()
+
+    @_guarded
+    def verify(self, full: bool = True) -> list[str]:
+        """Check the whole gallery; returns the problems found (an empty list: healthy).
+
+        Opening and searching already check each segment's checksum (cheaply: once per process, then only
+        appended bytes). This also runs ``PRAGMA quick_check`` on the catalog, checks that every indexed file
+        points at a stored row and has a path inside the photo folder, and (``full``) that every live vector
+        is finite and of unit length (which also checks format-1 galleries, which have no checksums).
+        """
+        problems: list[str] = []
+        qc = self._quick_check()
+        if qc != "ok":
+            return [f"{DATABASE}: PRAGMA quick_check: {qc}. {self._catalog_error(sqlite3.DatabaseError(qc))}"]
+        con = self._con()
+        snap = self._load_snapshot(con, None, verify=False)
+        damaged: set[int] = set()
+        for sg in snap.segments:
+            err = self._segment_problem(sg)
+            if err is not None:
+                problems.append(str(err))
+                damaged.add(sg.seg)
+        bad_paths, bad_rows = [], []
+        for rel, vec in con.execute("SELECT relpath, vec FROM files WHERE status = 'indexed'"):
+            try:
+                _check_relpath(_from_db(rel))
+            except GalleryError:
+                bad_paths.append(_from_db(rel))
+            if vec is None or not 0 <= int(vec) < snap.rows:
+                bad_rows.append(_from_db(rel))
+        for rel in bad_paths[:5]:
+            problems.append(f"{DATABASE}: the path {rel!r} does not lie inside the photo folder (edited catalog?)")
+        for rel in bad_rows[:5]:
+            problems.append(f"{DATABASE}: {rel!r} is indexed but points at no stored vector")
+        if full and self.storage != "itq":
+            blocks = {key[0]: b for key, b in zip(snap.seg_keys, snap.blocks, strict=True)}
+            for sg in snap.segments:
+                if sg.seg not in damaged and sg.seg in blocks:
+                    problems.extend(self._row_problems(sg, blocks[sg.seg]))
+        return problems
+
+    def _row_problems(self, sg: _Segment, b: Block) -> list[str]:
+        out = []
+        for start in range(0, b.data.shape[0], 1 << 16):
+            stop = min(b.data.shape[0], start + (1 << 16))
+            rows = np.asarray(b.data[start:stop], dtype=np.float32)
+            if b.scale is not None:
+                rows = rows * np.asarray(b.scale[start:stop])[:, None]
+            norms = np.linalg.norm(rows, axis=1)
+            live = np.ones(stop - start, dtype=bool) if b.dead is None else ~np.asarray(b.dead[start:stop])
+            bad = np.flatnonzero(live & ~(np.abs(norms - 1.0) <= 0.05))  # NaN fails too
+            if bad.size:
+                i = int(bad[0])
+                f = self._seg_path(sg.seg, self._row_bytes[0][0])
+                out.append(
+                    f"{SEGMENT_DIR}/{f.name}: {bad.size} live vector(s) are not of unit length (row "
+                    f"{sg.base + start + i} has norm {norms[i]:.4g}): the file is damaged; rerun 'zsbir index' "
+                    "after deleting the gallery, or restore it from a backup"
+                )
+                break
+        return out
+
+    @_guarded
+    def repair(self) -> list[tuple[str, int]]:
+        """Drop the photos stored in damaged segment files so that the next indexing run embeds them again.
+
+        Every segment is checked in full; the files whose rows lie in a damaged one are marked deleted (the
+        indexer sees them as new) and the segments are compacted without them, in the usual crash-safe way.
+
+        Returns:
+            ``(segment file name, photos dropped)`` for each damaged segment (empty when all are healthy).
+        """
+        with self._writer().hold():
+            con = self._con()
+            snap = self._load_snapshot(con, None, verify=False)
+            damaged = [(sg, err) for sg in snap.segments if (err := self._segment_problem(sg)) is not None]
+            if not damaged:
+                return []
+            out = []
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                now = time.time_ns()
+                for sg, err in damaged:
+                    cur = con.execute(
+                        "UPDATE files SET status = 'deleted', vec = NULL, reason = NULL, updated_ns = ? "
+                        "WHERE vec >= ? AND vec < ?",
+                        (now, sg.base, sg.base + sg.rows),
+                    )
+                    out.append((err.file.name, int(cur.rowcount)))
+                con.execute("UPDATE state SET value = value + 1 WHERE key = 'generation'")
+                con.execute("COMMIT")
+            except BaseException:
+                _rollback(con)
+                raise
+            self._compact_locked(con, self._load_snapshot(con, None, verify=False))
+            with self._state_lock:
+                self._snapshot = None
+            self._crc_done.clear()
+            return out
 
     def _raw_rows(self, snap: _Snapshot, ids: np.ndarray) -> list[np.ndarray]:
         """The stored arrays (as on disk) of the given rows."""
@@ -1257,7 +1595,7 @@ class Gallery:
             dim=self.dim,
             metric=self.metric,
             storage=self.storage,
-            format_version=int(self.manifest["format_version"]),
+            format_version=self.format_version,
             files_indexed=counts["indexed"],
             files_skipped=counts["skipped"],
             files_deleted=counts["deleted"],
@@ -1270,6 +1608,7 @@ class Gallery:
             ann_stale=bool(ann_stale),
             generation=snap.generation,
             created=str(self.manifest.get("created", "")),
+            uuid=self.uuid,
         )
 
 
