@@ -16,6 +16,7 @@ pytest.importorskip("onnx")
 from indexer_support import write_photos
 from tiny_bundle import make_bundle
 
+from zsbir_infer import indexer
 from zsbir_infer.encoder import Encoder
 from zsbir_infer.gallery import Gallery, store
 from zsbir_infer.indexer import IndexingError, index_folder
@@ -349,3 +350,32 @@ def test_format_1_gallery_opens_read_only_and_is_upgraded_by_index(tmp_path: Pat
     _flip(gdir / "segments" / "000000.f16", 3)
     with Gallery.open(gdir) as g:
         assert any("checksum" in p for p in g.verify())
+
+
+# ------------------------------------------------------------------ 5. skipped once, skipped forever
+
+
+def test_a_file_unreadable_once_is_retried(tmp_path: Path, enc: Encoder, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 13 item 5: after `chmod 644` on a file that was unreadable, a rerun said "0 skipped" and the
+    photo never appeared (root reads everything, so the permission error is simulated)."""
+    photos = tmp_path / "photos"
+    write_photos(photos, 4)
+    (photos / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (photos / "notes.txt").write_text("x")
+    real = indexer._read_file
+
+    def deny(path: bytes) -> bytes:
+        if path.endswith(b"p0_001.jpg"):
+            raise PermissionError(13, "Permission denied")
+        return real(path)
+
+    monkeypatch.setattr(indexer, "_read_file", deny)
+    first = index_folder(photos, tmp_path / "g", enc)
+    assert dict(first.skipped)["p0_001.jpg"].startswith("unreadable") and first.indexed == 3
+    monkeypatch.setattr(indexer, "_read_file", real)  # chmod 644
+    second = index_folder(photos, tmp_path / "g", enc)
+    assert second.indexed == 1 and "p0_001.jpg" in _files(tmp_path / "g")
+    # Files that fail again for the same reason are not reported (nor written) again.
+    assert second.skipped == [] and second.unchanged == 3 + 2
+    with Gallery.open(tmp_path / "g") as g:
+        assert sorted(r for r, _ in g.skipped()) == ["broken.jpg", "notes.txt"]

@@ -709,11 +709,16 @@ def _run(
     report.listed = len(stored) + len(listing.unstored)
     report.skipped.extend(listing.unstored)
     by_rel = {e.relpath: e for e in stored}
-    plan = g.plan([FileStat(e.relpath, e.size, e.mtime_ns) for e in stored])
-    report.unchanged = len(plan.unchanged)
+    plan = g.plan([FileStat(e.relpath, e.size, e.mtime_ns) for e in stored], retry_skipped=True)
     report.new, report.changed = len(plan.new), len(plan.changed)
     report.deleted = g.delete(plan.deleted) if plan.deleted else 0
-    todo = [by_rel[f.relpath] for f in (*plan.new, *plan.changed)]
+    # Files skipped before are tried again (a file unreadable once must not stay out forever); one that
+    # fails again for the same reason is not recorded again and counts as unchanged.
+    before = {f.relpath: why for f, why in plan.retry}
+    retry_pre = [by_rel[f.relpath] for f, _ in plan.retry]
+    same = {e.relpath for e in retry_pre if e.skip is not None and e.skip == before[e.relpath]}
+    report.unchanged = len(plan.unchanged) + len(same)
+    todo = [by_rel[f.relpath] for f in (*plan.new, *plan.changed)] + [e for e in retry_pre if e.relpath not in same]
     pre_skipped = [e for e in todo if e.skip is not None]
     candidates = [e for e in todo if e.skip is None]
     if on_plan is not None:
@@ -735,8 +740,9 @@ def _run(
             skips = [
                 (FileStat(e.relpath, e.size, e.mtime_ns), why)
                 for e, (good, why) in zip(part, results, strict=True)
-                if not good
+                if not good and before.get(e.relpath) != why
             ]
+            report.unchanged += sum(1 for e, (good, why) in zip(part, results, strict=True) if not good) - len(skips)
             committer.add(recs, vecs, skips, len(results))
             if progress is not None:
                 progress(len(results))

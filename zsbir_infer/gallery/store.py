@@ -182,12 +182,16 @@ class Plan:
         changed: files whose size or mtime differ from what the gallery recorded.
         unchanged: relative paths the gallery already has (indexed or skipped) with the same size and mtime.
         deleted: relative paths the gallery has (indexed or skipped) that are not in the listing.
+        retry: with ``plan(..., retry_skipped=True)``: ``(file, previous reason)`` of the skipped files whose
+            size and mtime did not change (they are then not in ``unchanged``): a file unreadable once
+            (permissions, a disk error, a file being written) is tried again by the next run.
     """
 
     new: list[FileStat] = field(default_factory=list)
     changed: list[FileStat] = field(default_factory=list)
     unchanged: list[str] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
+    retry: list[tuple[FileStat, str]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -886,15 +890,18 @@ class Gallery:
 
     # ------------------------------------------------------------------ incremental bookkeeping
 
-    def plan(self, files: Iterable[FileStat | tuple[str, int, int]]) -> Plan:
+    @_guarded
+    def plan(self, files: Iterable[FileStat | tuple[str, int, int]], *, retry_skipped: bool = False) -> Plan:
         """Compare a listing of the indexed root with what the gallery recorded.
 
         Args:
             files: every file currently under the root, as :class:`FileStat` or ``(relpath, size, mtime_ns)``.
+            retry_skipped: list skipped files whose size and mtime stay the same in ``Plan.retry`` (to be
+                tried again: ``zsbir index`` does) instead of counting them as unchanged.
 
         Returns:
-            A :class:`Plan`. Skipped files count as unchanged while their size and mtime stay the same
-            (so a broken file is not retried on every run); files recorded as deleted count as new.
+            A :class:`Plan`. Without ``retry_skipped``, skipped files count as unchanged while their size and
+            mtime stay the same; files recorded as deleted count as new.
         """
         listing: dict[str, FileStat] = {}
         for f in files:
@@ -903,22 +910,25 @@ class Gallery:
             if st.relpath in listing:
                 raise GalleryError(f"the listing names {st.relpath!r} twice")
             listing[st.relpath] = FileStat(st.relpath, int(st.size), int(st.mtime_ns))
-        known: dict[str, tuple[int, int, str]] = {}
-        for relpath, size, mtime, status in self._con().execute(
-            "SELECT relpath, size, mtime_ns, status FROM files WHERE status != 'deleted'"
+        known: dict[str, tuple[int, int, str, str]] = {}
+        for relpath, size, mtime, status, reason in self._con().execute(
+            "SELECT relpath, size, mtime_ns, status, reason FROM files WHERE status != 'deleted'"
         ):
-            known[relpath] = (int(size), int(mtime), status)
-        new, changed, unchanged = [], [], []
+            known[_from_db(relpath)] = (int(size), int(mtime), status, str(reason or ""))
+        new, changed, unchanged, retry = [], [], [], []
         for rel, st in listing.items():
             k = known.get(rel)
             if k is None:
                 new.append(st)
             elif (k[0], k[1]) == (st.size, st.mtime_ns):
-                unchanged.append(rel)
+                if retry_skipped and k[2] == "skipped":
+                    retry.append((st, k[3]))
+                else:
+                    unchanged.append(rel)
             else:
                 changed.append(st)
         deleted = sorted(rel for rel in known if rel not in listing)
-        return Plan(new=new, changed=changed, unchanged=unchanged, deleted=deleted)
+        return Plan(new=new, changed=changed, unchanged=unchanged, deleted=deleted, retry=retry)
 
     def _encode(self, vectors: np.ndarray) -> tuple[list[np.ndarray], float]:
         """Stored arrays for a batch (per the storage kind) and the largest stored row norm."""
