@@ -379,3 +379,28 @@ def test_a_file_unreadable_once_is_retried(tmp_path: Path, enc: Encoder, monkeyp
     assert second.skipped == [] and second.unchanged == 3 + 2
     with Gallery.open(tmp_path / "g") as g:
         assert sorted(r for r, _ in g.skipped()) == ["broken.jpg", "notes.txt"]
+
+
+# ------------------------------------------------------------------ 6. symbolic links leaving the root
+
+
+def test_links_out_of_the_photo_folder_are_not_followed_by_default(tmp_path: Path, enc: Encoder) -> None:
+    """Issue 13 item 6: `ln -s / photos/x` indexed 43,536 files of the whole system."""
+    photos = tmp_path / "photos"
+    write_photos(photos, 2)
+    write_photos(tmp_path / "elsewhere", 3)
+    os.symlink("/", photos / "x")
+    os.symlink(tmp_path / "elsewhere", photos / "linked_dir")
+    os.symlink(tmp_path / "elsewhere" / "p0_001.jpg", photos / "linked_file.jpg")
+    os.symlink("p0_000.png", photos / "inside_link.png")  # stays inside: followed as before
+    report = index_folder(photos, tmp_path / "g", enc)
+    skipped = dict(report.skipped)
+    for name in ("x", "linked_dir", "linked_file.jpg"):
+        assert skipped[name].startswith("outside-root: ") and "--follow-links" in skipped[name], skipped
+    assert sorted(_files(tmp_path / "g")) == ["inside_link.png", "p0_000.png", "p0_001.jpg"]
+    os.unlink(photos / "x")
+    report = index_folder(photos, tmp_path / "g2", enc, follow_links=True)
+    assert sorted(_files(tmp_path / "g2")) == sorted(
+        ["inside_link.png", "p0_000.png", "p0_001.jpg", "linked_file.jpg"]
+        + [f"linked_dir/{n}" for n in ("p0_000.png", "p0_001.jpg", "p0_002.jpg")]
+    )

@@ -9,7 +9,8 @@
 
 What a run does:
 
-1. **Walk** the root (:func:`walk`): regular files and symbolic links to files are listed; symbolic links to
+1. **Walk** the root (:func:`walk`): regular files and symbolic links to files are listed; symbolic links that
+   point outside the root are skipped (``outside-root``) unless ``follow_links``; symbolic links to
    directories are followed once (a link back to an ancestor is a loop, a second path to a directory
    already walked is a duplicate: both are skipped with a reason, never followed). Names starting with
    ``.`` are ignored (``.git``, ``.zsbir``, macOS ``._*`` files), and so is the gallery folder itself.
@@ -102,6 +103,7 @@ SKIP_BROKEN_LINK = "broken-symlink"
 SKIP_DUPLICATE_DIR = "duplicate-directory"
 SKIP_ODD_NAME = "odd-name"
 SKIP_NOT_FILE = "not-a-regular-file"
+SKIP_OUTSIDE = "outside-root"
 
 _BAD_NAME_CHARS = frozenset([chr(c) for c in range(32)] + ["\x7f", "\x85", "\u2028", "\u2029", "\\"])
 
@@ -154,12 +156,16 @@ def _name_problem(name: bytes) -> tuple[str | None, str]:
     return None, text
 
 
-def walk(root: str | os.PathLike[str], *, exclude: Sequence[str | os.PathLike[str]] = ()) -> Listing:
+def walk(
+    root: str | os.PathLike[str], *, exclude: Sequence[str | os.PathLike[str]] = (), follow_links: bool = False
+) -> Listing:
     """List the files below ``root`` (see the module docstring for what is followed, ignored and skipped).
 
     Args:
         root: the folder to index.
         exclude: folders not to enter (the gallery itself, when it lies inside the root).
+        follow_links: also follow symbolic links that point outside ``root`` (by default they are skipped
+            with the reason ``outside-root``: ``ln -s / photos/x`` must not index the whole system).
 
     Raises:
         IndexingError: if ``root`` is not a readable directory.
@@ -177,6 +183,8 @@ def walk(root: str | os.PathLike[str], *, exclude: Sequence[str | os.PathLike[st
             s = os.stat(ex)
             excluded.add((s.st_dev, s.st_ino))
     out = Listing()
+    real_root = os.path.realpath(os.fsencode(root_p))
+    root_prefix = real_root.rstrip(b"/") + b"/"
     visited: set[tuple[int, int]] = {(st_root.st_dev, st_root.st_ino)}
     # Stack of (directory path, relative prefix, ancestors' (dev, ino)).
     stack: list[tuple[bytes, str, frozenset[tuple[int, int]]]] = [
@@ -231,6 +239,17 @@ def walk(root: str | os.PathLike[str], *, exclude: Sequence[str | os.PathLike[st
                     why = _reason(SKIP_UNREADABLE, f"cannot stat: {exc.strerror or exc}")
                 out.entries.append(WalkEntry(rel, path_b, lst.st_size, lst.st_mtime_ns, why))
                 continue
+            if is_link and not follow_links:
+                target = os.path.realpath(path_b)
+                if target != real_root and not target.startswith(root_prefix):
+                    shown_target = target.decode("utf-8", "backslashreplace")
+                    why = _reason(
+                        SKIP_OUTSIDE,
+                        f"the symbolic link points outside the indexed folder (to {shown_target}); "
+                        "pass --follow-links to index what it points to",
+                    )
+                    out.entries.append(WalkEntry(rel, path_b, lst.st_size, lst.st_mtime_ns, why))
+                    continue
             if stat_mod.S_ISDIR(st.st_mode):
                 key = (st.st_dev, st.st_ino)
                 if key in excluded:
@@ -562,6 +581,7 @@ def index_folder(
     build_ann_from: int | None = None,
     commit_files: int = DEFAULT_COMMIT_FILES,
     commit_seconds: float = DEFAULT_COMMIT_SECONDS,
+    follow_links: bool = False,
 ) -> IndexReport:
     """Index (or update the index of) the photos below ``root`` into the gallery folder ``gallery``.
 
@@ -581,6 +601,7 @@ def index_folder(
         commit_seconds: ... or this many seconds after the last commit, whichever comes first. Each commit
             is atomic (one fsync of the vectors, one SQLite transaction); a kill loses at most the files
             embedded since the last commit.
+        follow_links: follow symbolic links that point outside ``root`` (default: skipped, see :func:`walk`).
 
     Returns:
         An :class:`IndexReport`. On ``KeyboardInterrupt`` the committed batches stay committed and the
@@ -593,7 +614,7 @@ def index_folder(
     t0 = time.perf_counter()
     root_p = Path(root).resolve()
     gdir = Path(gallery).absolute()
-    listing = walk(root_p, exclude=[gdir])
+    listing = walk(root_p, exclude=[gdir], follow_links=follow_links)
     _ensure_gallery(gdir, encoder, storage)
     report = IndexReport(
         root=str(root_p),

@@ -43,6 +43,11 @@ SHOW_SKIPPED = 20
     hidden=True,
     help="Commit every N files (default: 1024 files or 2 s, whichever comes first).",
 )
+@click.option(
+    "--follow-links",
+    is_flag=True,
+    help="Follow symbolic links that point outside FOLDER (by default they are skipped with a reason).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def command(
@@ -55,14 +60,16 @@ def command(
     workers: int | None,
     storage: str,
     commit_every: int | None,
+    follow_links: bool,
     as_json: bool,
     quiet: bool,
 ) -> None:
     """Index the photos below FOLDER into a gallery; a rerun only embeds new or changed files.
 
     Files that cannot be used (not an image, empty, truncated, too large, unreadable, odd names, symbolic
-    link loops) are skipped with a reason. Interrupting is safe: rerun to continue. Without --model, an
-    existing gallery is updated with the model it was built with (a new one uses the embedded default).
+    link loops, symbolic links leaving FOLDER unless --follow-links) are skipped with a reason, and tried
+    again by the next run. Interrupting is safe: rerun to continue. Without --model, an existing gallery
+    is updated with the model it was built with (a new one uses the embedded default).
     """
     from tqdm import tqdm
 
@@ -103,6 +110,7 @@ def command(
             on_plan=on_plan,
             commit_files=commit_every or DEFAULT_COMMIT_FILES,
             commit_seconds=3600.0 if commit_every else DEFAULT_COMMIT_SECONDS,
+            follow_links=follow_links,
         )
     except KeyboardInterrupt:
         bar.close()
