@@ -404,3 +404,56 @@ def test_links_out_of_the_photo_folder_are_not_followed_by_default(tmp_path: Pat
         ["inside_link.png", "p0_000.png", "p0_001.jpg", "linked_file.jpg"]
         + [f"linked_dir/{n}" for n in ("p0_000.png", "p0_001.jpg", "p0_002.jpg")]
     )
+
+
+# ------------------------------------------------------------------ 7. a tampered catalog
+
+
+def test_tampered_catalog_path_is_never_shown_or_opened(tmp_path: Path, bundle: Path, enc: Encoder) -> None:
+    """Issue 13 item 7: a relpath edited to ../../outside/private.png was printed by query and embedded as
+    a thumbnail by --html."""
+    import sqlite3
+
+    from click.testing import CliRunner
+
+    from zsbir_infer.cli import main
+    from zsbir_infer.retriever import Retriever
+
+    photos = tmp_path / "project" / "photos"
+    write_photos(photos, 3)
+    write_photos(tmp_path / "outside", 1)
+    (tmp_path / "outside" / "p0_000.png").rename(tmp_path / "outside" / "private.png")
+    gdir = tmp_path / "g"
+    index_folder(photos, gdir, enc)
+    con = sqlite3.connect(gdir / "meta.sqlite")
+    con.execute("UPDATE files SET relpath = '../../outside/private.png' WHERE relpath = 'p0_000.png'")
+    con.commit()
+    con.close()
+    q = enc.embed([photos / "p0_000.png"], "photo")
+    with Retriever.open(gdir, model=enc) as r, pytest.raises(store.GalleryError, match="does not lie inside"):
+        r.search(q, k=3)
+    with Gallery.open(gdir) as g:
+        with pytest.raises(store.GalleryError, match=r"'\.\./\.\./outside/private\.png'.*inside"):
+            g.indexed()
+        assert any("does not lie inside" in p for p in g.verify())
+    sketch = photos / "p0_000.png"
+    html = tmp_path / "out.html"
+    res = CliRunner().invoke(
+        main, ["query", str(sketch), "--gallery", str(gdir), "--model", str(bundle), "--html", str(html), "-k", "3"]
+    )
+    assert res.exit_code == 1 and "does not lie inside" in res.output and "private" not in res.output.split("'")[0]
+    assert not html.exists()
+    # The page writer never opens such a path either, whatever gives it the hits.
+    from zsbir_infer.report import render_html
+    from zsbir_infer.retriever import Hit
+
+    page = render_html(
+        [store_result(sketch, Hit(str(tmp_path / "outside" / "private.png"), "../../outside/private.png", 1.0, 0, 1))]
+    )
+    assert "data:image/jpeg" not in page.split("</figure>", 1)[1]
+
+
+def store_result(sketch: Path, hit: Any) -> Any:
+    from zsbir_infer.report import QueryResult
+
+    return QueryResult(str(sketch), sketch, [hit])

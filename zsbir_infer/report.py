@@ -114,7 +114,10 @@ def render_html(
                 f'<span class="rank">#{int(getattr(hit, "rank", rank))}</span> '
                 f'<span class="score">{score:.3f}</span><br>{html.escape(shown)}'
             )
-            parts.append(_figure(thumbnail_data_uri(path, thumb_size), caption, cls))
+            rel = getattr(hit, "relpath", None)
+            escapes = isinstance(rel, str) and (rel.startswith("/") or ".." in rel.split("/"))
+            # A hit whose path leaves its photo folder is never opened (the retriever refuses those already).
+            parts.append(_figure(None if escapes else thumbnail_data_uri(path, thumb_size), caption, cls))
         parts.append("</div></section>")
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"

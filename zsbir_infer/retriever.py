@@ -353,7 +353,16 @@ class Retriever:
         return out
 
     def _hit(self, relpath: str, score: float, vid: int, rank: int) -> Hit:
-        path = os.path.join(self.root, *relpath.split("/")) if self.root else relpath
+        parts = relpath.split("/")
+        if not relpath or relpath.startswith("/") or any(part in ("", ".", "..") for part in parts):
+            # (the gallery checks every path it reads; this guards paths from any other source)
+            from zsbir_infer.gallery import GalleryError
+
+            raise GalleryError(
+                f"gallery {self.gallery.path} returned the path {relpath!r}, which does not lie inside the photo "
+                "folder; check the gallery with 'zsbir info --verify'"
+            )
+        path = os.path.join(self.root, *parts) if self.root else relpath
         return Hit(path=path, relpath=relpath, score=float(score), id=vid, rank=rank)
 
     # ------------------------------------------------------------------------------------ lifecycle

@@ -965,6 +965,7 @@ class Gallery:
                 )
         return v
 
+    @_guarded
     def add(self, records: Sequence[FileRecord], vectors: np.ndarray) -> list[int]:
         """Add (or replace) files and their embeddings as one atomic batch.
 
@@ -1024,7 +1025,10 @@ class Gallery:
                 _BEFORE_COMMIT()
             ids = list(range(total, total + n))
             now = time.time_ns()
-            rows = [(r.relpath, int(r.size), int(r.mtime_ns), r.sha256, i, now) for r, i in zip(recs, ids, strict=True)]
+            rows = [
+                (_to_db(r.relpath), int(r.size), int(r.mtime_ns), r.sha256, i, now)
+                for r, i in zip(recs, ids, strict=True)
+            ]
             con.execute("BEGIN IMMEDIATE")
             try:
                 for (seg, a, b, is_new), crcs in zip(pieces, sums, strict=True):
@@ -1093,6 +1097,7 @@ class Gallery:
         """
         self.skip_many([(file, reason)])
 
+    @_guarded
     def skip_many(self, items: Iterable[tuple[FileStat | FileRecord | str, str]]) -> None:
         """:meth:`skip` for several ``(file, reason)`` pairs, recorded in one transaction (all or none)."""
         rows = []
@@ -1106,7 +1111,7 @@ class Gallery:
                 rel, size, mtime = file.relpath, int(file.size), int(file.mtime_ns)
                 digest = file.sha256 if isinstance(file, FileRecord) else None
             _check_relpath(rel)
-            rows.append((rel, size, mtime, digest, reason, now))
+            rows.append((_to_db(rel), size, mtime, digest, reason, now))
         if not rows:
             return
         with self._writer().hold():
@@ -1127,6 +1132,7 @@ class Gallery:
                 _rollback(con)
                 raise
 
+    @_guarded
     def delete(self, relpaths: Iterable[str]) -> int:
         """Mark files as deleted (their vectors become tombstones, never returned by searches).
 
@@ -1143,7 +1149,7 @@ class Gallery:
                 n = 0
                 now = time.time_ns()
                 for i in range(0, len(rels), 500):
-                    chunk = rels[i : i + 500]
+                    chunk = [_to_db(r) for r in rels[i : i + 500]]
                     marks = ",".join("?" * len(chunk))
                     cur = con.execute(
                         f"UPDATE files SET status = 'deleted', vec = NULL, reason = NULL, updated_ns = ? "
@@ -1159,6 +1165,7 @@ class Gallery:
                 raise
         return n
 
+    @_guarded
     def compact(self) -> int:
         """Rewrite the segments without tombstones; returns the number of rows dropped.
 
@@ -1233,6 +1240,19 @@ class Gallery:
             if sg.checksums is not None and _crc_file(f, 0, need) != sg.checksums.get(suffix):
                 return SegmentDamagedError(self.path, f, sg.base, sg.rows, "does not match its checksum")
         return None
+
+    def _catalog_path(self, value: str | bytes) -> str:
+        """A path read from the catalog, checked to lie inside the photo folder before anyone shows or opens
+        it: an edited catalog must not make ``zsbir query`` print, or ``--html`` embed, files elsewhere."""
+        rel = _from_db(value)
+        try:
+            return _check_relpath(rel)
+        except GalleryError:
+            raise GalleryError(
+                f"gallery {self.path} is damaged: its catalog holds the path {rel!r}, which does not lie inside the "
+                "photo folder (the catalog was edited or damaged); check it with 'zsbir info --verify' and index the "
+                "photos again into a new gallery"
+            ) from None
 
     @_guarded
     def load(self) -> None:
@@ -1372,22 +1392,26 @@ class Gallery:
             if stem.isdigit() and int(stem) not in keep:
                 f.unlink(missing_ok=True)
 
+    @_guarded
     def skipped(self) -> list[tuple[str, str]]:
         """(relpath, reason) of every skipped file, sorted by path."""
         cur = self._con().execute("SELECT relpath, reason FROM files WHERE status = 'skipped' ORDER BY relpath")
-        return [(str(a), str(b)) for a, b in cur]
+        return [(self._catalog_path(a), str(b)) for a, b in cur]
 
+    @_guarded
     def indexed(self) -> list[tuple[str, int]]:
         """(relpath, row id) of every indexed file, sorted by path."""
         cur = self._con().execute("SELECT relpath, vec FROM files WHERE status = 'indexed' ORDER BY relpath")
-        return [(str(a), int(b)) for a, b in cur]
+        return [(self._catalog_path(a), int(b)) for a, b in cur]
 
+    @_guarded
     def __len__(self) -> int:
         """Number of indexed (searchable) files."""
         return int(self._con().execute("SELECT COUNT(*) FROM files WHERE status = 'indexed'").fetchone()[0])
 
     # ------------------------------------------------------------------ reading vectors
 
+    @_guarded
     def vectors(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """Stored rows as float32 (dequantized for int8; packed uint8 codes for ITQ storage)."""
         snap = self._snapshot_now()
@@ -1396,6 +1420,7 @@ class Gallery:
             raise GalleryError(f"row ids must be in [0, {snap.rows}); got {idx.min()}..{idx.max()}")
         return self._gather(snap, idx)
 
+    @_guarded
     def stored_rows(self, ids: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Rows exactly as stored: ``(rows, scales)`` with float16 rows, int8 rows plus their float32 per-row
         scales, or packed uint8 ITQ codes; ``scales`` is None except for int8 storage."""
@@ -1444,6 +1469,7 @@ class Gallery:
             raise GalleryError("queries contain NaN or infinity")
         return q
 
+    @_guarded
     def search(
         self,
         queries: np.ndarray,
@@ -1538,6 +1564,7 @@ class Gallery:
                         ann.save()
         return ann
 
+    @_guarded
     def build_index(self) -> int:
         """Build or update the ANN index now and save it; returns the number of vectors in it."""
         if self.storage == "itq":
@@ -1563,7 +1590,7 @@ class Gallery:
                 chunk = [int(x) for x in wanted[i : i + 500]]
                 marks = ",".join("?" * len(chunk))
                 for vec, rel in con.execute(f"SELECT vec, relpath FROM files WHERE vec IN ({marks})", chunk):
-                    paths[int(vec)] = str(rel)
+                    paths[int(vec)] = self._catalog_path(rel)
         finally:
             con.execute("COMMIT")
         out: list[list[Hit]] = []
@@ -1582,6 +1609,7 @@ class Gallery:
 
     # ------------------------------------------------------------------ description
 
+    @_guarded
     def stats(self) -> GalleryStats:
         """Counts and sizes (files by status, rows, tombstones, bytes on disk, ANN coverage)."""
         snap = self._snapshot_now()
