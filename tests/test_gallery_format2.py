@@ -457,3 +457,61 @@ def store_result(sketch: Path, hit: Any) -> Any:
     from zsbir_infer.report import QueryResult
 
     return QueryResult(str(sketch), sketch, [hit])
+
+
+# ------------------------------------------------------------------ 4. moving the folder
+
+
+@pytest.mark.parametrize("layout", ["beside", "inside"])
+def test_moving_the_whole_tree_keeps_the_gallery_working(tmp_path: Path, enc: Encoder, layout: str) -> None:
+    """Issue 13 item 4: after `mv project project2`, query printed paths that did not exist and index refused
+    the new location."""
+    from zsbir_infer.retriever import Retriever
+
+    project = tmp_path / "project"
+    photos = project / "photos"
+    write_photos(photos, 4)
+    gdir = project / ".zsbir" if layout == "beside" else photos / ".zsbir"
+    index_folder(photos, gdir, enc)
+    q = enc.embed([photos / "p0_001.jpg"], "photo")
+    project.rename(tmp_path / "project2")
+    photos2 = tmp_path / "project2" / "photos"
+    gdir2 = tmp_path / "project2" / gdir.relative_to(project)
+    with Retriever.open(gdir2, model=enc) as r:
+        hit = r.search(q, k=1)[0][0]
+    assert hit.path == str(photos2 / "p0_001.jpg") and os.path.exists(hit.path)
+    report = index_folder(photos2, gdir2, enc)
+    assert (report.indexed, report.unchanged) == (0, 4)
+    assert indexer.read_indexer_info(gdir2)["root"] == str(photos2.resolve())
+
+
+def test_index_root_re_points_a_gallery_whose_photos_moved(tmp_path: Path, enc: Encoder) -> None:
+    from click.testing import CliRunner
+
+    from zsbir_infer.cli import main
+
+    write_photos(tmp_path / "photos", 3)
+    gdir = tmp_path / "galleries" / "g"
+    index_folder(tmp_path / "photos", gdir, enc)
+    (tmp_path / "disk2").mkdir()
+    (tmp_path / "photos").rename(tmp_path / "disk2" / "photos")
+    new = tmp_path / "disk2" / "photos"
+    with pytest.raises(IndexingError, match=r"zsbir index --root .*disk2/photos"):
+        index_folder(new, gdir, enc)
+    report = index_folder(new, gdir, enc, repoint=True)
+    assert (report.indexed, report.unchanged, report.deleted) == (0, 3, 0)
+    assert indexer.read_indexer_info(gdir)["root"] == str(new.resolve())
+    # The command line: --root NEW (moving the photos back).
+    (tmp_path / "disk2" / "photos").rename(tmp_path / "photos")
+    model = str(enc.bundle.path)
+    res = CliRunner().invoke(
+        main, ["index", "--root", str(tmp_path / "photos"), "-o", str(gdir), "--model", model, "-q"]
+    )
+    assert res.exit_code == 0 and "3 unchanged" in res.output, res.output
+    # $ZSBIR_GALLERY names the gallery for index as for query and info (issue 13 item 12).
+    os.environ["ZSBIR_GALLERY"] = str(gdir)
+    try:
+        res = CliRunner().invoke(main, ["index", str(tmp_path / "photos"), "--model", model, "-q"])
+    finally:
+        del os.environ["ZSBIR_GALLERY"]
+    assert res.exit_code == 0 and "3 unchanged" in res.output and str(gdir) in res.output, res.output

@@ -30,9 +30,11 @@ What a run does:
    any moment leaves a gallery that opens; the next run sees the
    committed files as unchanged and indexes the rest, so every file ends up in the gallery exactly once.
 
-The gallery folder also holds ``indexer.json`` (written atomically): the indexed root (absolute path),
-the model bundle used (``null`` for the embedded default) and the summary of the last run. ``zsbir query``
-uses it to print full paths and to pick the same model; one gallery indexes one root.
+The gallery folder also holds ``indexer.json`` (written atomically): the indexed root (relative to the gallery
+when the gallery lies inside or beside the photo folder, so that moving the whole tree keeps it working;
+else absolute), the model bundle used (``null`` for the embedded default) and the summary of the last run.
+``zsbir query`` uses it to print full paths and to pick the same model; one gallery indexes one root
+(``zsbir index --root NEW`` re-points a gallery whose photos moved elsewhere).
 """
 
 from __future__ import annotations
@@ -403,13 +405,37 @@ def _write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
 
 
 def read_indexer_info(gallery: str | os.PathLike[str]) -> dict[str, Any]:
-    """The gallery's ``indexer.json`` (root, model, last run), or ``{}`` when absent or unreadable."""
+    """The gallery's ``indexer.json`` (root, model, last run), or ``{}`` when absent or unreadable.
+
+    ``root`` (and ``model``) are absolute paths where the gallery is now: when the gallery lies inside or
+    beside its photo folder, they are recorded relative to the gallery (``root_relative``), so moving the
+    whole tree keeps the gallery working.
+    """
     p = Path(gallery) / INDEXER_FILE
     try:
         obj = json.loads(p.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
-    return obj if isinstance(obj, dict) else {}
+    if not isinstance(obj, dict):
+        return {}
+    for key in ("root", "model"):
+        rel = obj.get(f"{key}_relative")
+        if isinstance(rel, str) and rel:
+            obj[key] = os.path.normpath(os.path.join(Path(gallery).resolve(), rel))
+    return obj
+
+
+def _relative_to_gallery(path: Path, gallery_dir: Path) -> str | None:
+    """``path`` relative to the gallery folder when the gallery lies inside it or beside it (below the same
+    parent folder: ``project/.zsbir`` and ``project/photos``), else None (recorded as an absolute path)."""
+    g, p = gallery_dir.resolve(), path.resolve()
+    try:
+        common = os.path.commonpath([g, p])
+    except ValueError:
+        return None
+    if common in (str(p), str(g.parent)):
+        return os.path.relpath(p, g)
+    return None
 
 
 def find_gallery(start: str | os.PathLike[str] | None = None) -> Path | None:
@@ -538,15 +564,22 @@ def _ensure_gallery(gallery_dir: Path, encoder: Encoder, storage: str) -> None:
 
 
 def open_or_create_gallery(
-    gallery_dir: Path, root: Path, encoder: Encoder, *, storage: str = "float16", model: str | None = None
+    gallery_dir: Path,
+    root: Path,
+    encoder: Encoder,
+    *,
+    storage: str = "float16",
+    model: str | None = None,
+    repoint: bool = False,
 ) -> Gallery:
     """Open the gallery at ``gallery_dir`` for indexing ``root`` with ``encoder`` (creating it if absent).
 
     Creation is race-free: it happens under a lock on the parent folder, in a temporary folder renamed
-    into place, so two runs started at once create one gallery.
+    into place, so two runs started at once create one gallery. ``repoint=True`` accepts a gallery that
+    indexes another folder and records ``root`` as its folder from now on (the photos moved there).
 
     Raises:
-        IndexingError: the gallery indexes another root.
+        IndexingError: the gallery indexes another root (and ``repoint`` is False).
         zsbir_infer.gallery.ModelMismatchError: the gallery was built with another model.
     """
     from zsbir_infer.gallery import Gallery
@@ -555,14 +588,20 @@ def open_or_create_gallery(
     g = Gallery.open(gallery_dir, fingerprint=encoder.fingerprint, readonly=False)
     info = read_indexer_info(gallery_dir)
     old_root = info.get("root")
-    if old_root and Path(old_root) != root:
+    if old_root and Path(old_root) != root and not repoint:
         g.close()
         raise IndexingError(
-            f"gallery {gallery_dir} indexes {old_root}, not {root}; a gallery indexes one folder. Use another "
-            f"gallery (-o DIR), or delete {gallery_dir} to start over"
+            f"gallery {gallery_dir} indexes {old_root}, not {root}; a gallery indexes one folder. If the photos "
+            f"moved to {root}, re-point the gallery (its embeddings are kept): zsbir index --root {root} -o "
+            f"{gallery_dir}. Else use another gallery (-o DIR), or delete {gallery_dir} to start over"
         )
-    if info.get("root") != str(root) or "model" not in info:
-        info.update({"format": "zsbir-indexer", "version": 1, "root": str(root), "model": model})
+    want = {"format": "zsbir-indexer", "version": 1, "root": str(root)}
+    want["root_relative"] = _relative_to_gallery(root, gallery_dir)
+    if "model" not in info:
+        want["model"] = model
+        want["model_relative"] = _relative_to_gallery(Path(model), gallery_dir) if model else None
+    if any(info.get(k) != v for k, v in want.items()) or "model" not in info:
+        info.update(want)
         _write_json_atomic(gallery_dir / INDEXER_FILE, info)
     return g
 
@@ -582,6 +621,7 @@ def index_folder(
     commit_files: int = DEFAULT_COMMIT_FILES,
     commit_seconds: float = DEFAULT_COMMIT_SECONDS,
     follow_links: bool = False,
+    repoint: bool = False,
 ) -> IndexReport:
     """Index (or update the index of) the photos below ``root`` into the gallery folder ``gallery``.
 
@@ -602,6 +642,9 @@ def index_folder(
             is atomic (one fsync of the vectors, one SQLite transaction); a kill loses at most the files
             embedded since the last commit.
         follow_links: follow symbolic links that point outside ``root`` (default: skipped, see :func:`walk`).
+        repoint: the gallery's photos moved to ``root``: accept a gallery recorded for another folder and
+            record ``root`` (files are compared by their path below the root, so nothing is re-embedded
+            unless its size or mtime changed).
 
     Returns:
         An :class:`IndexReport`. On ``KeyboardInterrupt`` the committed batches stay committed and the
@@ -624,7 +667,7 @@ def index_folder(
         precision=encoder.precision,
     )
     with _run_lock(gdir):
-        g = open_or_create_gallery(gdir, root_p, encoder, storage=storage, model=model)
+        g = open_or_create_gallery(gdir, root_p, encoder, storage=storage, model=model, repoint=repoint)
         try:
             _check_and_repair(g, report)
             _run(g, listing, encoder, report, batch_size, workers, progress, on_plan, commit_files, commit_seconds)

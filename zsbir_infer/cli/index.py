@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -19,14 +20,22 @@ SHOW_SKIPPED = 20
     context_settings={"help_option_names": ["-h", "--help"]},
     epilog="Example: zsbir index ./photos   (then: zsbir query sketch.png)",
 )
-@click.argument("folder", type=click.Path(path_type=Path))
+@click.argument("folder", type=click.Path(path_type=Path), required=False)
 @click.option(
     "-o",
     "--gallery",
     "gallery",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Gallery folder (default: ./.zsbir, where 'zsbir query' finds it).",
+    help="Gallery folder (default: $ZSBIR_GALLERY, else ./.zsbir, where 'zsbir query' finds it).",
+)
+@click.option(
+    "--root",
+    "new_root",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="The gallery's photos moved to this folder: re-point the gallery to it (keeping its embeddings) and "
+    "index it. A gallery inside or beside its photo folder needs this only when the photos moved on their own.",
 )
 @encoder_options
 @click.option(
@@ -51,7 +60,8 @@ SHOW_SKIPPED = 20
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def command(
-    folder: Path,
+    folder: Path | None,
+    new_root: Path | None,
     gallery: Path | None,
     model: Path | None,
     precision: str,
@@ -85,7 +95,19 @@ def command(
     )
     from zsbir_infer.retriever import resolve_model
 
-    gdir = gallery if gallery is not None else Path.cwd() / DEFAULT_GALLERY_DIRNAME
+    if new_root is not None:
+        if folder is not None and folder.resolve() != new_root.resolve():
+            raise click.UsageError(f"FOLDER ({folder}) and --root ({new_root}) differ; give one of them")
+        folder = new_root
+    if folder is None:
+        raise click.UsageError("give the FOLDER of photos to index (or --root NEW to re-point a gallery)")
+    env_gallery = os.environ.get("ZSBIR_GALLERY", "").strip()
+    if gallery is not None:
+        gdir = gallery
+    elif env_gallery:
+        gdir = Path(env_gallery)
+    else:
+        gdir = Path.cwd() / DEFAULT_GALLERY_DIRNAME
     if not folder.is_dir():
         raise click.ClickException(f"{folder} is not a folder (give the folder that holds the photos)")
     model_arg = resolve_model(gdir, model) if (gdir / "manifest.json").is_file() else model
@@ -111,6 +133,7 @@ def command(
             commit_files=commit_every or DEFAULT_COMMIT_FILES,
             commit_seconds=3600.0 if commit_every else DEFAULT_COMMIT_SECONDS,
             follow_links=follow_links,
+            repoint=new_root is not None,
         )
     except KeyboardInterrupt:
         bar.close()
