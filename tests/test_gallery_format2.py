@@ -515,3 +515,92 @@ def test_index_root_re_points_a_gallery_whose_photos_moved(tmp_path: Path, enc: 
     finally:
         del os.environ["ZSBIR_GALLERY"]
     assert res.exit_code == 0 and "3 unchanged" in res.output and str(gdir) in res.output, res.output
+
+
+# ------------------------------------------------------------------ 11. clear errors instead of tracebacks
+
+
+def test_full_disk_is_a_clear_error_and_the_rerun_continues(
+    tmp_path: Path, enc: Encoder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 13 item 11: `database or disk is full` and ENOSPC gave tracebacks."""
+    import errno
+    import sqlite3
+
+    photos = tmp_path / "photos"
+    write_photos(photos, 6)
+    gdir = tmp_path / "g"
+    real_pwrite = os.pwrite
+
+    def full(fd: int, data: Any, offset: int) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full)
+    with pytest.raises(store.GalleryError, match=r"disk holding gallery .* is full.*free some space and rerun"):
+        index_folder(photos, gdir, enc)
+    monkeypatch.setattr(os, "pwrite", real_pwrite)
+    # SQLite's own "database or disk is full": the catalog may not grow by a single page.
+    real_connect = Gallery._connect
+
+    def capped(self: Gallery) -> sqlite3.Connection:
+        con = real_connect(self)
+        if not self.readonly:
+            pages = con.execute("PRAGMA page_count").fetchone()[0]
+            con.execute(f"PRAGMA max_page_count = {pages}")
+        return con
+
+    monkeypatch.setattr(Gallery, "_connect", capped)
+    write_photos(photos, 300, seed=3, sub="many")
+    with pytest.raises(store.GalleryError, match=r"is full \(database or disk is full\).*rerun"):
+        index_folder(photos, gdir, enc)
+    monkeypatch.setattr(Gallery, "_connect", real_connect)
+    index_folder(photos, gdir, enc)
+    assert len(_files(gdir)) == 306
+
+
+def test_query_input_errors_are_clear(tmp_path: Path, bundle: Path, enc: Encoder) -> None:
+    """Issue 13 item 11: a directory as a sketch ("not found"), k larger than the gallery (allocated for k),
+    an empty (0 x 0) array as a query (embedded as a blank image)."""
+    import time
+
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from zsbir_infer.cli import main
+    from zsbir_infer.retriever import Retriever, RetrieverError
+
+    write_photos(tmp_path / "photos", 3)
+    gdir = tmp_path / "g"
+    index_folder(tmp_path / "photos", gdir, enc)
+    res = CliRunner().invoke(main, ["query", str(tmp_path / "photos"), "--gallery", str(gdir), "--model", str(bundle)])
+    assert res.exit_code == 1 and "is a folder, not a sketch image" in res.output
+    q = enc.embed([tmp_path / "photos" / "p0_000.png"], "photo")
+    t0 = time.perf_counter()
+    with Gallery.open(gdir) as g:
+        assert [len(r) for r in g.search(np.repeat(q, 2, axis=0), k=10**12, exact=True)] == [3, 3]
+        assert len(g.search(q, k=10**12)[0]) == 3  # the ANN path too
+    with Retriever.open(gdir, model=enc) as r:
+        assert len(r.search(q, k=10**12)[0]) == 3
+        for empty in (np.zeros((0, 0), np.uint8), np.zeros((0, 0), np.float32), np.zeros((5, 0, 3), np.uint8)):
+            with pytest.raises(RetrieverError, match="empty array"):
+                r.search(empty)
+        with pytest.raises(RetrieverError, match="empty image"):
+            r.search(Image.new("RGB", (0, 0)))
+        with pytest.raises(RetrieverError, match="no queries"):
+            r.search(np.zeros((0, enc.embedding_dim), np.float32))
+    assert time.perf_counter() - t0 < 30
+
+
+def test_absurd_preprocessing_size_in_a_bundle_is_a_clear_error(tmp_path: Path) -> None:
+    """Issue 13 item 11: a bundle whose preprocessing size is absurd gave a raw MemoryError."""
+    import json
+
+    from zsbir_infer.bundle import Bundle, BundleError
+
+    b = make_bundle(tmp_path / "b")[0]
+    m = json.loads((b / "manifest.json").read_text())
+    m["inputs"]["image"]["shape"] = ["batch", 3, "height", "width"]
+    m["preprocess"]["photo"]["size"] = [100000, 100000]
+    (b / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match=r"preprocess\.photo.*absurd.*re-export"):
+        Bundle.open(b)

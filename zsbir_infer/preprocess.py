@@ -99,6 +99,11 @@ class ImageDecodeError(ValueError):
     """An input could not be decoded into an image (missing, truncated, corrupt, not an image, too large)."""
 
 
+#: Largest accepted model input side, in pixels: a spec asking for more is damaged or edited (a batch of
+#: 32 inputs of 4096 x 4096 already takes 6.4 GB as float32).
+MAX_INPUT_SIDE = 4096
+
+
 @dataclass(frozen=True)
 class PreprocessSpec:
     """A validated preprocessing spec (CONTRACTS §3). Build one with :meth:`from_dict` or :func:`as_spec`."""
@@ -115,6 +120,11 @@ class PreprocessSpec:
     def __post_init__(self) -> None:
         if len(self.size) != 2 or not all(isinstance(v, int) and v > 0 for v in self.size):
             raise ValueError(f"preprocess spec: 'size' must be [height, width] of positive ints, got {self.size!r}")
+        if max(self.size) > MAX_INPUT_SIDE:
+            raise ValueError(
+                f"preprocess spec: 'size' {list(self.size)} is absurd (at most {MAX_INPUT_SIDE} pixels a side: a batch "
+                "of such inputs would not fit in memory); the manifest is damaged or was edited: re-export the bundle"
+            )
         if self.resize not in ("squash", "pad"):
             raise ValueError(f"preprocess spec: 'resize' must be 'squash' or 'pad', got {self.resize!r}")
         if self.interpolation not in _INTERPOLATIONS:

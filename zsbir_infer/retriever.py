@@ -267,6 +267,14 @@ class Retriever:
         out = np.empty((len(items), dim), dtype=np.float32)
         to_embed: list[int] = []
         for i, q in enumerate(items):
+            if isinstance(q, np.ndarray) and q.size == 0:
+                raise RetrieverError(
+                    f"query {i} is an empty array (shape {q.shape}); give an image with pixels (HxW or HxWxC) or an "
+                    f"embedding of {dim} values"
+                )
+            size = getattr(q, "size", None) if hasattr(q, "getpixel") else None
+            if isinstance(size, tuple) and 0 in size:
+                raise RetrieverError(f"query {i} is an empty image ({size[0]} x {size[1]} pixels)")
             if _is_embedding_array(q):
                 v = np.asarray(q, dtype=np.float32).reshape(-1)
                 if v.shape[0] != dim:
@@ -288,8 +296,10 @@ class Retriever:
     @staticmethod
     def _as_list(queries: Any) -> list[Any]:
         if isinstance(queries, np.ndarray):
-            if np.issubdtype(queries.dtype, np.floating) and queries.ndim == 2:
+            if np.issubdtype(queries.dtype, np.floating) and queries.ndim == 2 and queries.size:
                 return list(queries)
+            if np.issubdtype(queries.dtype, np.floating) and queries.ndim == 2 and queries.shape[1]:
+                raise RetrieverError(f"no queries given (an array of shape {queries.shape}: 0 embeddings)")
             return [queries]
         if isinstance(queries, (str, bytes, os.PathLike)) or hasattr(queries, "getpixel") or hasattr(queries, "read"):
             return [queries]
@@ -329,11 +339,12 @@ class Retriever:
     def _search_gpu(self, q: np.ndarray, k: int) -> list[list[tuple[str, float, int]]] | None:
         from zsbir_infer import gpu
 
-        if k > gpu.MAX_K:
-            return None
         with self._gpu_lock:
             if self._gpu is None or self._gpu_ids is None:
                 return [[] for _ in range(q.shape[0])]
+            k = min(k, int(self._gpu_ids.size))  # never allocate for more results than photos
+            if k > gpu.MAX_K:
+                return None
             if self.gallery.storage == "itq":  # scores as on the CPU: n_bits - 2 * Hamming distance
                 dist, idx = self._gpu.search_codes(_pad_codes(self.gallery.itq.transform(q)), k)
                 scores, idx = self.gallery.n_bits - 2.0 * np.asarray(dist, dtype=np.float64), np.asarray(idx)

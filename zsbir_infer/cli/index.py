@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -139,6 +140,14 @@ def command(
         bar.close()
         click.echo(f"\ninterrupted: committed batches are kept in {gdir}; rerun the same command to continue", err=True)
         sys.exit(130)
+    except OSError as exc:
+        bar.close()
+        if exc.errno not in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            raise
+        raise click.ClickException(
+            f"the disk is full ({exc.strerror}: {exc.filename}); the committed batches are kept in {gdir}: free "
+            "some space and rerun the same command to continue"
+        ) from None
     except (IndexingError, GalleryError, EncoderError) as exc:
         bar.close()
         hint = ""

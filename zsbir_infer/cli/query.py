@@ -90,6 +90,10 @@ def command(
     from zsbir_infer.retriever import Retriever, RetrieverError
 
     for s in sketches:
+        if s.is_dir():
+            raise click.ClickException(
+                f"{s} is a folder, not a sketch image; give image files (every sketch in it: zsbir query {s}/*.png)"
+            )
         if not s.is_file():
             raise click.ClickException(f"sketch not found: {s}")
     try:

@@ -343,6 +343,7 @@ class _Snapshot:
     blocks: tuple[Block, ...]
     seg_keys: tuple[tuple[int, int], ...]  # (segment number, rows) of each block
     dead: np.ndarray
+    live: int = 0  # rows that are not tombstones
 
 
 SCHEMA = """
@@ -854,7 +855,7 @@ class Gallery:
                 )
             )
             keys.append((s.seg, s.rows))
-        return _Snapshot(gen, layout, total, tuple(segments), tuple(blocks), tuple(keys), dead)
+        return _Snapshot(gen, layout, total, tuple(segments), tuple(blocks), tuple(keys), dead, int(live.size))
 
     def _map_segment(self, s: _Segment, layout: int, verify: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
         arrays: list[np.ndarray] = []
@@ -1501,8 +1502,12 @@ class Gallery:
             raise GalleryError(f"k must be a positive integer; got {k!r}")
         k = int(k)
         q = self._check_queries(queries)
+        asked = k
         for _ in range(5):
             snap = self._snapshot_now()
+            if snap.live == 0:
+                return [[] for _ in range(q.shape[0])]
+            k = min(asked, snap.live)  # results (and their buffers) for at most every live photo
             if self.storage == "itq":
                 scorer: Scorer = HammingScorer(self.itq.transform(q), self.n_bits)
                 scores, ids = search_blocks(snap.blocks, scorer, k, threads=threads)
