@@ -604,3 +604,44 @@ def test_absurd_preprocessing_size_in_a_bundle_is_a_clear_error(tmp_path: Path) 
     (b / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(BundleError, match=r"preprocess\.photo.*absurd.*re-export"):
         Bundle.open(b)
+
+
+# ------------------------------------------------------------------ 9. a stale Retriever
+
+
+def test_stale_retriever_notices_a_gallery_deleted_and_rebuilt(tmp_path: Path, enc: Encoder, bundle: Path) -> None:
+    """Issue 13 item 9: a Retriever served deleted photos after its gallery was deleted and rebuilt."""
+    import shutil
+
+    from tiny_bundle import make_weights
+
+    from zsbir_infer.retriever import Retriever
+
+    write_photos(tmp_path / "a", 4, seed=0)
+    write_photos(tmp_path / "b", 3, seed=5)
+    gdir = tmp_path / "g"
+    index_folder(tmp_path / "a", gdir, enc)
+    q = enc.embed([tmp_path / "a" / "p0_001.jpg"], "photo")
+    r = Retriever.open(gdir, model=enc)
+    try:
+        uuid_a = r.gallery.uuid
+        assert {h.relpath for h in r.search(q, k=10)[0]} == {"p0_000.png", "p0_001.jpg", "p0_002.jpg", "p0_003.png"}
+        shutil.rmtree(gdir)
+        with pytest.raises(store.GalleryError, match="was deleted"):
+            r.search(q, k=10)
+        index_folder(tmp_path / "b", gdir, enc)  # same generation count as before, another gallery
+        hits = r.search(q, k=10)[0]
+        assert r.gallery.uuid != uuid_a
+        assert {h.relpath for h in hits} == {"p5_000.png", "p5_001.jpg", "p5_002.jpg"}
+        assert all(h.path.startswith(str(tmp_path / "b")) and os.path.exists(h.path) for h in hits)
+        # Rebuilt with another model: refused, not mixed.
+        other = Encoder.open(make_bundle(tmp_path / "b2", weights=make_weights(seed=7))[0], backend="ort-cpu")
+        try:
+            shutil.rmtree(gdir)
+            index_folder(tmp_path / "b", gdir, other)
+        finally:
+            other.close()
+        with pytest.raises(store.GalleryError, match="replaced by another gallery"):
+            r.search(q, k=10)
+    finally:
+        r.close()

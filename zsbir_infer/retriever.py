@@ -24,7 +24,8 @@ Index a folder once (``zsbir index photos`` or :func:`zsbir_infer.indexer.index_
 * ``device``: where the gallery search runs: ``"cpu"`` (default) or ``"cuda"`` (the gallery vectors are
   uploaded once to the GPU and searched with the fused top-k kernels of :mod:`zsbir_infer.gpu`; where no
   usable GPU is present it falls back to the CPU with a warning, and :attr:`Retriever.device` says
-  ``"cpu"``). Call :meth:`Retriever.refresh` after the gallery changed to re-upload it.
+  ``"cpu"``). The GPU copy is uploaded again when the gallery changed (a commit, or a gallery deleted and
+  created again: each gallery has its own uuid); :meth:`Retriever.refresh` does it by hand.
 
 Search: ``exact=True`` is an exhaustive search; ``exact=False`` (default) uses the gallery's HNSW index
 when it holds at least :data:`ANN_MIN_ROWS` files and the exhaustive search (which is then fast and
@@ -143,6 +144,8 @@ class Retriever:
         self._gpu_ids: np.ndarray | None = None
         self._gpu_lock = threading.Lock()
         self._paths: dict[int, str] = {}
+        self._uuid = gallery.uuid
+        self._gpu_identity: tuple[str, int] | None = None
         if device == "cuda":
             self._setup_gpu()
 
@@ -233,6 +236,7 @@ class Retriever:
         from zsbir_infer import gpu
 
         # In row-id order: the kernels break ties by the smaller position, the CPU search by the smaller row id.
+        identity = self.gallery.identity()
         live = sorted(self.gallery.indexed(), key=lambda item: item[1])
         ids = np.array([i for _, i in live], dtype=np.int64)
         # As stored: float16 rows, int8 rows with their per-row scales (the kernels' int8 path), or packed codes.
@@ -247,6 +251,7 @@ class Retriever:
                 self._gpu = gpu.GpuGallery(rows, scales=scales, device="cuda")
             self._gpu_ids = ids
             self._paths = {i: rel for rel, i in live}
+            self._gpu_identity = identity
 
     # -------------------------------------------------------------------------------------- queries
 
@@ -329,11 +334,18 @@ class Retriever:
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or int(k) < 1:
             raise RetrieverError(f"k must be a positive integer; got {k!r}")
         q = self.embed(queries, domain)
+        if self.device == "cuda" and self.gallery.identity() != self._gpu_identity:
+            self.refresh()  # the GPU copy follows new commits and a gallery deleted and created again
         raw = self._search_gpu(q, int(k)) if self.device == "cuda" else None
         if raw is None:  # the CPU, or more results than the GPU kernels give (k > gpu.MAX_K)
             use_exact = bool(exact) or len(self.gallery) < ANN_MIN_ROWS
             found = self.gallery.search(q, int(k), exact=use_exact, fingerprint=self.fingerprint)
             raw = [[(h.path, h.score, h.id) for h in row] for row in found]
+        if self.gallery.uuid != self._uuid:  # the gallery was replaced (and reloaded): its root may differ
+            from zsbir_infer.indexer import read_indexer_info
+
+            root = read_indexer_info(self.gallery.path).get("root")
+            self.root, self._uuid = (root if isinstance(root, str) else None), self.gallery.uuid
         return [[self._hit(rel, s, i, r + 1) for r, (rel, s, i) in enumerate(row)] for row in raw]
 
     def _search_gpu(self, q: np.ndarray, k: int) -> list[list[tuple[str, float, int]]] | None:

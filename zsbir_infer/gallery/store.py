@@ -11,6 +11,7 @@ import datetime as _dt
 import errno
 import functools
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -105,6 +106,7 @@ class SegmentDamagedError(GalleryError):
 
 
 _F = TypeVar("_F", bound=Callable[..., Any])
+log = logging.getLogger("zsbir.gallery")
 
 _DISK_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
@@ -124,6 +126,15 @@ def _guarded(fn: _F) -> _F:
             raise
 
     return cast(_F, wrapper)
+
+
+def _stat_key(path: Path) -> tuple[int, int, int, int] | None:
+    """What identifies a file's current version cheaply: (device, inode, size, mtime); None when absent."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _crc_file(path: Path, start: int, stop: int, crc: int = 0) -> int:
@@ -423,6 +434,57 @@ class Gallery:
                 raise GalleryError(f"gallery {path} is damaged: cannot load its ITQ model ({e})") from e
             self.n_bits = int(self.itq.n_bits)
         self._row_bytes = self._row_widths()
+        self._manifest_key = _stat_key(path / MANIFEST)
+        self._identity_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ identity
+
+    def _check_identity(self) -> None:
+        """Notice that the gallery folder now holds another gallery (deleted and created again: a new uuid)
+        or none. One ``stat`` of the manifest per call; a replaced gallery of the same model, dimension and
+        storage is reloaded (connections, maps, ANN index), any other is refused."""
+        key = _stat_key(self.path / MANIFEST)
+        if key == self._manifest_key:
+            return
+        with self._identity_lock:
+            if key == self._manifest_key:
+                return
+            if key is None:
+                raise GalleryError(
+                    f"gallery {self.path} was deleted while open; index the photos again ('zsbir index') and reopen it"
+                )
+            try:
+                manifest = json.loads((self.path / MANIFEST).read_text(encoding="utf-8"))
+            except (OSError, ValueError) as e:
+                raise GalleryError(f"gallery {self.path} changed while open and cannot be read again ({e})") from e
+            if str(manifest.get("uuid") or "") == self.uuid and self.uuid:
+                self.manifest, self._manifest_key = manifest, key  # rewritten in place (upgrade, same gallery)
+                return
+            same = all(manifest.get(k) == self.manifest.get(k) for k in ("fingerprint", "dim", "storage", "metric"))
+            if not same or manifest.get("format_version") not in READABLE_VERSIONS or manifest["storage"] == "itq":
+                raise GalleryError(
+                    f"gallery {self.path} was replaced by another gallery (model {manifest.get('fingerprint')}, "
+                    f"storage {manifest.get('storage')}) while open; open it again"
+                )
+            log.info(
+                "gallery %s was replaced by a new gallery (uuid %s): reloading it", self.path, manifest.get("uuid")
+            )
+            self._local = threading.local()  # every thread opens a connection to the new catalog
+            with self._state_lock:
+                self._snapshot = None
+            with self._ann_lock:
+                self._ann = None
+            self._crc_done.clear()
+            self.manifest, self._manifest_key = manifest, key
+            self.uuid = str(manifest.get("uuid") or "")
+            self.format_version = int(manifest["format_version"])
+            self.segment_rows = int(manifest["segment_rows"])
+
+    def identity(self) -> tuple[str, int]:
+        """``(uuid, generation)``: changes with every commit and when the gallery is replaced by another one
+        (a copy of the gallery kept elsewhere, like the Retriever's GPU copy, is stale when this changes)."""
+        self._check_identity()
+        return self.uuid, self._generation(self._con())
 
     # ------------------------------------------------------------------ creation and opening
 
@@ -671,6 +733,7 @@ class Gallery:
                 raise
             manifest = {**self.manifest, "format_version": FORMAT_VERSION, "uuid": self.uuid or uuid.uuid4().hex}
             _write_json_atomic(self.path / MANIFEST, manifest)
+            self._manifest_key = _stat_key(self.path / MANIFEST)
             self.migrated_from, self.format_version = self.format_version, FORMAT_VERSION
             self.manifest, self.uuid = manifest, str(manifest["uuid"])
             with self._state_lock:
@@ -738,6 +801,7 @@ class Gallery:
     def _con(self) -> sqlite3.Connection:
         if self._closed:
             raise GalleryError(f"gallery {self.path} is closed")
+        self._check_identity()
         con: sqlite3.Connection | None = getattr(self._local, "con", None)
         if con is None:
             con = self._connect()
