@@ -645,3 +645,38 @@ def test_stale_retriever_notices_a_gallery_deleted_and_rebuilt(tmp_path: Path, e
             r.search(q, k=10)
     finally:
         r.close()
+
+
+# ------------------------------------------------------------------ 10. a spoofed bundle
+
+
+def test_spoofed_bundle_fingerprint_is_recomputed_not_trusted(tmp_path: Path, enc: Encoder) -> None:
+    """Issue 13 item 10: a bundle with changed weights, the default model's fingerprint and no sha256 was
+    accepted for a default-model gallery."""
+    import json
+    import shutil
+
+    from tiny_bundle import make_weights
+
+    from zsbir_infer.bundle import Bundle, BundleError
+
+    good = make_bundle(tmp_path / "good")[0]
+    spoof = make_bundle(tmp_path / "spoof", weights=make_weights(seed=7))[0]
+    m = json.loads((spoof / "manifest.json").read_text())
+    m["fingerprint"] = Bundle.open(good).fingerprint
+    for entry in m["models"].values():
+        entry.pop("sha256", None)
+        entry.pop("bytes", None)
+    (spoof / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match=r"fingerprint .* give .*changed after export.*Re-export"):
+        Bundle.open(spoof)
+    with pytest.raises(BundleError, match="changed after export"):
+        Encoder.open(spoof, backend="ort-cpu")
+    # Changed preprocessing with the old fingerprint: refused too.
+    shutil.copytree(good, tmp_path / "pre")
+    m = json.loads((tmp_path / "pre" / "manifest.json").read_text())
+    m["preprocess"]["sketch"]["interpolation"] = "nearest"
+    (tmp_path / "pre" / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="changed after export"):
+        Bundle.open(tmp_path / "pre")
+    assert Bundle.open(good).fingerprint == json.loads((good / "manifest.json").read_text())["fingerprint"]

@@ -193,9 +193,42 @@ class Bundle:
         if not isinstance(manifest, dict):
             raise BundleError(f"{manifest_path}: the manifest must be a JSON object")
         try:
-            return cls(root, manifest)
+            bundle = cls(root, manifest)
         except BundleError as exc:
             raise BundleError(f"{manifest_path}: {exc}") from None
+        bundle._check_fingerprint()
+        return bundle
+
+    def _check_fingerprint(self) -> None:
+        """Recompute the fingerprint from the fp32 model file and the preprocessing, never take the manifest's
+        word for it: galleries trust it to decide whether embeddings are comparable, so a bundle with changed
+        weights (or preprocessing) but a copied fingerprint must be refused. The same read checks the file's
+        SHA-256 when the manifest gives one (it is then not hashed again on first use)."""
+        mf = self.models.get("fp32")
+        if mf is None:
+            raise BundleError(
+                f"bundle {self.path} has no fp32 model, so its fingerprint cannot be checked; re-export the bundle"
+            )
+        if not mf.path.is_file():
+            raise BundleError(f"bundle file missing: {mf.path} (listed in {self.path / 'manifest.json'})")
+        if mf.bytes is not None and mf.path.stat().st_size != mf.bytes:
+            return  # every use of the model fails on its size (model_path), with that message
+        fp, sha = hashlib.sha256(), hashlib.sha256()
+        with open(mf.path, "rb") as fh:
+            while chunk := fh.read(_CHUNK):
+                fp.update(chunk)
+                sha.update(chunk)
+        fp.update(canonical_preprocess_json(self.manifest["preprocess"]).encode("utf-8"))
+        actual = fp.hexdigest()[:16]
+        if actual != self.fingerprint:
+            raise BundleError(
+                f"bundle {self.path}: the manifest says fingerprint {self.fingerprint}, but its model and preprocess "
+                f"give {actual}: the files were changed after export (or the manifest was edited), and galleries "
+                "could mix embeddings of different models. Re-export the bundle with `zsbir export`"
+            )
+        if mf.sha256 is not None and sha.hexdigest() == mf.sha256.lower():
+            with self._lock:
+                self._verified.add(mf.path)
 
     def _parse(self, m: Mapping[str, Any]) -> None:
         fmt = m.get("format")
