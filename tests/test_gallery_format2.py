@@ -680,3 +680,44 @@ def test_spoofed_bundle_fingerprint_is_recomputed_not_trusted(tmp_path: Path, en
     with pytest.raises(BundleError, match="changed after export"):
         Bundle.open(tmp_path / "pre")
     assert Bundle.open(good).fingerprint == json.loads((good / "manifest.json").read_text())["fingerprint"]
+
+
+# ------------------------------------------------------------------ 12. names that are not UTF-8
+
+
+def test_non_utf8_file_names_are_indexed_losslessly_and_shown_escaped(
+    tmp_path: Path, bundle: Path, enc: Encoder
+) -> None:
+    """Issue 13 item 12: such files are real photos (old archives, other locales); they were skipped."""
+    import json
+
+    from click.testing import CliRunner
+
+    from zsbir_infer.cli import main
+    from zsbir_infer.retriever import Retriever
+
+    photos = tmp_path / "photos"
+    write_photos(photos, 2)
+    raw = os.path.join(os.fsencode(photos), b"caf\xe9", b"r\xe9sum\xe9.jpg")  # Latin-1 folder and file names
+    os.makedirs(os.path.dirname(raw))
+    with open(raw, "wb") as fh:
+        fh.write((photos / "p0_001.jpg").read_bytes())
+    gdir = tmp_path / "g"
+    report = index_folder(photos, gdir, enc)
+    rel = os.fsdecode(b"caf\xe9/r\xe9sum\xe9.jpg")
+    assert report.indexed == 3 and report.skipped == []
+    assert rel in _files(gdir)
+    assert index_folder(photos, gdir, enc).unchanged == 3  # found again under the same (lossless) name
+    q = enc.embed([photos / "p0_001.jpg"], "photo")
+    with Retriever.open(gdir, model=enc) as r:
+        hits = r.search(q, k=3)[0]
+    by_rel = {h.relpath: h for h in hits}
+    assert os.fsencode(by_rel[rel].path) == raw and os.path.exists(by_rel[rel].path)
+    base = ["query", str(photos / "p0_001.jpg"), "--gallery", str(gdir), "--model", str(bundle), "-k", "3"]
+    res = CliRunner().invoke(main, base)
+    assert res.exit_code == 0 and "caf\\xe9/r\\xe9sum\\xe9.jpg" in res.output, res.output
+    res = CliRunner().invoke(main, [*base, "--json", "--html", str(tmp_path / "page.html")])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.output)
+    assert rel in {h["relpath"] for h in doc["queries"][0]["results"]}  # JSON escapes it losslessly (\\udce9)
+    assert "caf\\xe9/r\\xe9sum\\xe9.jpg" in (tmp_path / "page.html").read_text(encoding="utf-8")

@@ -14,9 +14,9 @@ What a run does:
    directories are followed once (a link back to an ancestor is a loop, a second path to a directory
    already walked is a duplicate: both are skipped with a reason, never followed). Names starting with
    ``.`` are ignored (``.git``, ``.zsbir``, macOS ``._*`` files), and so is the gallery folder itself.
-   Files with a name that is not valid UTF-8 or holds a control character (newline, tab, ...) or a
-   backslash are skipped with a reason; they are reported by every run and never stored in the gallery
-   (their names cannot be printed or stored faithfully).
+   Files with a name that holds a control character (newline, tab, ...) or a backslash are skipped with
+   a reason; they are reported by every run and never stored in the gallery. Names that are not valid
+   UTF-8 are indexed (stored losslessly as bytes, printed escaped: ``latin\\xe9.jpg``).
 2. **Plan** with :meth:`Gallery.plan`: compare (path, size, mtime) with the gallery. Only new and changed
    files are read; files gone from the folder are marked deleted; a file skipped before stays skipped
    until it changes.
@@ -147,11 +147,10 @@ def _reason(code: str, detail: str) -> str:
 
 
 def _name_problem(name: bytes) -> tuple[str | None, str]:
-    """(problem, display name) of a directory entry name."""
-    try:
-        text = name.decode("utf-8")
-    except UnicodeDecodeError:
-        return "the file name is not valid UTF-8", name.decode("utf-8", "backslashreplace")
+    """(problem, name) of a directory entry name. A name that is not valid UTF-8 (old archives, other
+    locales) is kept losslessly with surrogate escapes (as ``os.fsdecode`` does); the gallery stores its
+    bytes and :func:`zsbir_infer.gallery.display_path` shows it escaped."""
+    text = name.decode("utf-8", "surrogateescape")
     if any(c in _BAD_NAME_CHARS for c in text):
         shown = text.encode("unicode_escape").decode("ascii")
         return "the file name holds a control character (newline, tab, ...) or a backslash", shown

@@ -72,6 +72,11 @@ figcaption .score{font-weight:600} figcaption .rank{color:#888}
 """
 
 
+def _display(path: str) -> str:
+    """A file name for the page: bytes that are not UTF-8 (surrogate escapes) shown as ``\\xNN``."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _figure(img_uri: str | None, caption: str, cls: str = "") -> str:
     pic = (
         f'<img src="{img_uri}" alt="{html.escape(caption, quote=True)}">'
@@ -106,7 +111,7 @@ def render_html(
             parts.append("<p>no results</p>")
         for rank, hit in enumerate(res.hits, start=1):
             path = str(getattr(hit, "path", ""))
-            shown = str(getattr(hit, "relpath", None) or path)
+            shown = _display(str(getattr(hit, "relpath", None) or path))
             score = float(getattr(hit, "score", float("nan")))
             relevant = getattr(hit, "relevant", None)
             cls = "ok" if relevant is True else "bad" if relevant is False else ""

@@ -169,8 +169,10 @@ def command(
         f"{len(report.skipped)} skipped{f' ({counts})' if counts else ''}, {report.deleted} deleted "
         f"in {report.seconds:.1f} s ({report.files_per_s:.1f} files/s)"
     )
+    from zsbir_infer.gallery import display_path
+
     for rel, why in report.skipped[:SHOW_SKIPPED]:
-        click.echo(f"  skipped {rel}: {why}")
+        click.echo(f"  skipped {display_path(rel)}: {display_path(why)}")
     if len(report.skipped) > SHOW_SKIPPED:
         click.echo(f"  ... and {len(report.skipped) - SHOW_SKIPPED} more (zsbir index --json lists them all)")
     click.echo(

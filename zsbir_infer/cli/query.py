@@ -12,12 +12,15 @@ from zsbir_infer.cli.embed import BACKEND_CHOICES, PRECISION_CHOICES
 
 
 def _shown(path: str) -> str:
-    """A path relative to the current directory when it lies below it, else as given."""
+    """A path relative to the current directory when it lies below it, else as given (escaped when it is not
+    valid UTF-8)."""
+    from zsbir_infer.gallery import display_path
+
     try:
         rel = os.path.relpath(path)
     except ValueError:
-        return path
-    return path if rel.startswith("..") else rel
+        return display_path(path)
+    return display_path(path if rel.startswith("..") else rel)
 
 
 @click.command(

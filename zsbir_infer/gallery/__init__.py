@@ -67,6 +67,7 @@ from zsbir_infer.gallery.store import (
     ModelMismatchError,
     Plan,
     SegmentDamagedError,
+    display_path,
 )
 
 __all__ = [
@@ -82,4 +83,5 @@ __all__ = [
     "ModelMismatchError",
     "Plan",
     "SegmentDamagedError",
+    "display_path",
 ]

@@ -52,6 +52,7 @@ __all__ = [
     "ModelMismatchError",
     "Plan",
     "SegmentDamagedError",
+    "display_path",
 ]
 
 FORMAT = "zsbir-gallery"
@@ -264,6 +265,16 @@ def _to_db(relpath: str) -> str | bytes:
 def _from_db(value: str | bytes) -> str:
     """Inverse of :func:`_to_db`."""
     return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else str(value)
+
+
+def display_path(path: str) -> str:
+    """A path for printing: the bytes of a name that is not valid UTF-8 (surrogate escapes) shown as ``\\xNN``
+    (``latin\\xe9.jpg``), so that any file name can be printed or written to a UTF-8 page."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return path
 
 
 def _check_relpath(relpath: str) -> str:
