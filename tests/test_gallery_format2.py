@@ -721,3 +721,37 @@ def test_non_utf8_file_names_are_indexed_losslessly_and_shown_escaped(
     doc = json.loads(res.output)
     assert rel in {h["relpath"] for h in doc["queries"][0]["results"]}  # JSON escapes it losslessly (\\udce9)
     assert "caf\\xe9/r\\xe9sum\\xe9.jpg" in (tmp_path / "page.html").read_text(encoding="utf-8")
+
+
+# ------------------------------------------------------------------ 8. memory amplification
+
+
+def test_decoding_memory_is_bounded_across_workers(
+    tmp_path: Path, bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 13 item 8: 16 small PNGs of huge LA images took 4.6 GB with 8 workers. Decodes now reserve
+    their size in a process-wide budget, so huge images are decoded one after the other."""
+    from PIL import Image
+
+    from zsbir_infer import preprocess
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(6):
+        Image.new("LA", (1500, 1500), (i * 20, 255)).save(photos / f"big{i}.png", optimize=True)
+    one = preprocess.decode_bytes_estimate(Image.new("LA", (1500, 1500)))
+    assert one == 1500 * 1500 * (2 + 4 + 3)
+    budget = preprocess.DecodeBudget(int(one * 1.5))  # room for one huge image at a time
+    monkeypatch.setattr(preprocess, "DECODE_BUDGET", budget)
+    e = Encoder.open(bundle, backend="ort-cpu", batch_size=8, workers=8, threads=1)
+    try:
+        report = index_folder(photos, tmp_path / "g", e, workers=8)
+    finally:
+        e.close()
+    assert report.indexed == 6
+    assert budget.peak == one and budget.used == 0  # never two at once
+    # An image larger than the whole budget is still decoded (alone).
+    small = preprocess.DecodeBudget(10)
+    monkeypatch.setattr(preprocess, "DECODE_BUDGET", small)
+    assert preprocess.load_image(photos / "big0.png").size == (1500, 1500)
+    assert small.peak == one and small.used == 0

@@ -41,6 +41,16 @@ queries: -0.0012 to +0.0002; ``benchmarks/results/index_query.md``). With the fo
 ``DRAFT_MARGIN = 2`` the documented pixel figures were mean 0.002 and max 0.07. Pass ``draft=False``
 for the bit-exact reference path.
 
+Decoding memory
+---------------
+A tiny file can hold a huge image (PIL's decompression-bomb limit, ``Image.MAX_IMAGE_PIXELS``, allows
+89 million pixels: a 171 KB PNG of 9400 x 9400 ``LA`` pixels needs about 0.8 GB while it is decoded and
+converted to RGB). Every decode first reserves its estimated size (:func:`decode_bytes_estimate`) in the
+process-wide :data:`DECODE_BUDGET` (1 GiB, ``ZSBIR_DECODE_MEMORY_MB``), so the indexer's decoding threads
+take turns on huge images: decoding holds at most about ``max(budget, largest image)``, whatever
+``--workers`` says (eight workers on such files took 4.6 GB before). A single query image of that size
+still takes its 1.2 GB; lower ``Image.MAX_IMAGE_PIXELS`` to refuse such images altogether.
+
 Training decodes at full size for augmentation, but the trainer's evaluation path calls
 :func:`load_image` with the same ``target_size`` as the runtime, so its evaluation tensors equal the
 runtime's exactly (``tests/test_parity.py``).
@@ -48,11 +58,12 @@ runtime's exactly (``tests/test_parity.py``).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import threading
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any, Union
 
@@ -97,6 +108,62 @@ _OPEN_LOCK = threading.Lock()
 
 class ImageDecodeError(ValueError):
     """An input could not be decoded into an image (missing, truncated, corrupt, not an image, too large)."""
+
+
+class DecodeBudget:
+    """A byte budget shared by the threads of a process that decode images (the indexer's workers).
+
+    A small compressed file can hold a huge image (a 171 KB PNG of 9400 x 9400 LA pixels needs about 0.8 GB
+    while it is decoded and converted); eight workers decoding such files at once took 4.6 GB. Each decode
+    reserves its estimated size first and waits while the others hold the budget; an image larger than
+    the whole budget is decoded alone. So decoding never holds much more than ``max(budget, the largest
+    image)`` at once, whatever the number of workers.
+    """
+
+    def __init__(self, total_bytes: int) -> None:
+        self.total = int(total_bytes)
+        self.used = 0
+        self.peak = 0
+        self._cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def reserve(self, n: int) -> Iterator[None]:
+        n = max(0, int(n))
+        with self._cond:
+            while self.used and self.used + n > self.total:
+                self._cond.wait()
+            self.used += n
+            self.peak = max(self.peak, self.used)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.used -= n
+                self._cond.notify_all()
+
+
+def _budget_from_env() -> int:
+    try:
+        mb = float(os.environ.get("ZSBIR_DECODE_MEMORY_MB", "") or 1024)
+    except ValueError:
+        mb = 1024
+    return int(max(mb, 1) * 1024 * 1024)
+
+
+#: The process-wide decoding budget (default 1 GiB; ``ZSBIR_DECODE_MEMORY_MB`` sets it).
+DECODE_BUDGET = DecodeBudget(_budget_from_env())
+
+
+def decode_bytes_estimate(im: Image.Image) -> int:
+    """Bytes that decoding ``im`` (at its current, possibly reduced, size) and converting it to RGB take at
+    most: the decoded pixels, an RGBA copy for transparency, the RGB result (float64 work arrays for
+    16-bit and float modes)."""
+    w, h = im.size
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        per_pixel = 4 + 8 + 1 + 3
+    else:
+        per_pixel = len(im.getbands()) + 4 + 3
+    return int(w) * int(h) * per_pixel
 
 
 #: Largest accepted model input side, in pixels: a spec asking for more is damaged or edited (a batch of
@@ -292,6 +359,9 @@ def load_image(
         ImageDecodeError: missing file, not an image, truncated (unless the process set PIL's
             ``ImageFile.LOAD_TRUNCATED_IMAGES``) or corrupt data, or more pixels than
             ``PIL.Image.MAX_IMAGE_PIXELS`` (a decompression-bomb guard; raise that limit for trusted data).
+
+    Decoding reserves its memory in :data:`DECODE_BUDGET` first, so threads decoding huge images at once
+    take turns instead of multiplying the memory they need.
     """
     what = _describe(src)
     if isinstance(src, (bytes, bytearray)):
@@ -316,13 +386,14 @@ def load_image(
             if orientation in (5, 6, 7, 8):  # stored transposed: the target applies to swapped axes
                 th, tw = tw, th
             im.draft(None, (tw * DRAFT_MARGIN, th * DRAFT_MARGIN))
-        try:
-            im.load()
-        except Exception as exc:
-            raise ImageDecodeError(f"{what}: cannot decode image data: {exc}") from None
-        if orientation in (2, 3, 4, 5, 6, 7, 8):
-            im = ImageOps.exif_transpose(im)
-        return _to_rgb(im)
+        with DECODE_BUDGET.reserve(decode_bytes_estimate(im)):
+            try:
+                im.load()
+            except Exception as exc:
+                raise ImageDecodeError(f"{what}: cannot decode image data: {exc}") from None
+            if orientation in (2, 3, 4, 5, 6, 7, 8):
+                im = ImageOps.exif_transpose(im)
+            return _to_rgb(im)
     finally:
         if owned:
             fp.close()
