@@ -2,11 +2,13 @@
 
 A gallery is a directory::
 
-    GALLERY/manifest.json        format, format_version, model fingerprint (CONTRACTS §6), dim, metric,
-                                 storage, segment_rows, created; written once, with temp file + rename
+    GALLERY/manifest.json        format, format_version (2), model fingerprint (CONTRACTS §6), dim, metric,
+                                 storage, segment_rows, created, uuid (random, per gallery); written with
+                                 temp file + rename
     GALLERY/meta.sqlite          one row per file: relpath (relative to the indexed root, '/' separators),
                                  size, mtime_ns, sha256, status (indexed | skipped | deleted), reason,
-                                 vec (its row id) -- plus the committed length of every segment
+                                 vec (its row id) -- plus the committed length and the CRC-32 of the
+                                 committed bytes of every segment file
     GALLERY/segments/NNNNNN.f16  append-only rows: float16 (default), or .i8 + .scale (int8 with a
                                  per-vector float32 scale), or .itq (packed ITQ codes, np.packbits order)
     GALLERY/itq.npz              the ITQ model (storage "itq" only; zsbir_infer.itq.ITQ.save format)
@@ -14,6 +16,21 @@ A gallery is a directory::
 
 Guarantees:
 
+* **Creation** builds the gallery in a temporary sibling folder and renames it into place: it appears
+  whole or not at all, and two creations at once cannot mix their files.
+* **Verified vectors.** Each segment file's checksum is checked when it is first mapped (once per
+  process; a segment that grew is checked from where the last check stopped); a mismatch raises
+  :class:`SegmentDamagedError`, :meth:`Gallery.repair` drops the photos of damaged segments (the
+  indexer embeds them again) and :meth:`Gallery.verify` checks everything (``zsbir info --verify``).
+  SQLite errors (a damaged catalog, a full disk, a busy database) become :class:`GalleryError` messages.
+* **Read-only opening.** ``Gallery.open(path, readonly=True)`` (the default where the folder is not
+  writable) never writes: SQLite ``mode=ro`` (``immutable`` when SQLite cannot create its shared-memory
+  file on a read-only folder); the ANN index is then updated in memory only.
+* **Identity.** A gallery deleted and created again at the same path has another uuid: an open
+  ``Gallery`` notices it (one ``stat`` of the manifest per call), reloads one of the same model and
+  storage and refuses any other. Paths read from the catalog are checked to lie inside the photo folder.
+* **Format 1** (no checksums, no uuid) opens read-only as it is and is upgraded in place, atomically, the
+  first time it is opened for writing.
 * **Atomic batches.** :meth:`Gallery.add` appends the batch's rows to the segment files and fsyncs them,
   then commits the metadata rows that point at them (and the segments' new lengths) in one SQLite
   transaction. Readers only map the committed lengths. A crash or kill at any moment leaves a gallery
