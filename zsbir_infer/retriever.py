@@ -338,7 +338,7 @@ class Retriever:
             self.refresh()  # the GPU copy follows new commits and a gallery deleted and created again
         raw = self._search_gpu(q, int(k)) if self.device == "cuda" else None
         if raw is None:  # the CPU, or more results than the GPU kernels give (k > gpu.MAX_K)
-            use_exact = bool(exact) or len(self.gallery) < ANN_MIN_ROWS
+            use_exact = bool(exact) or self.gallery.live_count() < ANN_MIN_ROWS  # (no COUNT(*) per query)
             found = self.gallery.search(q, int(k), exact=use_exact, fingerprint=self.fingerprint)
             raw = [[(h.path, h.score, h.id) for h in row] for row in found]
         if self.gallery.uuid != self._uuid:  # the gallery was replaced (and reloaded): its root may differ
