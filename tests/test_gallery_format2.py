@@ -99,6 +99,32 @@ def test_two_first_time_runs_at_once_never_break_the_gallery(
             e.close()
 
 
+def test_two_first_time_index_processes_at_once(tmp_path: Path, bundle: Path) -> None:
+    """Issue 13 item 1, as reported: `zsbir index ./photos -o gN -q & zsbir index ./photos -o gN -q & wait`."""
+    import subprocess
+    import sys
+
+    write_photos(tmp_path / "photos", 4)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ZSBIR_NUM_THREADS": "1"}
+    env.pop("ZSBIR_GALLERY", None)
+    for trial in range(3):
+        gdir = tmp_path / f"g{trial}"
+        cmd = [
+            sys.executable, "-c", "from zsbir_infer.cli import main; main()", "index", str(tmp_path / "photos"),
+            "-o", str(gdir), "--model", str(bundle), "-q", "--workers", "1",
+        ]  # fmt: skip
+        procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+        outs = [(p.wait(timeout=120), p.stderr.read().decode() if p.stderr else "") for p in procs]
+        for p in procs:
+            for f in (p.stdout, p.stderr):
+                if f:
+                    f.close()
+        assert any(code == 0 for code, _ in outs), outs
+        for code, err in outs:
+            assert code == 0 or "another 'zsbir index'" in err, err
+        assert len(_files(gdir)) == 4
+
+
 # ------------------------------------------------------------------ 2. a gallery nobody may write to
 
 
