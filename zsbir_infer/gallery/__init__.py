@@ -47,6 +47,11 @@ Guarantees:
   SQLite connection. Writers (``add``/``skip``/``delete``) are serialized by a lock (threads) and
   ``flock`` on ``GALLERY/.lock`` (processes). Readers see a new batch on their next search.
 
+Code: :mod:`~zsbir_infer.gallery.codecs` has one codec per storage kind (encode, decode, file layout,
+scorer); :mod:`~zsbir_infer.gallery.search` the exhaustive search over memory-mapped blocks;
+:mod:`~zsbir_infer.gallery.ann` the HNSW index; :mod:`~zsbir_infer.gallery.store` the catalog, segments,
+checksums and the :class:`Gallery` itself.
+
 Search: exact (exhaustive inner product; see :mod:`zsbir_infer.gallery.search` for the numkong fp16
 kernel and the exact rescoring that makes scores exact), approximate (usearch HNSW, candidates rescored
 exactly) and, for ITQ storage, exhaustive Hamming. Ties: higher score first, then smaller id.

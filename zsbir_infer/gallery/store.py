@@ -30,15 +30,8 @@ from typing import Any, TypeVar, cast
 import numpy as np
 
 from zsbir_infer.gallery.ann import AnnIndex
-from zsbir_infer.gallery.search import (
-    ID_SENTINEL,
-    Block,
-    F16Scorer,
-    HammingScorer,
-    Int8Scorer,
-    Scorer,
-    search_blocks,
-)
+from zsbir_infer.gallery.codecs import Codec, make_codec
+from zsbir_infer.gallery.search import ID_SENTINEL, Block, Scorer, search_blocks
 
 __all__ = [
     "FORMAT",
@@ -246,14 +239,6 @@ class GalleryStats:
     uuid: str = ""
 
 
-_ROW_KINDS: dict[str, tuple[tuple[str, str], ...]] = {
-    # storage -> (file suffix, numpy dtype) of each per-row array; the first is the main one.
-    "float16": (("f16", "float16"),),
-    "int8": (("i8", "int8"), ("scale", "float32")),
-    "itq": (("itq", "uint8"),),
-}
-
-
 def _to_db(relpath: str) -> str | bytes:
     """A path as stored in the catalog: text, or the raw bytes of a name that is not valid UTF-8 (held in
     ``str`` with surrogate escapes, as ``os.fsdecode`` gives it), so that every file name is kept losslessly."""
@@ -446,7 +431,8 @@ class Gallery:
             except (OSError, ValueError) as e:
                 raise GalleryError(f"gallery {path} is damaged: cannot load its ITQ model ({e})") from e
             self.n_bits = int(self.itq.n_bits)
-        self._row_bytes = self._row_widths()
+        self.codec: Codec = make_codec(self.storage, self.dim, self.itq)
+        self._row_bytes = self.codec.parts
         self._manifest_key = _stat_key(path / MANIFEST)
         self._identity_lock = threading.Lock()
 
@@ -827,18 +813,6 @@ class Gallery:
                 self._conns.append(con)
         return con
 
-    def _row_widths(self) -> tuple[tuple[str, np.dtype[Any], tuple[int, ...]], ...]:
-        out = []
-        for i, (suffix, dtype) in enumerate(_ROW_KINDS[self.storage]):
-            if self.storage == "itq":
-                shape: tuple[int, ...] = ((self.n_bits + 7) // 8,)
-            elif i == 0:
-                shape = (self.dim,)
-            else:
-                shape = ()
-            out.append((suffix, np.dtype(dtype), shape))
-        return tuple(out)
-
     def _seg_path(self, seg: int, suffix: str) -> Path:
         return self.path / SEGMENT_DIR / f"{seg:06d}.{suffix}"
 
@@ -1008,20 +982,6 @@ class Gallery:
         deleted = sorted(rel for rel in known if rel not in listing)
         return Plan(new=new, changed=changed, unchanged=unchanged, deleted=deleted, retry=retry)
 
-    def _encode(self, vectors: np.ndarray) -> tuple[list[np.ndarray], float]:
-        """Stored arrays for a batch (per the storage kind) and the largest stored row norm."""
-        if self.storage == "float16":
-            v16 = vectors.astype(np.float16)
-            return [v16], float(np.linalg.norm(v16.astype(np.float32), axis=1).max(initial=0.0))
-        if self.storage == "int8":
-            amax = np.abs(vectors).max(axis=1)
-            scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
-            q = np.clip(np.rint(vectors / scale[:, None]), -127, 127).astype(np.int8)
-            deq = q.astype(np.float32) * scale[:, None]
-            return [q, scale], float(np.linalg.norm(deq, axis=1).max(initial=0.0))
-        codes = np.ascontiguousarray(self.itq.transform(vectors), dtype=np.uint8)
-        return [codes], float(self.n_bits)
-
     def _check_vectors(self, vectors: np.ndarray, n: int) -> np.ndarray:
         v = np.asarray(vectors)
         if v.ndim != 2 or v.shape != (n, self.dim):
@@ -1074,7 +1034,7 @@ class Gallery:
         v = self._check_vectors(vectors, len(recs))
         if not recs:
             return []
-        arrays, max_norm = self._encode(v)
+        arrays, max_norm = self.codec.encode(v)
         with self._writer().hold():
             con = self._con()
             segments = self._read_segments(con)
@@ -1274,7 +1234,7 @@ class Gallery:
                 seg = _Segment(next_seg, start, 0, 0.0)
                 parts = self._raw_rows(snap, ids)
                 crcs = self._append(seg, parts)
-                new_segments.append(_Segment(next_seg, start, ids.size, self._stored_max_norm(parts), crcs))
+                new_segments.append(_Segment(next_seg, start, ids.size, self.codec.stored_max_norm(parts), crcs))
                 next_seg += 1
             _fsync_dir(self.path / SEGMENT_DIR)
             con.execute("BEGIN IMMEDIATE")
@@ -1374,7 +1334,7 @@ class Gallery:
             problems.append(f"{DATABASE}: the path {rel!r} does not lie inside the photo folder (edited catalog?)")
         for rel in bad_rows[:5]:
             problems.append(f"{DATABASE}: {rel!r} is indexed but points at no stored vector")
-        if full and self.storage != "itq":
+        if full and self.codec.unit_rows:
             blocks = {key[0]: b for key, b in zip(snap.seg_keys, snap.blocks, strict=True)}
             for sg in snap.segments:
                 if sg.seg not in damaged and sg.seg in blocks:
@@ -1445,7 +1405,7 @@ class Gallery:
         bases = np.array([b.base for b in snap.blocks], dtype=np.int64)
         which = np.searchsorted(bases, ids, side="right") - 1
         main = np.empty((ids.size, *snap.blocks[0].data.shape[1:]), dtype=snap.blocks[0].data.dtype)
-        scale = np.empty(ids.size, dtype=np.float32) if self.storage == "int8" else None
+        scale = np.empty(ids.size, dtype=np.float32) if len(self._row_bytes) > 1 else None
         for j in np.unique(which):
             sel = np.flatnonzero(which == j)
             b = snap.blocks[int(j)]
@@ -1454,14 +1414,6 @@ class Gallery:
             if scale is not None and b.scale is not None:
                 scale[sel] = b.scale[local]
         return [main] if scale is None else [main, scale]
-
-    def _stored_max_norm(self, parts: list[np.ndarray]) -> float:
-        if self.storage == "itq":
-            return float(self.n_bits)
-        rows = parts[0].astype(np.float32)
-        if self.storage == "int8":
-            rows *= parts[1][:, None]
-        return float(np.linalg.norm(rows, axis=1).max(initial=0.0))
 
     def _remove_stray_segments(self, keep: set[int]) -> None:
         """Delete segment files not referenced by the metadata (left by a compaction or a crash)."""
@@ -1515,20 +1467,14 @@ class Gallery:
         return parts[0], (parts[1] if len(parts) > 1 else None)
 
     def _gather(self, snap: _Snapshot, idx: np.ndarray) -> np.ndarray:
-        width = self._row_bytes[0][2][0]
-        out_dtype = np.uint8 if self.storage == "itq" else np.float32
-        out = np.empty((idx.size, width), dtype=out_dtype)
+        out = np.empty((idx.size, self.codec.width), dtype=self.codec.decoded_dtype)
         bases = np.array([b.base for b in snap.blocks], dtype=np.int64)
         which = np.searchsorted(bases, idx, side="right") - 1
         for j in np.unique(which):
             sel = np.flatnonzero(which == j)
             b = snap.blocks[int(j)]
             local = idx[sel] - b.base
-            rows = np.asarray(b.data[local])
-            if b.scale is not None:
-                out[sel] = rows.astype(np.float32) * np.asarray(b.scale[local])[:, None]
-            else:
-                out[sel] = rows
+            out[sel] = self.codec.decode(b.data[local], None if b.scale is None else b.scale[local])
         return out
 
     def _read_float_rows(self, snap: _Snapshot) -> Callable[[int, int], np.ndarray]:
@@ -1590,12 +1536,8 @@ class Gallery:
             if snap.live == 0:
                 return [[] for _ in range(q.shape[0])]
             k = min(asked, snap.live)  # results (and their buffers) for at most every live photo
-            if self.storage == "itq":
-                scorer: Scorer = HammingScorer(self.itq.transform(q), self.n_bits)
-                scores, ids = search_blocks(snap.blocks, scorer, k, threads=threads)
-            elif exact:
-                scorer = F16Scorer(q) if self.storage == "float16" else Int8Scorer(q)
-                scores, ids = search_blocks(snap.blocks, scorer, k, threads=threads)
+            if exact or not self.codec.ann:
+                scores, ids = search_blocks(snap.blocks, self.codec.scorer(q), k, threads=threads)
             else:
                 scores, ids = self._search_ann(snap, q, k, threads)
             hits = self._hits(scores, ids, snap.layout)
@@ -1611,7 +1553,7 @@ class Gallery:
         scores = np.full((q.shape[0], k), -np.inf, dtype=np.float32)
         ids = np.full((q.shape[0], k), ID_SENTINEL, dtype=np.int64)
         # Rescore with the exact search's own code so that both modes report identical scores.
-        scorer: Scorer = F16Scorer(q) if self.storage == "float16" else Int8Scorer(q)
+        scorer: Scorer = self.codec.scorer(q)
         bases = np.array([b.base for b in snap.blocks], dtype=np.int64)
         for i, c in enumerate(cands):
             c = c[(c >= 0) & (c < snap.rows)]
@@ -1654,7 +1596,7 @@ class Gallery:
     @_guarded
     def build_index(self) -> int:
         """Build or update the ANN index now and save it; returns the number of vectors in it."""
-        if self.storage == "itq":
+        if not self.codec.ann:
             raise GalleryError("ITQ galleries have no ANN index: their searches are exhaustive Hamming searches")
         snap = self._snapshot_now()
         with self._ann_lock:
@@ -1707,9 +1649,9 @@ class Gallery:
         seg_bytes = sum(f.stat().st_size for f in (self.path / SEGMENT_DIR).iterdir() if f.is_file())
         total_bytes = sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
         desc = None
-        if self.storage != "itq":
+        if self.codec.ann:
             desc = AnnIndex(self.path, self.dim, self._ann_identity(snap.layout)).describe()
-        ann_stale = self.storage != "itq" and (
+        ann_stale = self.codec.ann and (
             desc is None
             or desc["rows"] != snap.rows
             or desc["dead_covered"] != int(np.count_nonzero(snap.dead[: desc["rows"]]))
