@@ -35,16 +35,16 @@ from bench_query import build_gallery
 _LOAD = """
 import sys, time
 t0 = time.perf_counter()
-from zsbir_infer.gallery import Gallery, store
+from zsbir_infer.gallery import Gallery, segments
 spent = [0.0]
-real = store._crc_file
+real = segments.crc_file
 def timed(*a, **k):
     t = time.perf_counter()
     try:
         return real(*a, **k)
     finally:
         spent[0] += time.perf_counter() - t
-store._crc_file = timed
+segments.crc_file = timed
 g = Gallery.open(sys.argv[1], readonly=True)
 t1 = time.perf_counter()
 g.load()

@@ -49,8 +49,9 @@ Guarantees:
 
 Code: :mod:`~zsbir_infer.gallery.codecs` has one codec per storage kind (encode, decode, file layout,
 scorer); :mod:`~zsbir_infer.gallery.search` the exhaustive search over memory-mapped blocks;
-:mod:`~zsbir_infer.gallery.ann` the HNSW index; :mod:`~zsbir_infer.gallery.store` the catalog, segments,
-checksums and the :class:`Gallery` itself.
+:mod:`~zsbir_infer.gallery.segments` the segment files (append, map, CRC-32 checksums, repair checks);
+:mod:`~zsbir_infer.gallery.ann` the HNSW index; :mod:`~zsbir_infer.gallery.store` the SQLite catalog and the
+:class:`Gallery` itself.
 
 Search: exact (exhaustive inner product; see :mod:`zsbir_infer.gallery.search` for the numkong fp16
 kernel and the exact rescoring that makes scores exact), approximate (usearch HNSW, candidates rescored

@@ -12,7 +12,6 @@ import errno
 import functools
 import json
 import logging
-import mmap
 import os
 import secrets
 import shutil
@@ -21,7 +20,6 @@ import threading
 import time
 import urllib.parse
 import uuid
-import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -32,6 +30,17 @@ import numpy as np
 from zsbir_infer.gallery.ann import AnnIndex
 from zsbir_infer.gallery.codecs import Codec, make_codec
 from zsbir_infer.gallery.search import ID_SENTINEL, Block, Scorer, search_blocks
+from zsbir_infer.gallery.segments import (
+    SEGMENT_DIR,
+    GalleryError,
+    Segment,
+    SegmentDamagedError,
+    SegmentFiles,
+    crc_file,
+)
+from zsbir_infer.gallery.segments import (
+    fsync_dir as _fsync_dir,
+)
 
 __all__ = [
     "FORMAT",
@@ -58,7 +67,6 @@ READABLE_VERSIONS = (1, 2)
 STORAGES = ("float16", "int8", "itq")
 MANIFEST = "manifest.json"
 DATABASE = "meta.sqlite"
-SEGMENT_DIR = "segments"
 ITQ_FILE = "itq.npz"
 LOCK_FILE = ".lock"
 
@@ -81,23 +89,6 @@ def _rollback(con: sqlite3.Connection) -> None:
     it, and a ROLLBACK then would raise and hide the interrupt."""
     if con.in_transaction:
         con.execute("ROLLBACK")
-
-
-class GalleryError(Exception):
-    """A gallery cannot be created, opened or used as asked."""
-
-
-class SegmentDamagedError(GalleryError):
-    """A segment file does not match the checksum committed with it: its vectors cannot be trusted."""
-
-    def __init__(self, gallery: Path, file: Path, base: int, rows: int, why: str) -> None:
-        self.gallery, self.file, self.base, self.rows = gallery, file, base, rows
-        super().__init__(
-            f"gallery {gallery} is damaged: {SEGMENT_DIR}/{file.name} {why} (rows {base}..{base + rows - 1}); its "
-            "vectors would give wrong results. Repair: rerun 'zsbir index' on the photo folder with this gallery "
-            "(-o " + str(gallery) + "): it re-embeds only the photos stored in the damaged segment "
-            "(Gallery.repair() in the library)"
-        )
 
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -130,21 +121,6 @@ def _stat_key(path: Path) -> tuple[int, int, int, int] | None:
     except FileNotFoundError:
         return None
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
-
-
-def _crc_file(path: Path, start: int, stop: int, crc: int = 0) -> int:
-    """CRC-32 of bytes ``start:stop`` of a file, continuing ``crc`` (the CRC of the bytes before ``start``).
-    Read through a memory map (no copy), in slices of 64 MiB."""
-    if stop <= start:
-        return crc
-    with open(path, "rb") as fh:
-        if os.fstat(fh.fileno()).st_size < stop:
-            raise EOFError(path)
-        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm, memoryview(mm) as view:
-            for a in range(start, stop, 1 << 26):
-                with view[a : min(stop, a + (1 << 26))] as part:
-                    crc = zlib.crc32(part, crc)
-    return crc
 
 
 class ModelMismatchError(GalleryError):
@@ -277,15 +253,6 @@ def _check_relpath(relpath: str) -> str:
     return relpath
 
 
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def _write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
@@ -334,21 +301,12 @@ class _WriterLock:
             self._thread_lock.release()
 
 
-@dataclass
-class _Segment:
-    seg: int
-    base: int
-    rows: int
-    max_norm: float
-    checksums: dict[str, int] | None = None  # CRC-32 of the committed bytes of each file (format 2)
-
-
 @dataclass(frozen=True)
 class _Snapshot:
     generation: int
     layout: int  # bumped by compact(): row ids of different layouts are unrelated
     rows: int
-    segments: tuple[_Segment, ...]
+    segments: tuple[Segment, ...]
     blocks: tuple[Block, ...]
     seg_keys: tuple[tuple[int, int], ...]  # (segment number, rows) of each block
     dead: np.ndarray
@@ -405,7 +363,6 @@ class Gallery:
         self.uuid: str = str(manifest.get("uuid") or "")
         #: Format this gallery was upgraded from when this open upgraded it (else None).
         self.migrated_from: int | None = None
-        self._crc_done: dict[tuple[int, int, str], tuple[int, int]] = {}  # (layout, seg, suffix) -> verified
         self.manifest = manifest
         self.fingerprint: str = manifest["fingerprint"]
         self.dim: int = int(manifest["dim"])
@@ -433,6 +390,7 @@ class Gallery:
             self.n_bits = int(self.itq.n_bits)
         self.codec: Codec = make_codec(self.storage, self.dim, self.itq)
         self._row_bytes = self.codec.parts
+        self._segfiles = SegmentFiles(path, self._row_bytes)
         self._manifest_key = _stat_key(path / MANIFEST)
         self._identity_lock = threading.Lock()
 
@@ -473,7 +431,7 @@ class Gallery:
                 self._snapshot = None
             with self._ann_lock:
                 self._ann = None
-            self._crc_done.clear()
+            self._segfiles.forget()
             self.manifest, self._manifest_key = manifest, key
             self.uuid = str(manifest.get("uuid") or "")
             self.format_version = int(manifest["format_version"])
@@ -715,7 +673,7 @@ class Gallery:
             sums = {}
             for sg in segments:
                 sums[sg.seg] = {
-                    suffix: _crc_file(self._seg_path(sg.seg, suffix), 0, self._seg_bytes(sg.rows, i))
+                    suffix: crc_file(self._segfiles.path(sg.seg, suffix), 0, self._segfiles.nbytes(sg.rows, i))
                     for i, (suffix, _, _) in enumerate(self._row_bytes)
                 }
             con.execute("BEGIN IMMEDIATE")
@@ -813,26 +771,18 @@ class Gallery:
                 self._conns.append(con)
         return con
 
-    def _seg_path(self, seg: int, suffix: str) -> Path:
-        return self.path / SEGMENT_DIR / f"{seg:06d}.{suffix}"
-
-    def _read_segments(self, con: sqlite3.Connection, *, checksums: bool = True) -> list[_Segment]:
+    def _read_segments(self, con: sqlite3.Connection, *, checksums: bool = True) -> list[Segment]:
         if not checksums or self.format_version < 2:
             rows = con.execute("SELECT seg, base, rows, max_norm FROM segments ORDER BY seg").fetchall()
-            return [_Segment(int(a), int(b), int(c), float(d)) for a, b, c, d in rows]
+            return [Segment(int(a), int(b), int(c), float(d)) for a, b, c, d in rows]
         out = []
         for a, b, c, d, e in con.execute("SELECT seg, base, rows, max_norm, checksums FROM segments ORDER BY seg"):
             try:
                 sums = {str(k): int(v) for k, v in json.loads(e).items()} if e is not None else None
             except (ValueError, TypeError, AttributeError):
                 sums = {}  # unreadable: no file matches, reported as damage
-            out.append(_Segment(int(a), int(b), int(c), float(d), sums))
+            out.append(Segment(int(a), int(b), int(c), float(d), sums))
         return out
-
-    def _seg_bytes(self, rows: int, part: int) -> int:
-        """Bytes of ``rows`` rows in the file of the ``part``-th per-row array."""
-        _, dtype, shape = self._row_bytes[part]
-        return rows * dtype.itemsize * int(np.prod(shape, dtype=np.int64))
 
     def _generation(self, con: sqlite3.Connection) -> int:
         return self._state(con, "generation")
@@ -890,10 +840,10 @@ class Gallery:
             if prev is not None:
                 arrays = (prev.data, prev.scale)
             elif verify:
-                arrays = self._map_segment(s, layout)
+                arrays = self._segfiles.map(s, layout)
             else:  # verify() and repair(): a damaged segment is left out (they check it themselves)
                 try:
-                    arrays = self._map_segment(s, layout, verify=False)
+                    arrays = self._segfiles.map(s, layout, verify=False)
                 except (SegmentDamagedError, FileNotFoundError):
                     continue
             blocks.append(
@@ -907,38 +857,6 @@ class Gallery:
             )
             keys.append((s.seg, s.rows))
         return _Snapshot(gen, layout, total, tuple(segments), tuple(blocks), tuple(keys), dead, int(live.size))
-
-    def _map_segment(self, s: _Segment, layout: int, verify: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
-        arrays: list[np.ndarray] = []
-        for i, (suffix, dtype, shape) in enumerate(self._row_bytes):
-            f = self._seg_path(s.seg, suffix)
-            need = self._seg_bytes(s.rows, i)
-            size = f.stat().st_size  # FileNotFoundError: see _snapshot_now
-            if size < need:
-                raise SegmentDamagedError(
-                    self.path, f, s.base, s.rows, f"holds {size} bytes but the catalog commits {need}"
-                )
-            if verify:
-                self._verify_file(s, f, suffix, need, layout)
-            arrays.append(np.memmap(f, dtype=dtype, mode="r", shape=(s.rows, *shape)))
-        return arrays[0], (arrays[1] if len(arrays) > 1 else None)
-
-    def _verify_file(self, s: _Segment, f: Path, suffix: str, need: int, layout: int) -> None:
-        """Check the committed bytes of a segment file against their checksum; only the bytes appended since
-        the last check of this file are read (a reader that follows an indexing run reads each row once)."""
-        if s.checksums is None:  # format 1: nothing to check against
-            return
-        key = (layout, s.seg, suffix)
-        done, crc = self._crc_done.get(key, (0, 0))
-        if done > need:
-            done, crc = 0, 0
-        try:
-            crc = _crc_file(f, done, need, crc)
-        except EOFError:
-            raise SegmentDamagedError(self.path, f, s.base, s.rows, "is shorter than the catalog says") from None
-        if crc != s.checksums.get(suffix):
-            raise SegmentDamagedError(self.path, f, s.base, s.rows, "does not match its checksum")
-        self._crc_done[key] = (need, crc)
 
     # ------------------------------------------------------------------ incremental bookkeeping
 
@@ -1041,7 +959,7 @@ class Gallery:
             total = sum(s.rows for s in segments)
             last = segments[-1] if segments else None
             # Split the batch over the last segment's free room and new segments.
-            pieces: list[tuple[_Segment, int, int, bool]] = []  # (segment, batch start, batch stop, is new)
+            pieces: list[tuple[Segment, int, int, bool]] = []  # (segment, batch start, batch stop, is new)
             pos = 0
             n = len(recs)
             if last is not None and last.rows < self.segment_rows:
@@ -1052,11 +970,11 @@ class Gallery:
             base = total + pos
             while pos < n:
                 take = min(n - pos, self.segment_rows)
-                pieces.append((_Segment(next_seg, base, 0, 0.0), pos, pos + take, True))
+                pieces.append((Segment(next_seg, base, 0, 0.0), pos, pos + take, True))
                 next_seg += 1
                 base += take
                 pos += take
-            sums = [self._append(seg, [arr[a:b] for arr in arrays]) for seg, a, b, _ in pieces]
+            sums = [self._segfiles.append(seg, [arr[a:b] for arr in arrays]) for seg, a, b, _ in pieces]
             if any(is_new for *_, is_new in pieces):
                 _fsync_dir(self.path / SEGMENT_DIR)
             if _BEFORE_COMMIT is not None:
@@ -1095,36 +1013,6 @@ class Gallery:
                 _rollback(con)
                 raise
         return ids
-
-    def _append(self, seg: _Segment, parts: list[np.ndarray]) -> dict[str, int]:
-        """Write rows after the committed end of a segment (dropping any uncommitted tail) and fsync; returns
-        the checksums of each file's bytes up to the new end (to be committed with the rows)."""
-        sums: dict[str, int] = {}
-        for (suffix, dtype, shape), arr in zip(self._row_bytes, parts, strict=True):
-            f = self._seg_path(seg.seg, suffix)
-            committed = seg.rows * dtype.itemsize * int(np.prod(shape, dtype=np.int64))
-            fd = os.open(f, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                size = os.fstat(fd).st_size
-                if size < committed:
-                    raise GalleryError(
-                        f"gallery {self.path} is damaged: {f.name} holds {size} bytes but the metadata commits "
-                        f"{committed}"
-                    )
-                if size > committed:
-                    os.ftruncate(fd, committed)  # garbage of an interrupted batch
-                data = np.ascontiguousarray(arr, dtype=dtype).tobytes()
-                sums[suffix] = zlib.crc32(data, (seg.checksums or {}).get(suffix, 0) if seg.rows else 0)
-                view = memoryview(data)
-                off = committed
-                while view:
-                    written = os.pwrite(fd, view, off)
-                    view = view[written:]
-                    off += written
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        return sums
 
     def skip(self, file: FileStat | FileRecord | str, reason: str) -> None:
         """Record that a file was not indexed and why (unreadable, not an image, ...).
@@ -1222,19 +1110,19 @@ class Gallery:
             cur = con.execute("SELECT vec FROM files WHERE vec IS NOT NULL ORDER BY vec")
             live = np.array([r[0] for r in cur], dtype=np.int64)
             total = sum(sg.rows for sg in segments)
-            self._remove_stray_segments({sg.seg for sg in segments})
+            self._segfiles.remove_stray({sg.seg for sg in segments})
             if live.size == total:
                 return 0
             if snap is None:
                 snap = self._snapshot_now()
             next_seg = (segments[-1].seg + 1) if segments else 0
-            new_segments: list[_Segment] = []
+            new_segments: list[Segment] = []
             for start in range(0, live.size, self.segment_rows):
                 ids = live[start : start + self.segment_rows]
-                seg = _Segment(next_seg, start, 0, 0.0)
+                seg = Segment(next_seg, start, 0, 0.0)
                 parts = self._raw_rows(snap, ids)
-                crcs = self._append(seg, parts)
-                new_segments.append(_Segment(next_seg, start, ids.size, self.codec.stored_max_norm(parts), crcs))
+                crcs = self._segfiles.append(seg, parts)
+                new_segments.append(Segment(next_seg, start, ids.size, self.codec.stored_max_norm(parts), crcs))
                 next_seg += 1
             _fsync_dir(self.path / SEGMENT_DIR)
             con.execute("BEGIN IMMEDIATE")
@@ -1259,25 +1147,10 @@ class Gallery:
                 _rollback(con)
                 raise
             (self.path / "ann.json").unlink(missing_ok=True)
-            self._remove_stray_segments({sg.seg for sg in new_segments})
+            self._segfiles.remove_stray({sg.seg for sg in new_segments})
             return int(total - live.size)
 
     # ------------------------------------------------------------------ verification and repair
-
-    def _segment_problem(self, sg: _Segment) -> SegmentDamagedError | None:
-        """A full check of one segment's files (size, checksum), without the cache of :meth:`_verify_file`."""
-        for i, (suffix, _, _) in enumerate(self._row_bytes):
-            f = self._seg_path(sg.seg, suffix)
-            need = self._seg_bytes(sg.rows, i)
-            try:
-                size = f.stat().st_size
-            except FileNotFoundError:
-                return SegmentDamagedError(self.path, f, sg.base, sg.rows, "is missing")
-            if size < need:
-                return SegmentDamagedError(self.path, f, sg.base, sg.rows, f"holds {size} bytes, the catalog {need}")
-            if sg.checksums is not None and _crc_file(f, 0, need) != sg.checksums.get(suffix):
-                return SegmentDamagedError(self.path, f, sg.base, sg.rows, "does not match its checksum")
-        return None
 
     def _catalog_path(self, value: str | bytes) -> str:
         """A path read from the catalog, checked to lie inside the photo folder before anyone shows or opens
@@ -1318,7 +1191,7 @@ class Gallery:
         snap = self._load_snapshot(con, None, verify=False)
         damaged: set[int] = set()
         for sg in snap.segments:
-            err = self._segment_problem(sg)
+            err = self._segfiles.problem(sg)
             if err is not None:
                 problems.append(str(err))
                 damaged.add(sg.seg)
@@ -1341,7 +1214,7 @@ class Gallery:
                     problems.extend(self._row_problems(sg, blocks[sg.seg]))
         return problems
 
-    def _row_problems(self, sg: _Segment, b: Block) -> list[str]:
+    def _row_problems(self, sg: Segment, b: Block) -> list[str]:
         out = []
         for start in range(0, b.data.shape[0], 1 << 16):
             stop = min(b.data.shape[0], start + (1 << 16))
@@ -1353,7 +1226,7 @@ class Gallery:
             bad = np.flatnonzero(live & ~(np.abs(norms - 1.0) <= 0.05))  # NaN fails too
             if bad.size:
                 i = int(bad[0])
-                f = self._seg_path(sg.seg, self._row_bytes[0][0])
+                f = self._segfiles.path(sg.seg, self._row_bytes[0][0])
                 out.append(
                     f"{SEGMENT_DIR}/{f.name}: {bad.size} live vector(s) are not of unit length (row "
                     f"{sg.base + start + i} has norm {norms[i]:.4g}): the file is damaged; rerun 'zsbir index' "
@@ -1375,7 +1248,7 @@ class Gallery:
         with self._writer().hold():
             con = self._con()
             snap = self._load_snapshot(con, None, verify=False)
-            damaged = [(sg, err) for sg in snap.segments if (err := self._segment_problem(sg)) is not None]
+            damaged = [(sg, err) for sg in snap.segments if (err := self._segfiles.problem(sg)) is not None]
             if not damaged:
                 return []
             out = []
@@ -1397,7 +1270,7 @@ class Gallery:
             self._compact_locked(con, self._load_snapshot(con, None, verify=False))
             with self._state_lock:
                 self._snapshot = None
-            self._crc_done.clear()
+            self._segfiles.forget()
             return out
 
     def _raw_rows(self, snap: _Snapshot, ids: np.ndarray) -> list[np.ndarray]:
@@ -1414,13 +1287,6 @@ class Gallery:
             if scale is not None and b.scale is not None:
                 scale[sel] = b.scale[local]
         return [main] if scale is None else [main, scale]
-
-    def _remove_stray_segments(self, keep: set[int]) -> None:
-        """Delete segment files not referenced by the metadata (left by a compaction or a crash)."""
-        for f in (self.path / SEGMENT_DIR).iterdir():
-            stem = f.name.split(".")[0]
-            if stem.isdigit() and int(stem) not in keep:
-                f.unlink(missing_ok=True)
 
     @_guarded
     def skipped(self) -> list[tuple[str, str]]:
@@ -1646,7 +1512,7 @@ class Gallery:
         counts = dict.fromkeys(("indexed", "skipped", "deleted"), 0)
         for status, n in con.execute("SELECT status, COUNT(*) FROM files GROUP BY status"):
             counts[str(status)] = int(n)
-        seg_bytes = sum(f.stat().st_size for f in (self.path / SEGMENT_DIR).iterdir() if f.is_file())
+        seg_bytes = self._segfiles.total_bytes()
         total_bytes = sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
         desc = None
         if self.codec.ann:
