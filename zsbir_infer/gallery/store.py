@@ -1105,50 +1105,49 @@ class Gallery:
             return self._compact_locked(self._con(), None)
 
     def _compact_locked(self, con: sqlite3.Connection, snap: _Snapshot | None) -> int:
-        if True:  # (indentation of the locked section)
-            segments = self._read_segments(con)
-            cur = con.execute("SELECT vec FROM files WHERE vec IS NOT NULL ORDER BY vec")
-            live = np.array([r[0] for r in cur], dtype=np.int64)
-            total = sum(sg.rows for sg in segments)
-            self._segfiles.remove_stray({sg.seg for sg in segments})
-            if live.size == total:
-                return 0
-            if snap is None:
-                snap = self._snapshot_now()
-            next_seg = (segments[-1].seg + 1) if segments else 0
-            new_segments: list[Segment] = []
-            for start in range(0, live.size, self.segment_rows):
-                ids = live[start : start + self.segment_rows]
-                seg = Segment(next_seg, start, 0, 0.0)
-                parts = self._raw_rows(snap, ids)
-                crcs = self._segfiles.append(seg, parts)
-                new_segments.append(Segment(next_seg, start, ids.size, self.codec.stored_max_norm(parts), crcs))
-                next_seg += 1
-            _fsync_dir(self.path / SEGMENT_DIR)
-            con.execute("BEGIN IMMEDIATE")
-            try:
-                con.execute("DELETE FROM segments")
-                con.executemany(
-                    "INSERT INTO segments(seg, base, rows, max_norm, checksums) VALUES (?, ?, ?, ?, ?)",
-                    [(sg.seg, sg.base, sg.rows, sg.max_norm, json.dumps(sg.checksums)) for sg in new_segments],
-                )
-                # Ascending old ids get ascending new ids <= old: no UNIQUE(vec) conflict along the way.
-                con.executemany(
-                    "UPDATE files SET vec = ? WHERE vec = ?",
-                    [(int(i), int(old)) for i, old in enumerate(live) if i != old],
-                )
-                con.execute("UPDATE state SET value = value + 1 WHERE key = 'generation'")
-                con.execute(
-                    "INSERT INTO state(key, value) VALUES ('layout', 1) "
-                    "ON CONFLICT(key) DO UPDATE SET value = value + 1"
-                )
-                con.execute("COMMIT")
-            except BaseException:
-                _rollback(con)
-                raise
-            (self.path / "ann.json").unlink(missing_ok=True)
-            self._segfiles.remove_stray({sg.seg for sg in new_segments})
-            return int(total - live.size)
+        """compact() with the writer lock held (repair() calls it too, with its own unverified snapshot)."""
+        segments = self._read_segments(con)
+        cur = con.execute("SELECT vec FROM files WHERE vec IS NOT NULL ORDER BY vec")
+        live = np.array([r[0] for r in cur], dtype=np.int64)
+        total = sum(sg.rows for sg in segments)
+        self._segfiles.remove_stray({sg.seg for sg in segments})
+        if live.size == total:
+            return 0
+        if snap is None:
+            snap = self._snapshot_now()
+        next_seg = (segments[-1].seg + 1) if segments else 0
+        new_segments: list[Segment] = []
+        for start in range(0, live.size, self.segment_rows):
+            ids = live[start : start + self.segment_rows]
+            seg = Segment(next_seg, start, 0, 0.0)
+            parts = self._raw_rows(snap, ids)
+            crcs = self._segfiles.append(seg, parts)
+            new_segments.append(Segment(next_seg, start, ids.size, self.codec.stored_max_norm(parts), crcs))
+            next_seg += 1
+        _fsync_dir(self.path / SEGMENT_DIR)
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            con.execute("DELETE FROM segments")
+            con.executemany(
+                "INSERT INTO segments(seg, base, rows, max_norm, checksums) VALUES (?, ?, ?, ?, ?)",
+                [(sg.seg, sg.base, sg.rows, sg.max_norm, json.dumps(sg.checksums)) for sg in new_segments],
+            )
+            # Ascending old ids get ascending new ids <= old: no UNIQUE(vec) conflict along the way.
+            con.executemany(
+                "UPDATE files SET vec = ? WHERE vec = ?",
+                [(int(i), int(old)) for i, old in enumerate(live) if i != old],
+            )
+            con.execute("UPDATE state SET value = value + 1 WHERE key = 'generation'")
+            con.execute(
+                "INSERT INTO state(key, value) VALUES ('layout', 1) ON CONFLICT(key) DO UPDATE SET value = value + 1"
+            )
+            con.execute("COMMIT")
+        except BaseException:
+            _rollback(con)
+            raise
+        (self.path / "ann.json").unlink(missing_ok=True)
+        self._segfiles.remove_stray({sg.seg for sg in new_segments})
+        return int(total - live.size)
 
     # ------------------------------------------------------------------ verification and repair
 
