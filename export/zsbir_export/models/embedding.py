@@ -1,10 +1,12 @@
-"""A plain (domain-unconditioned) embedding model: ResNet backbone + embedding layer + classifier.
+"""An embedding model: a backbone (ResNet or EfficientNet-Lite) + embedding layer + classifier heads.
 
-Used for the Tursun et al. (2022) style of training, where photos and sketches share one network and
-the domain tag is not an input. Module names: ``backbone.*`` (torchvision ResNet names, so
-:func:`zsbir_export.models.resnet.load_pretrained` fills ``model.backbone`` from a torchvision file),
-``embedding`` (Linear feature_dim -> embed_dim), ``classifier`` (Linear embed_dim -> num_classes),
-``imagenet_fc`` (optional Linear embed_dim -> 1000, for ImageNet-logit distillation).
+Used for the Tursun et al. (2022) style of training, where photos and sketches share one network, and
+(with ``domain_conditioned=True`` on an EfficientNet-Lite backbone) for DSN on that backbone, where the
+domain tag drives the backbone's CSE-style gates. Module names: ``backbone.*`` (torchvision ResNet names,
+or the EfficientNet-Lite names of :mod:`zsbir_export.models.efficientnet`, so ImageNet files load into
+``model.backbone`` directly), ``embedding`` (Linear feature_dim -> embed_dim), ``classifier`` (Linear
+embed_dim -> num_classes), ``imagenet_fc`` (optional Linear embed_dim -> teacher classes, the head that
+knowledge preservation / distillation trains).
 """
 
 from __future__ import annotations
@@ -15,20 +17,26 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zsbir_export.models.cse_resnet import ModelOutput
-from zsbir_export.models.resnet import ResNet, build_resnet
+from zsbir_export.models.efficientnet import LITE_VARIANTS, EfficientNetLite
+from zsbir_export.models.resnet import RESNET_DEPTHS, ResNet, build_resnet
 
-__all__ = ["EmbeddingNet"]
+__all__ = ["BACKBONES", "EmbeddingNet"]
+
+#: Backbones an :class:`EmbeddingNet` can have.
+BACKBONES: tuple[str, ...] = (*RESNET_DEPTHS, *LITE_VARIANTS)
 
 
 class EmbeddingNet(nn.Module):
-    """ResNet backbone + linear embedding + training-class classifier; the domain tag is ignored.
+    """Backbone + linear embedding + training-class classifier.
 
     Args:
-        backbone: ``resnet18`` / ``resnet34`` / ``resnet50``.
-        width: base channels of the backbone (64 = standard).
+        backbone: ``resnet18`` / ``resnet34`` / ``resnet50`` or ``efficientnet_lite0`` .. ``lite4``.
+        width: base channels of a ResNet backbone (64 = standard); ignored for EfficientNet-Lite.
         embed_dim: embedding size; ``None`` uses the pooled backbone features directly.
         num_classes: training classes (0/None: no classifier).
-        imagenet_head: add ``imagenet_fc`` (ImageNet logits from the embedding).
+        imagenet_head: add ``imagenet_fc`` (teacher-class logits from the embedding).
+        domain_conditioned: EfficientNet-Lite only: domain gates in the backbone, the tag is an input.
+            Otherwise the tag is accepted and ignored.
     """
 
     def __init__(
@@ -39,12 +47,21 @@ class EmbeddingNet(nn.Module):
         num_classes: int | None = 100,
         imagenet_head: bool = False,
         imagenet_classes: int = 1000,
+        domain_conditioned: bool = False,
     ) -> None:
         super().__init__()
         if embed_dim is not None and int(embed_dim) < 1:
             raise ValueError(f"embed_dim must be positive or None, got {embed_dim}")
         self.backbone_name = backbone
-        self.backbone: ResNet = build_resnet(backbone, width=width, num_classes=None)
+        self.domain_conditioned = bool(domain_conditioned)
+        if backbone in LITE_VARIANTS:
+            self.backbone: ResNet | EfficientNetLite = EfficientNetLite(
+                backbone, num_classes=0, domain_conditioned=self.domain_conditioned
+            )
+        elif self.domain_conditioned:
+            raise ValueError(f"{backbone}: use the cse_{backbone} backbone for a domain-conditioned ResNet")
+        else:
+            self.backbone = build_resnet(backbone, width=width, num_classes=None)
         feat = self.backbone.feature_dim
         self.embedding: nn.Linear | None = nn.Linear(feat, int(embed_dim)) if embed_dim is not None else None
         self.embed_dim: int = feat if embed_dim is None else int(embed_dim)
@@ -53,29 +70,32 @@ class EmbeddingNet(nn.Module):
         self._imagenet_classes = int(imagenet_classes) if imagenet_head else 0
         self.imagenet_fc: nn.Linear | None = nn.Linear(self.embed_dim, imagenet_classes) if imagenet_head else None
 
-    def _code(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        pooled = self.backbone.features(x)
+    def _code(self, x: Tensor, tag: Tensor | None) -> tuple[Tensor, Tensor]:
+        if isinstance(self.backbone, EfficientNetLite):
+            pooled = self.backbone.features(x, tag if self.domain_conditioned else None)
+        else:
+            pooled = self.backbone.features(x)
         code = pooled if self.embedding is None else self.embedding(pooled)
         return code, pooled
 
     def forward(self, x: Tensor, tag: Tensor | None = None) -> ModelOutput:
-        """Training outputs for images ``x`` [N, 3, H, W]; ``tag`` is accepted and ignored."""
-        code, pooled = self._code(x)
+        """Training outputs for images ``x`` [N, 3, H, W] (``tag``: photo 1, sketch 0)."""
+        code, pooled = self._code(x, tag)
         logits = None if self.classifier is None else self.classifier(code)
         imagenet = None if self.imagenet_fc is None else self.imagenet_fc(code)
         return ModelOutput(code, logits, imagenet, pooled)
 
     def embed(self, x: Tensor, tag: Tensor | None = None) -> Tensor:
-        """L2-normalized embeddings [N, embed_dim]; ``tag`` is accepted and ignored."""
-        return F.normalize(self._code(x)[0], p=2.0, dim=1)
+        """L2-normalized embeddings [N, embed_dim]."""
+        return F.normalize(self._code(x, tag)[0], p=2.0, dim=1)
 
     def arch_config(self) -> dict[str, Any]:
         """The ``arch`` block of a checkpoint config (CONTRACTS §5) that rebuilds this model."""
         return {
             "backbone": self.backbone_name,
-            "width": self.backbone.width,
+            "width": self.backbone.width if isinstance(self.backbone, ResNet) else None,
             "embed_dim": self.embed_dim if self.embedding is not None else None,
-            "domain_conditioned": False,
+            "domain_conditioned": self.domain_conditioned,
             "num_classes": self.num_classes,
             "imagenet_head": self._imagenet_classes > 0,
             "imagenet_classes": self._imagenet_classes or 1000,

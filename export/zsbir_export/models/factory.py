@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from typing import Any, TypeAlias
 
 from zsbir_export.models.cse_resnet import CSE_DEPTHS, CSEResNetModel
+from zsbir_export.models.efficientnet import LITE_VARIANTS
 from zsbir_export.models.embedding import EmbeddingNet
 
 __all__ = ["ARCH_KEYS", "EmbeddingModel", "build_model"]
@@ -32,10 +33,12 @@ _PLAIN = ("resnet18", "resnet34", "resnet50")
 def build_model(arch_config: Mapping[str, Any]) -> EmbeddingModel:
     """Build a model from an ``arch`` block.
 
-    ``backbone``: ``resnet18|34|50`` (plain :class:`EmbeddingNet`, the tag is ignored) or
-    ``cse_resnet18|34|50`` (:class:`CSEResNetModel`, the tag is an input). ``domain_conditioned:
-    true`` with a plain backbone name selects the CSE variant of that depth; ``false`` with a CSE name
-    is an error. Defaults: width 64, embed_dim 64, num_classes 0, imagenet_head false (plain) /
+    ``backbone``: ``resnet18|34|50`` (plain :class:`EmbeddingNet`, the tag is ignored),
+    ``cse_resnet18|34|50`` (:class:`CSEResNetModel`, the tag is an input) or
+    ``efficientnet_lite0..4`` (:class:`EmbeddingNet` on EfficientNet-Lite; with ``domain_conditioned:
+    true`` its blocks get domain gates and the tag is an input). ``domain_conditioned: true`` with a
+    plain ResNet name selects the CSE variant of that depth; ``false`` with a CSE name is an error.
+    Defaults: width 64 (ResNets only), embed_dim 64, num_classes 0, imagenet_head false (plain) /
     true (CSE). ``model.arch_config()`` returns the canonical, complete block.
 
     Raises:
@@ -54,7 +57,7 @@ def build_model(arch_config: Mapping[str, Any]) -> EmbeddingModel:
         backbone = "cse_" + backbone
     if backbone in CSE_DEPTHS and conditioned is False:
         raise ValueError(f"backbone {backbone!r} is domain-conditioned but domain_conditioned is false")
-    width = int(arch_config.get("width", 64))
+    width = int(arch_config.get("width") or 64)
     embed_raw = arch_config.get("embed_dim", 64)
     embed_dim = None if embed_raw is None else int(embed_raw)
     num_classes = int(arch_config.get("num_classes") or 0)
@@ -69,6 +72,15 @@ def build_model(arch_config: Mapping[str, Any]) -> EmbeddingModel:
             imagenet_classes=imagenet_classes,
             reduction=int(arch_config.get("reduction", 16)),
         )
+    if backbone in LITE_VARIANTS:
+        return EmbeddingNet(
+            backbone,
+            embed_dim=embed_dim,
+            num_classes=num_classes,
+            imagenet_head=bool(arch_config.get("imagenet_head", False)),
+            imagenet_classes=imagenet_classes,
+            domain_conditioned=bool(conditioned),
+        )
     if backbone in _PLAIN:
         return EmbeddingNet(
             backbone,
@@ -78,4 +90,4 @@ def build_model(arch_config: Mapping[str, Any]) -> EmbeddingModel:
             imagenet_head=bool(arch_config.get("imagenet_head", False)),
             imagenet_classes=imagenet_classes,
         )
-    raise ValueError(f"unknown backbone {backbone!r}; expected one of {sorted(_PLAIN + tuple(CSE_DEPTHS))}")
+    raise ValueError(f"unknown backbone {backbone!r}; expected one of {sorted((*_PLAIN, *CSE_DEPTHS, *LITE_VARIANTS))}")

@@ -1,39 +1,20 @@
-"""The training loop behind ``zsbir train`` for Tursun et al. (2022), DSN (2021) and photo pre-training.
+"""The training loop behind ``zsbir train``: data, optimizer, epochs, validation, checkpoints, resume.
 
-Methods
--------
-``tursun``  plain (tag-free) :class:`~zsbir_export.models.embedding.EmbeddingNet`; loss =
-            ``w_q * domain-balanced quadruplet (L2-normalized embeddings, random in-batch mining; batch-hard optional)
-            + w_c * cross-entropy(training classes) + w_k * knowledge preservation`` where the
-            knowledge-preservation targets are the class means of the *pretrained* network's soft
-            predictions (its ``imagenet`` head) over the training photos, computed once before training.
-            Ablation: cross-entropy only.
-``dsn``     domain-conditioned CSE-ResNet; loss = ``CE + 1.0 * SAKE-KD(photos, frozen teacher = the
-            pretrained network, semantic adjustment 0.3 on the teacher classes named like the
-            sample's class) + 0.1 * supervised contrastive(two colour-augmented views, 128-d
-            projection head, T = 0.07) + 1.0 * memory loss(photo features vs the class centre of the
-            top-10 sketch features)``. Ablation: CE + SAKE-KD (that is SAKE, DSN's baseline).
-``none``    the *pre-training* stage, our stand-in for ImageNet pre-training on data sets that have
-            no ImageNet-pretrained weights (the synthetic benchmark): cross-entropy on the training
-            PHOTOS only, training both the class head and the ``imagenet`` head (which then has one
-            output per training class). Its checkpoint is what ``--pretrained`` takes, so the teacher
-            knowledge that Tursun/DSN preserve is photo-domain knowledge, as with ImageNet.
-
-Both methods start from the same pretrained weights as their ablation, so the comparison in
-``benchmarks/results/methods.md`` isolates the method-specific losses.
+What is trained is a strategy from :data:`zsbir_export.train.methods.METHODS` (``tursun``, ``dsn``,
+``none``); where it starts and whose knowledge it preserves comes from ``--pretrained`` through
+:func:`zsbir_export.train.teacher.open_start` (ImageNet weights, a pre-training checkpoint, or
+nothing). The loop itself knows no method and no data set by name.
 
 Reproducibility: torch is seeded before the model is built; batches and augmentations derive from
 ``(seed, epoch)`` (see :mod:`zsbir_export.train.data`); at the end of every epoch ``RUN/resume.pt``
-stores weights, optimizer, LR scheduler, AMP scaler, the torch RNG states and the teacher targets, so
-``--resume`` continues bit-exactly on the same machine (tested on CPU).
+stores weights, optimizer, LR scheduler, AMP scaler, the torch RNG states and the method's state (e.g.
+Tursun's teacher targets), so ``--resume`` continues bit-exactly on the same machine (tested on CPU).
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
-import math
 import os
 import platform
 import time
@@ -44,11 +25,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zsbir_export import losses as L
 from zsbir_export.models import build_model
+from zsbir_export.models.efficientnet import EfficientNetLite, place
 from zsbir_export.train.data import (
     EpochBatches,
     EpochSampler,
@@ -57,11 +38,12 @@ from zsbir_export.train.data import (
     iter_eval_batches,
     make_spec,
 )
+from zsbir_export.train.methods import METHODS, Method, StepInput, head_logits
+from zsbir_export.train.teacher import CheckpointTeacher, ImageNetTeacher, Teacher, open_start
 from zsbir_infer.datasets import Sample, SplitData, open_benchmark
 
 __all__ = ["METHODS", "TrainConfig", "TrainResult", "evaluate_split", "hold_out_classes", "train"]
 
-METHODS = ("tursun", "dsn", "none")
 RESUME_NAME = "resume.pt"
 CHECKPOINT_NAME = "checkpoint"
 
@@ -87,7 +69,11 @@ class TrainConfig:
     device: str = "auto"
     amp: bool = True
     ablation: bool = False
-    pretrained: str | None = None
+    pretrained: str | None = None  # "imagenet", an ImageNet weights file, or a zsbir/official checkpoint
+    zeroshot: str | None = None  # split set / zero-shot folder of the benchmark (e.g. "21")
+    extra_sketches: str | None = None  # doodle folder whose seen-class drawings join the training sketches
+    freeze: int = 0  # EfficientNet-Lite: freeze the stem and the first N blocks
+    backbone_lr: float = 1.0  # the backbone's learning rate as a multiple of lr
     val_every: int = 1
     val_classes: int = 0  # hold out this many seen classes for validation/model selection (0: validate on unseen)
     max_batches: int | None = None  # cap batches per epoch (smoke tests)
@@ -104,18 +90,21 @@ class TrainConfig:
     def validate(self) -> None:
         """Raise ``ValueError`` with a clear message for a bad setting."""
         if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+            raise ValueError(f"method must be one of {sorted(METHODS)}, got {self.method!r}")
         for name in ("width", "embed_dim", "size", "epochs", "batch_size", "per_class", "val_every"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if int(self.val_classes) < 0:
             raise ValueError(f"val_classes must be >= 0, got {self.val_classes}")
+        if int(self.freeze) < 0 or not self.backbone_lr > 0:
+            raise ValueError(f"freeze must be >= 0 and backbone_lr > 0, got {self.freeze} and {self.backbone_lr}")
         if self.lr <= 0 or not 0 < self.lr_final <= 1:
             raise ValueError(f"lr must be > 0 and lr_final in (0, 1], got {self.lr} and {self.lr_final}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
-        if self.method == "none" and self.ablation:
-            raise ValueError("--ablation applies to tursun and dsn, not to pre-training (method none)")
+        if self.ablation and not METHODS[self.method].ablation_terms:
+            with_ablation = sorted(n for n, m in METHODS.items() if m.ablation_terms)
+            raise ValueError(f"--ablation applies to {', '.join(with_ablation)}, not to method {self.method}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form."""
@@ -153,108 +142,25 @@ def _device(name: str) -> torch.device:
     return dev
 
 
-def _arch(cfg: TrainConfig, num_classes: int, teacher_classes: int) -> dict[str, Any]:
+def _arch(cfg: TrainConfig, num_classes: int, teacher_classes: int, conditioned: bool) -> dict[str, Any]:
     return {
         "backbone": cfg.backbone,
         "width": cfg.width,
         "embed_dim": cfg.embed_dim,
-        "domain_conditioned": cfg.method == "dsn" or cfg.backbone.startswith("cse_"),
+        "domain_conditioned": conditioned or cfg.backbone.startswith("cse_"),
         "num_classes": num_classes,
         "imagenet_head": True,
         "imagenet_classes": teacher_classes,
     }
 
 
-class ProjectionHead(nn.Module):
-    """DSN's contrastive projection head: Linear - ReLU - Linear to ``out_dim`` (128), training only."""
-
-    def __init__(self, in_dim: int, out_dim: int) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(in_dim, in_dim), nn.ReLU(inplace=True), nn.Linear(in_dim, out_dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Projected, L2-normalized features."""
-        return F.normalize(self.net(x), dim=1)
-
-
-def _head_linears(model: nn.Module) -> tuple[nn.Linear, nn.Linear]:
-    """(training-class classifier, teacher/ImageNet head) of an EmbeddingNet or CSEResNetModel."""
-    if hasattr(model, "classifier"):  # EmbeddingNet
-        cls_head, teacher_head = model.classifier, model.imagenet_fc
-    else:  # CSEResNetModel
-        cls_head, teacher_head = model.linear, model.original_model.last_linear  # type: ignore[union-attr]
-    if not isinstance(cls_head, nn.Linear) or not isinstance(teacher_head, nn.Linear):
-        raise ValueError("the model needs a training-class classifier and an imagenet (teacher) head")
-    return cls_head, teacher_head
-
-
-def head_logits(model: nn.Module, embedding: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    """Logits of both heads from the raw embedding.
-
-    ``scale > 0``: cosine logits ``scale * <normalize(e), normalize(w_k)>`` (NormFace; the bias is not
-    used), which keeps the class structure angular, matching the cosine ranking used at retrieval
-    time. ``scale == 0``: the heads' plain linear outputs (the official DSN/SAKE choice).
-    """
-    cls_head, teacher_head = _head_linears(model)
-    e = embedding.float()
-    if scale <= 0:
-        return cls_head(e), teacher_head(e)
-    en = F.normalize(e, dim=1)
+def _memory_format(model: nn.Module) -> torch.memory_format:
+    """Channels-last for EfficientNet-Lite models (about twice as fast on CPUs), contiguous otherwise."""
     return (
-        scale * en @ F.normalize(cls_head.weight.float(), dim=1).t(),
-        scale * en @ F.normalize(teacher_head.weight.float(), dim=1).t(),
+        torch.channels_last
+        if isinstance(getattr(model, "backbone", None), EfficientNetLite)
+        else torch.contiguous_format
     )
-
-
-def parse_parts(class_names: list[str]) -> tuple[list[str], list[list[int]]]:
-    """Part vocabulary of compositional class names (``"ring-3spokes-tri-legs"``: one part per ``-`` field).
-
-    Returns the teacher-head names ``"<field>:<value>"`` (grouped by field, sorted) and, per class,
-    the head index of each of its parts. Used by the ``parts`` pre-training of the synthetic set (our
-    stand-in for ImageNet's generic part knowledge); raises ``ValueError`` when the names do not all
-    have the same number of fields.
-    """
-    fields = [c.split("-") for c in class_names]
-    k = {len(f) for f in fields}
-    if len(k) != 1 or next(iter(k)) < 2:
-        raise ValueError(
-            "--pretrain-labels parts needs compositional class names with the same number of '-' fields "
-            f"(like the synthetic set's); got e.g. {class_names[:3]}"
-        )
-    n = next(iter(k))
-    names: list[str] = []
-    for j in range(n):
-        names += [f"{j}:{v}" for v in sorted({f[j] for f in fields})]
-    pos = {name: i for i, name in enumerate(names)}
-    return names, [[pos[f"{j}:{f[j]}"] for j in range(n)] for f in fields]
-
-
-def _slices(teacher_classes: list[str]) -> list[tuple[int, int]]:
-    """Contiguous head ranges of each part field (names ``"<field>:<value>"``); [] for plain class names."""
-    if not teacher_classes or any(":" not in c for c in teacher_classes):
-        return []
-    out: list[tuple[int, int]] = []
-    start = 0
-    for i in range(1, len(teacher_classes) + 1):
-        if i == len(teacher_classes) or teacher_classes[i].split(":")[0] != teacher_classes[start].split(":")[0]:
-            out.append((start, i))
-            start = i
-    return out
-
-
-def parts_loss(logits: Tensor, part_targets: Tensor, slices: list[tuple[int, int]]) -> Tensor:
-    """Mean over part fields of the cross-entropy within each field's slice of ``logits``."""
-    total = logits.new_zeros(())
-    for j, (a, b) in enumerate(slices):
-        total = total + F.cross_entropy(logits[:, a:b], part_targets[:, j] - a)
-    return total / max(1, len(slices))
-
-
-def _load_pretrained(path: str) -> tuple[nn.Module, dict[str, Any]]:
-    from zsbir_export.checkpoints import load_checkpoint
-
-    loaded = load_checkpoint(path)
-    return loaded.model, loaded.config
 
 
 @torch.no_grad()
@@ -272,7 +178,7 @@ def _embed_samples(
     model.eval()
     out = []
     for x in iter_eval_batches(samples, spec, cache, batch_size):
-        x = x.to(device)
+        x = x.to(device, memory_format=_memory_format(model))
         t = torch.full((x.shape[0],), tag, dtype=torch.long, device=device)
         y = model.embed(x, t) if head is None else head(model(x, t))  # type: ignore[operator]
         out.append(y.float().cpu().numpy())
@@ -372,19 +278,28 @@ def _environment(device: torch.device) -> dict[str, Any]:
 
 
 class _Run:
-    """State of one training run (model, optimizer, teacher, targets) and its per-batch step."""
+    """State of one training run (model, optimizer, method, teacher) and its per-batch step."""
 
     def __init__(self, cfg: TrainConfig, log: Callable[[str], None]) -> None:
         self.cfg = cfg
         self.log = log
         self.device = _device(cfg.device)
         self.amp = bool(cfg.amp and self.device.type == "cuda")
-        self.bench = open_benchmark(cfg.data)
+        self.bench = open_benchmark(cfg.data, zeroshot=cfg.zeroshot, extra_sketches=cfg.extra_sketches)
+        extra = self.bench.info.get("extra_sketches")
+        if isinstance(extra, dict):
+            log(
+                f"extra sketches: {extra.get('added')} of {extra.get('classes')} seen classes from {extra.get('root')} "
+                f"({extra.get('unseen_refused')} words of unseen classes refused)"
+            )
         self.seen = self.bench.split("seen")
         self.unseen = self.bench.split("unseen")
         self.val: SplitData | None = None
         if cfg.val_classes:
             self.seen, self.val = hold_out_classes(self.seen, cfg.val_classes, cfg.seed)
+            # validation queries are the benchmark's own sketches (extra doodles of those classes are left out)
+            own = [s for s in self.val.sketches if s.path.is_relative_to(self.bench.root)]
+            self.val = replace(self.val, sketches=own)
             self.log(f"validation: {len(self.val.classes)} held-out seen classes; training on {len(self.seen.classes)}")
         if len(self.seen.classes) < 2:
             raise ValueError(f"{cfg.data}: training needs at least 2 seen classes, found {len(self.seen.classes)}")
@@ -393,93 +308,54 @@ class _Run:
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed % 2**32)
 
-        self.teacher: nn.Module | None = None
-        self.teacher_classes: list[str] = list(self.seen.classes)
-        self.part_index: Tensor | None = None  # [C, K] teacher-head index of each class's K parts
-        if cfg.method == "none" and cfg.pretrain_labels == "parts":
-            self.teacher_classes, index = parse_parts(self.seen.classes)
-            self.part_index = torch.tensor(index, dtype=torch.long)
-        pre_model: nn.Module | None = None
-        self.pretrained_config: dict[str, Any] | None = None
-        if cfg.pretrained:
-            pre_model, self.pretrained_config = _load_pretrained(cfg.pretrained)
-            self.teacher_classes = list(self.pretrained_config.get("teacher_classes") or [])
-            if not self.teacher_classes:
-                self.teacher_classes = list(self.pretrained_config.get("class_names") or [])
-            if self.val is not None:
-                leaked = sorted(set(self.pretrained_config.get("class_names") or []) & set(self.val.classes))
-                if leaked:
-                    raise ValueError(
-                        f"--pretrained {cfg.pretrained} was trained on {len(leaked)} of this run's held-out validation "
-                        f"classes (e.g. {leaked[0]}); pre-train with the same --val-classes and --seed"
-                    )
-            pre_arch = self.pretrained_config["arch"]
-            for key in ("width", "embed_dim"):
-                if pre_arch.get(key) != getattr(cfg, key):
-                    raise ValueError(
-                        f"--pretrained {cfg.pretrained} has {key}={pre_arch.get(key)} but this run asks for "
-                        f"{getattr(cfg, key)}; use the same --width/--embed-dim"
-                    )
-        self.part_slices = _slices(self.teacher_classes)
-        self.model: nn.Module = build_model(_arch(cfg, len(self.seen.classes), len(self.teacher_classes)))
-        if pre_model is not None:
-            missing, unexpected = self.model.load_state_dict(pre_model.state_dict(), strict=False)
-            shape_ok = all(
-                self.model.state_dict()[k].shape == v.shape
-                for k, v in pre_model.state_dict().items()
-                if k in self.model.state_dict()
-            )
-            if unexpected or not shape_ok or len(missing) > 0:
-                raise ValueError(
-                    f"--pretrained {cfg.pretrained} does not fit the {cfg.backbone} model of this run "
-                    f"(missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]}); pre-train with the "
-                    "same --backbone/--width/--embed-dim and, for dsn, a domain-conditioned backbone"
-                )
+        method_cls = METHODS[cfg.method]
+        start = open_start(cfg.pretrained, cfg.backbone, cfg.width)
+        self.start_kind = start.kind
+        self.pretrained_config = start.config
+        self.teacher_classes: list[str] = start.teacher_classes or list(
+            method_cls.teacher_head_classes(self.seen.classes, cfg) or self.seen.classes
+        )
+        if start.config is not None:
+            self._check_checkpoint_start(start.config)
+        conditioned = method_cls.domain_conditioned
+        self.model: nn.Module = build_model(_arch(cfg, len(self.seen.classes), len(self.teacher_classes), conditioned))
+        if start.student_state is not None:
+            self._load_start(start.student_state, backbone_only=start.backbone_only)
             self.log(f"initialized from {cfg.pretrained}")
-        self.model.to(self.device)
+        # EfficientNet-Lite trains about twice as fast channels-last on CPUs (depthwise convolutions); the small
+        # ResNets stay contiguous (channels-last inputs crashed torch 2.13's CPU kernels on them)
+        self.memory_format = _memory_format(self.model)
+        place(self.model, self.device, self.memory_format)
+        self._freeze_backbone(cfg.freeze)
 
-        self.proj: ProjectionHead | None = None
-        self.bank: L.CategoryMemoryBank | None = None
-        self.kp_targets: Tensor | None = None
-        self.class_mask: Tensor | None = None
-        self.use_method_losses = cfg.method in ("tursun", "dsn") and not cfg.ablation
-        if cfg.method == "dsn":
-            self.teacher = copy.deepcopy(self.model).eval()
-            for p in self.teacher.parameters():
-                p.requires_grad_(False)
-            # classes of the teacher head named like a training class get SAKE's semantic adjustment
-            names = {c: i for i, c in enumerate(self.teacher_classes)}
-            cm = torch.zeros(len(self.seen.classes), len(self.teacher_classes))
-            for i, c in enumerate(self.seen.classes):
-                if c in names:
-                    cm[i, names[c]] = 1.0
-                for j, part in enumerate(c.split("-")):  # teacher trained on parts: the class's parts
-                    if f"{j}:{part}" in names:
-                        cm[i, names[f"{j}:{part}"]] = 1.0
-            self.class_mask = cm.to(self.device)
-            if self.use_method_losses:
-                embed_dim: int = self.model.embed_dim
-                self.proj = ProjectionHead(embed_dim, cfg.dsn.contrastive_dim).to(self.device)
-                feat_dim = int(
-                    self.model(
-                        torch.zeros(2, 3, cfg.size, cfg.size, device=self.device),
-                        torch.zeros(2, dtype=torch.long, device=self.device),
-                    ).features.shape[1]
-                )
-                self.bank = L.CategoryMemoryBank(len(self.seen.classes), cfg.dsn.topk, feat_dim, self.device)
-        if cfg.method == "tursun" and self.use_method_losses:
-            self.kp_targets = self._prepare_kp_targets()
+        self.teacher: Teacher | None = None
+        if method_cls.needs_teacher:
+            if isinstance(start.teacher_network, nn.Module) and start.kind == "imagenet":
+                self.teacher = ImageNetTeacher(start.teacher_network).to(self.device)
+            else:  # a pre-training checkpoint, or (smoke runs) the initial network itself
+                self.teacher = CheckpointTeacher(self.model, self.teacher_classes, self._teacher_head).to(self.device)
+        self.method: Method = method_cls(self, cfg.ablation)
+        self.method.setup()
+        if not method_cls.online_teacher:
+            self.teacher = None  # what the method needs of the teacher is prepared; free its memory
 
-        params = list(self.model.parameters()) + (list(self.proj.parameters()) if self.proj is not None else [])
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        backbone = [p for n, p in self.model.named_parameters() if n.startswith(("backbone.", "original_model.layer"))]
+        ids = {id(p) for p in backbone}
+        heads = [p for p in self.model.parameters() if id(p) not in ids]
+        heads += [p for m in self.method.modules() for p in m.parameters()]
+        groups = [
+            {"params": [p for p in backbone if p.requires_grad], "lr": cfg.lr * cfg.backbone_lr},
+            {"params": heads, "lr": cfg.lr},
+        ]
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
         decay = cfg.lr_final ** (1.0 / max(1, cfg.epochs))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda e: decay**e)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.epoch = 0
         self.history: list[dict[str, Any]] = []
-        domains = ("photo",) if cfg.method == "none" else ("sketch", "photo")
-        n_views = 2 if (cfg.method == "dsn" and self.use_method_losses) else 0
-        self.batches = EpochBatches(self.seen, self.spec, cfg.batch_size, cfg.seed, cfg.per_class, domains, n_views)
+        self.batches = EpochBatches(
+            self.seen, self.spec, cfg.batch_size, cfg.seed, cfg.per_class, method_cls.domains, self.method.n_views()
+        )
         self.batches.cache = self.cache
         self.sampler = EpochSampler(self.batches.n_batches, cfg.max_batches)
         self.loader = torch.utils.data.DataLoader(
@@ -493,84 +369,87 @@ class _Run:
             worker_init_fn=_worker_init,
         )
 
-    # ---- teacher targets (Tursun): computed ONCE before training from the initial network
+    @property
+    def bank(self) -> Any:
+        """The method's memory bank (DSN), or None."""
+        return getattr(self.method, "bank", None)
+
+    def _teacher_head(self, network: nn.Module, out: Any) -> Tensor:
+        return head_logits(network, out.embedding, self.cfg.cosine_scale)[1]
+
+    def _check_checkpoint_start(self, config: dict[str, Any]) -> None:
+        cfg = self.cfg
+        if self.val is not None:
+            leaked = sorted(set(config.get("class_names") or []) & set(self.val.classes))
+            if leaked:
+                raise ValueError(
+                    f"--pretrained {cfg.pretrained} was trained on {len(leaked)} of this run's held-out validation "
+                    f"classes (e.g. {leaked[0]}); pre-train with the same --val-classes and --seed"
+                )
+        pre_arch = config["arch"]
+        for key in ("width", "embed_dim"):
+            if pre_arch.get(key) != getattr(cfg, key):
+                raise ValueError(
+                    f"--pretrained {cfg.pretrained} has {key}={pre_arch.get(key)} but this run asks for "
+                    f"{getattr(cfg, key)}; use the same --width/--embed-dim"
+                )
+
+    def _load_start(self, state: dict[str, Tensor], backbone_only: bool) -> None:
+        own = self.model.state_dict()
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        shape_ok = all(own[k].shape == v.shape for k, v in state.items() if k in own)
+        if backbone_only:  # ImageNet weights: the heads and the domain gates start fresh
+            missing = [k for k in missing if k.startswith("backbone.") and "._domain_gate." not in k]
+        if unexpected or not shape_ok or len(missing) > 0:
+            raise ValueError(
+                f"--pretrained {self.cfg.pretrained} does not fit the {self.cfg.backbone} model of this run "
+                f"(missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]}); pre-train with the "
+                "same --backbone/--width/--embed-dim and, for dsn, a domain-conditioned backbone"
+            )
+
+    def _frozen_modules(self, n_blocks: int) -> list[nn.Module]:
+        backbone = getattr(self.model, "backbone", None)
+        if n_blocks <= 0:
+            return []
+        if not isinstance(backbone, EfficientNetLite):
+            raise ValueError("--freeze applies to EfficientNet-Lite backbones")
+        if n_blocks > len(backbone._blocks):
+            raise ValueError(f"--freeze {n_blocks}: the backbone has {len(backbone._blocks)} blocks")
+        return [backbone._conv_stem, backbone._bn0, *backbone._blocks[:n_blocks]]
+
+    def _freeze_backbone(self, n_blocks: int) -> None:
+        """Freeze the stem and the first ``n_blocks`` blocks (weights and batch-norm statistics)."""
+        for m in self._frozen_modules(n_blocks):
+            for p in m.parameters():
+                p.requires_grad_(False)
+
+    def embed_samples(self, samples: list[Any], tag: int, head: Callable[[Any], Tensor] | None = None) -> np.ndarray:
+        """Eval-mode outputs of the model over ``samples``."""
+        return _embed_samples(self.model, samples, tag, self.spec, self.device, self.cache, head=head)
+
     @torch.no_grad()
-    def _prepare_kp_targets(self) -> Tensor:
-        logits = _embed_samples(
-            self.model,
-            self.seen.photos,
-            1,
-            self.spec,
-            self.device,
-            self.cache,
-            head=lambda o: head_logits(self.model, o.embedding, self.cfg.cosine_scale)[1],
-        )
-        labels = torch.tensor([s.label for s in self.seen.photos])
-        targets = L.class_mean_soft_targets(
-            torch.from_numpy(logits), labels, len(self.seen.classes), self.cfg.tursun.temperature
-        )
-        self.log(f"knowledge-preservation targets: {tuple(targets.shape)} from {len(labels)} training photos")
-        return targets.to(self.device)
+    def teacher_outputs(self, samples: list[Any], tag: int) -> Tensor:
+        """The teacher's logits over ``samples`` (eval preprocessing, batches of 128)."""
+        assert self.teacher is not None
+        out = []
+        for x in iter_eval_batches(samples, self.spec, self.cache, 128):
+            x = x.to(self.device, memory_format=self.memory_format)
+            out.append(self.teacher.logits(x, torch.full((x.shape[0],), tag, dtype=torch.long, device=self.device)))
+        return torch.cat(out).cpu() if out else torch.zeros(0, len(self.teacher.classes))
 
     # ---- one optimisation step
     def step(self, batch: Any) -> dict[str, float]:
-        cfg = self.cfg
         dev = self.device
-        x = batch.images.to(dev, non_blocking=True)
-        y = batch.labels.to(dev)
-        tag = batch.tags.to(dev)
-        ns = batch.n_sketch
-        parts: dict[str, Tensor] = {}
+        cl = self.memory_format
+        inp = StepInput(
+            x=batch.images.to(dev, non_blocking=True, memory_format=cl),
+            y=batch.labels.to(dev),
+            tag=batch.tags.to(dev),
+            n_sketch=batch.n_sketch,
+            views=[v.to(dev, non_blocking=True, memory_format=cl) for v in batch.views],
+        )
         with torch.autocast(device_type=dev.type, dtype=torch.float16, enabled=self.amp):
-            if cfg.method == "none":
-                out = self.model(x, tag)
-                logits, t_head = head_logits(self.model, out.embedding, cfg.cosine_scale)
-                parts["ce"] = L.semantic_classification_loss(logits, y)
-                if self.part_index is None:
-                    parts["ce_teacher_head"] = L.semantic_classification_loss(t_head, y)
-                else:
-                    parts["ce_parts"] = parts_loss(t_head, self.part_index.to(dev)[y], self.part_slices)
-            elif cfg.method == "tursun":
-                out = self.model(x, tag)
-                logits, t_head = head_logits(self.model, out.embedding, cfg.cosine_scale)
-                w = cfg.tursun
-                parts["ce"] = w.classification * L.semantic_classification_loss(logits, y)
-                if self.use_method_losses:
-                    emb = F.normalize(out.embedding.float(), dim=1)
-                    parts["quad"] = w.quadruplet * L.batch_quadruplet_loss(
-                        emb[:ns], y[:ns], emb[ns:], y[ns:], margin=w.margin, mining=w.mining
-                    )
-                    assert self.kp_targets is not None
-                    parts["kp"] = w.knowledge * L.knowledge_preservation_loss(t_head, y, self.kp_targets, w.temperature)
-            else:  # dsn
-                w2 = cfg.dsn
-                n = x.shape[0]
-                views = [v.to(dev, non_blocking=True) for v in batch.views] if self.use_method_losses else []
-                out = self.model(torch.cat([x, *views]), tag.repeat(1 + len(views)))
-                logits, t_head = head_logits(self.model, out.embedding[:n], cfg.cosine_scale)
-                parts["ce"] = w2.classification * L.semantic_classification_loss(logits, y)
-                assert self.teacher is not None and self.class_mask is not None
-                with torch.no_grad():
-                    t_logits = head_logits(self.teacher, self.teacher(x, tag).embedding, cfg.cosine_scale)[1]
-                parts["kd"] = w2.sake * L.sake_distillation_loss(
-                    t_head,
-                    t_logits,
-                    mask=tag,
-                    class_mask=self.class_mask[y],
-                    kd_lambda=w2.kd_lambda,
-                    kdneg_lambda=w2.kdneg_lambda,
-                )
-                if self.use_method_losses:
-                    assert self.proj is not None and self.bank is not None
-                    z = self.proj(out.embedding[n:].float())
-                    feats = torch.stack([z[:n], z[n:]], dim=1)
-                    parts["con"] = w2.contrastive * L.supervised_contrastive_loss(
-                        feats, y, w2.temperature, w2.temperature
-                    )
-                    f = out.features[:n].float()
-                    self.bank.add(f[:ns], y[:ns], f[ns:], y[ns:])
-                    centers, filled = self.bank.centers()
-                    parts["mem"] = w2.memory * L.memory_loss(f[ns:], y[ns:], centers, filled)
+            parts, logits = self.method.losses(inp)
             total = sum(parts.values(), torch.zeros((), device=dev))
         if not torch.isfinite(total):
             raise FloatingPointError(f"loss became {float(total)} (parts { ({k: float(v) for k, v in parts.items()}) }")
@@ -580,28 +459,33 @@ class _Run:
         self.scaler.update()
         res = {k: float(v.detach()) for k, v in parts.items()}
         res["loss"] = float(total.detach())
-        res["acc"] = float((logits.argmax(1) == y).float().mean())
+        res["acc"] = float((logits.argmax(1) == inp.y).float().mean())
         return res
 
     def train_epoch(self) -> dict[str, float]:
         cfg = self.cfg
         self.model.train()
-        if self.teacher is not None:
-            self.teacher.eval()
-        if self.bank is not None:
-            self.bank.flush()
+        for m in self._frozen_modules(cfg.freeze):
+            m.eval()  # frozen blocks keep their ImageNet batch-norm statistics
+        self.method.start_epoch()
         self.sampler.epoch = self.epoch
         sums: dict[str, float] = {}
         from tqdm import tqdm
 
-        bar = tqdm(self.loader, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", disable=not cfg.progress, leave=False)
+        bar = tqdm(
+            self.loader,
+            desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
+            disable=not cfg.progress,
+            leave=False,
+            unit="batch",
+        )
         for batch in bar:
             res = self.step(batch)
             for k, v in res.items():
                 sums[k] = sums.get(k, 0.0) + v
             bar.set_postfix(loss=f"{res['loss']:.3f}", acc=f"{res['acc']:.2f}")
         bar.close()
-        lr = float(self.optimizer.param_groups[0]["lr"])
+        lr = float(self.optimizer.param_groups[-1]["lr"])
         self.scheduler.step()
         self.epoch += 1
         return {"lr": lr, **{k: v / len(self.sampler) for k, v in sums.items()}}
@@ -610,13 +494,11 @@ class _Run:
     def state(self) -> dict[str, Any]:
         return {
             "format": "zsbir-train-resume",
-            "version": 1,
+            "version": 2,
             "config": self.cfg.to_dict(),
             "epoch": self.epoch,
             "model": self.model.state_dict(),
-            "proj": None if self.proj is None else self.proj.state_dict(),
-            "teacher": None if self.teacher is None else self.teacher.state_dict(),
-            "kp_targets": self.kp_targets,
+            "method": self.method.state(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -626,37 +508,17 @@ class _Run:
         }
 
     def load_state(self, st: dict[str, Any]) -> None:
-        if st.get("format") != "zsbir-train-resume":
-            raise ValueError("not a zsbir resume state")
+        if st.get("format") != "zsbir-train-resume" or st.get("version") != 2:
+            raise ValueError("not a zsbir resume state of this version (start the run again without --resume)")
         old = st["config"]
-        for key in (
-            "method",
-            "backbone",
-            "width",
-            "embed_dim",
-            "size",
-            "batch_size",
-            "per_class",
-            "seed",
-            "ablation",
-            "epochs",
-            "lr",
-            "lr_final",
-            "weight_decay",
-            "val_classes",
-        ):
+        for key in RESUME_KEYS:
             if old.get(key, getattr(TrainConfig, key, None)) != getattr(self.cfg, key):
                 raise ValueError(
                     f"cannot resume: the saved run has {key}={old.get(key)!r}, this command asks for "
                     f"{getattr(self.cfg, key)!r} (resume with the same settings)"
                 )
         self.model.load_state_dict(st["model"])
-        if self.proj is not None and st["proj"] is not None:
-            self.proj.load_state_dict(st["proj"])
-        if self.teacher is not None and st["teacher"] is not None:
-            self.teacher.load_state_dict(st["teacher"])
-        if st["kp_targets"] is not None:
-            self.kp_targets = st["kp_targets"].to(self.device)
+        self.method.load_state(st["method"])
         self.optimizer.load_state_dict(st["optimizer"])
         self.scheduler.load_state_dict(st["scheduler"])
         self.scaler.load_state_dict(st["scaler"])
@@ -665,6 +527,30 @@ class _Run:
             torch.cuda.set_rng_state_all(st["cuda_rng"])
         self.epoch = int(st["epoch"])
         self.history = json.loads(st["history"])
+
+
+#: Settings a resumed run must share with the saved one.
+RESUME_KEYS = (
+    "method",
+    "backbone",
+    "width",
+    "embed_dim",
+    "size",
+    "batch_size",
+    "per_class",
+    "seed",
+    "ablation",
+    "epochs",
+    "lr",
+    "lr_final",
+    "backbone_lr",
+    "weight_decay",
+    "val_classes",
+    "pretrained",
+    "zeroshot",
+    "extra_sketches",
+    "freeze",
+)
 
 
 def train(
@@ -725,7 +611,7 @@ def train(
         metrics["unseen"] = run.history[-1]["unseen"]
     else:
         metrics["unseen"] = evaluate_split(run.model, run.unseen, run.spec, run.device, run.cache)
-    if cfg.method == "dsn" and cfg.itq_bits:
+    if METHODS[cfg.method].hashing and cfg.itq_bits:
         itq = evaluate_split(run.model, run.unseen, run.spec, run.device, run.cache, cfg.itq_bits, cfg.seed)
         metrics["unseen"].update({k: itq[k] for k in ("itq", "itq_transductive", "itq_bits")})
     seconds = time.perf_counter() - start
@@ -769,11 +655,6 @@ def _save_final(run: _Run, metrics: dict[str, Any], seconds: float) -> Path:
     }
     path = Path(cfg.out) / f"{CHECKPOINT_NAME}.safetensors"
     model.eval()
-    save_checkpoint(model.cpu(), config, path)
-    model.to(run.device)
+    save_checkpoint(place(model, "cpu", torch.contiguous_format), config, path)
+    place(model, run.device, run.memory_format)
     return path
-
-
-def lr_at(cfg: TrainConfig, epoch: int) -> float:
-    """The learning rate of epoch ``epoch`` (0-based) under the exponential schedule."""
-    return cfg.lr * cfg.lr_final ** (epoch / max(1, cfg.epochs)) if math.isfinite(cfg.lr) else cfg.lr
