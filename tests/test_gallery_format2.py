@@ -781,3 +781,24 @@ def test_decoding_memory_is_bounded_across_workers(
     monkeypatch.setattr(preprocess, "DECODE_BUDGET", small)
     assert preprocess.load_image(photos / "big0.png").size == (1500, 1500)
     assert small.peak == one and small.used == 0
+
+
+def test_create_into_an_empty_mount_point(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A volume mounted as the gallery folder cannot be replaced by a rename (EXDEV/EBUSY): build in place."""
+    import errno
+
+    real_rename = os.rename
+
+    def no_rename(src: Any, dst: Any) -> None:
+        if Path(dst) == tmp_path / "mnt":
+            raise OSError(errno.EBUSY, "Device or resource busy")
+        real_rename(src, dst)
+
+    (tmp_path / "mnt").mkdir()
+    monkeypatch.setattr(os, "rename", no_rename)
+    g = Gallery.create(tmp_path / "mnt", "0123456789abcdef", 4)
+    g.close()
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mnt"]
+    with Gallery.open(tmp_path / "mnt") as g:
+        assert g.uuid and len(g) == 0

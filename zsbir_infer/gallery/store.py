@@ -518,17 +518,12 @@ class Gallery:
             "zsbir_version": __version__,
             "uuid": uuid.uuid4().hex,
         }
-        # Built in a temporary sibling folder and renamed into place: the gallery appears whole or not at
-        # all, and two creations at once cannot mix their files (the second rename fails: not empty).
-        parent = p.absolute().parent
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = parent / f"{creating_prefix(p.name)}{os.getpid()}-{secrets.token_hex(4)}"
-        tmp.mkdir()
-        try:
-            (tmp / SEGMENT_DIR).mkdir()
+
+        def build(d: Path) -> None:
+            (d / SEGMENT_DIR).mkdir()
             if storage == "itq":
-                itq.save(tmp / ITQ_FILE)
-            con = sqlite3.connect(tmp / DATABASE)
+                itq.save(d / ITQ_FILE)
+            con = sqlite3.connect(d / DATABASE)
             try:
                 con.execute("PRAGMA journal_mode=WAL")
                 con.executescript(SCHEMA)
@@ -536,11 +531,26 @@ class Gallery:
                 con.commit()
             finally:
                 con.close()
-            _write_json_atomic(tmp / MANIFEST, manifest)
-            _fsync_dir(tmp)
+            _write_json_atomic(d / MANIFEST, manifest)  # last: a folder without it is not a gallery yet
+            _fsync_dir(d)
+
+        # Built in a temporary sibling folder and renamed into place: the gallery appears whole or not at
+        # all, and two creations at once cannot mix their files (the second rename fails: not empty).
+        parent = p.absolute().parent
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = parent / f"{creating_prefix(p.name)}{os.getpid()}-{secrets.token_hex(4)}"
+        tmp.mkdir()
+        try:
+            build(tmp)
             try:
                 os.rename(tmp, p)  # replaces p only when it is an empty directory
             except OSError as e:
+                if e.errno in (errno.EXDEV, errno.EBUSY) and p.is_dir() and not any(p.iterdir()):
+                    # p is a mount point (a volume mounted as the gallery folder): build in place, manifest
+                    # last (``zsbir index`` serializes creations with a lock on the parent folder).
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    build(p)
+                    return cls(p, manifest, _token=_CONSTRUCT)
                 if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
                     raise
                 if exist_ok and (p / MANIFEST).exists():  # another process created it first
