@@ -310,12 +310,12 @@ def test_official_checkpoint_errors(tmp_path: Path) -> None:
     # A pickle holding other objects is refused, not executed.
     unsafe = tmp_path / "unsafe.pth.tar"
     torch.save({"state_dict": sd, "args": Path("/x")}, str(unsafe))
-    with pytest.raises(CheckpointError, match=r"refuses unsafe pickles") as info:
+    with pytest.raises(CheckpointError, match=r"needs code execution to load and is refused") as info:
         load_checkpoint(unsafe)
     assert "pathlib.PosixPath" in str(info.value)
     raw_pickle = tmp_path / "raw.pkl"
     raw_pickle.write_bytes(pickle.dumps({"a": Path("/x")}, protocol=2))
-    with pytest.raises(CheckpointError, match=r"unsafe|corrupt"):
+    with pytest.raises(CheckpointError, match=r"needs code execution|corrupt"):
         load_checkpoint(raw_pickle)
 
     # Wrong architecture: a tensor of the wrong shape, a missing tensor, an extra tensor.
@@ -359,3 +359,62 @@ def test_official_checkpoint_errors(tmp_path: Path) -> None:
     torch.save(torch.zeros(3), str(scalar))
     with pytest.raises(CheckpointError, match="holds a Tensor"):
         load_checkpoint(scalar)
+
+
+class _TrainingArgs:
+    """A custom class: unpickling an instance of it needs code execution (importing and building it)."""
+
+    def __init__(self) -> None:
+        self.lr = 0.1
+
+
+def _refusal(path: Path, what: str) -> str:
+    return (
+        f"{path} needs code execution to load and is refused: it is a pickle that holds Python objects other "
+        f"than tensors and plain containers{what}, and zsbir reads torch.save files only with "
+        f"torch.load(weights_only=True), which runs no code. (A damaged file can look the same.) "
+        f"If you trust the file, convert it once: in a trusted Python session run "
+        f"ckpt = torch.load(PATH, map_location='cpu', weights_only=False) and re-save its state dict with "
+        f"torch.save({{'state_dict': ckpt['state_dict']}}, 'converted.pth.tar') "
+        f"(or torch.save(model.state_dict(), ...) if it holds a whole model), "
+        f"then run zsbir export converted.pth.tar."
+    )
+
+
+def test_checkpoint_needing_code_execution_is_refused_with_the_whole_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 13 item 11: the refusal is complete and does not depend on torch's wording (changed in 2.13)."""
+    model = _small_cse()
+    sd = {"module." + k: v for k, v in model.state_dict().items()}
+    path = tmp_path / "model_best.pth.tar"
+    torch.save({"epoch": 3, "state_dict": sd, "args": _TrainingArgs()}, str(path))
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    name = f"{_TrainingArgs.__module__}.{_TrainingArgs.__qualname__}"
+    assert str(info.value) == _refusal(path, f" (it asks for {name})")
+    assert isinstance(info.value.__cause__, pickle.UnpicklingError)
+
+    # The same file converted as the message says loads.
+    ckpt = torch.load(str(path), map_location="cpu", weights_only=False)
+    converted = tmp_path / "converted.pth.tar"
+    torch.save({"state_dict": ckpt["state_dict"]}, str(converted))
+    assert load_checkpoint(converted).config["arch"] == model.arch_config()
+
+    # Any other wording of torch's refusal (an UnpicklingError, or a RuntimeError about weights_only
+    # as older versions raised) gives the same whole message; no name is invented when none is given.
+    real_load = torch.load
+    for exc in (
+        pickle.UnpicklingError("Refused: this checkpoint uses a type that is not on the allowlist."),
+        RuntimeError("Weights only load failed. Re-running `torch.load` with `weights_only` set to `False`"),
+    ):
+
+        def fake_load(*args: object, _exc: BaseException = exc, **kwargs: object) -> object:
+            assert kwargs.get("weights_only") is True
+            raise _exc
+
+        monkeypatch.setattr(torch, "load", fake_load)
+        with pytest.raises(CheckpointError) as info:
+            load_checkpoint(path)
+        assert str(info.value) == _refusal(path, "")
+        monkeypatch.setattr(torch, "load", real_load)

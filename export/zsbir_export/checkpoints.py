@@ -286,19 +286,43 @@ def _torch_load(path: Path) -> Any:
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        msg = str(exc)
-        m = re.search(r"Unsupported (?:global|class)[: ]+(?:GLOBAL )?[\w.]+", msg)
-        if "Weights only load failed" in msg and m is not None:
-            raise CheckpointError(
-                f"{path} holds Python objects other than tensors and plain containers ({m.group(0).strip()}); "
-                f"zsbir reads foreign pickles only with torch.load(weights_only=True) and refuses unsafe pickles. "
-                f"If you trust the file, re-save just its 'state_dict' (torch.save({{'state_dict': sd}}, ...))."
-            ) from exc
-        raise CheckpointError(f"{path} cannot be unpickled (truncated or corrupt torch file): {msg[:300]}") from exc
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError) as exc:
+        # Whatever torch's wording (it changed in 2.6 and again in 2.13), an UnpicklingError from a
+        # weights-only load means the pickle asks for something the restricted unpickler refuses.
+        raise CheckpointError(_needs_code_execution(path, str(exc))) from exc
+    except RuntimeError as exc:
+        if _WEIGHTS_ONLY_RE.search(str(exc)):  # torch versions that raise the weights-only refusal as RuntimeError
+            raise CheckpointError(_needs_code_execution(path, str(exc))) from exc
         raise CheckpointError(
             f"{path} cannot be read by torch.load (truncated or corrupt file): {type(exc).__name__}: {str(exc)[:200]}"
         ) from exc
+    except (EOFError, OSError, ValueError, KeyError) as exc:
+        raise CheckpointError(
+            f"{path} cannot be read by torch.load (truncated or corrupt file): {type(exc).__name__}: {str(exc)[:200]}"
+        ) from exc
+
+
+_WEIGHTS_ONLY_RE = re.compile(r"weights[_ ]only", re.IGNORECASE)
+_GLOBAL_RE = re.compile(r"\bGLOBAL\s+([A-Za-z_][\w.]*[\w])")
+
+
+def _needs_code_execution(path: Path, torch_message: str) -> str:
+    """The complete message for a pickle refused by ``torch.load(weights_only=True)``.
+
+    It never depends on (or quotes) torch's own text, which changes between versions; the name of the
+    refused class is added only when torch's message happens to give it (``GLOBAL module.Name``).
+    """
+    m = _GLOBAL_RE.search(torch_message)
+    what = f" (it asks for {m.group(1)})" if m is not None else ""
+    return (
+        f"{path} needs code execution to load and is refused: it is a pickle that holds Python objects other "
+        f"than tensors and plain containers{what}, and zsbir reads torch.save files only with "
+        f"torch.load(weights_only=True), which runs no code. (A damaged file can look the same.) "
+        f"If you trust the file, convert it once: in a trusted Python session run "
+        f"ckpt = torch.load(PATH, map_location='cpu', weights_only=False) and re-save its state dict with "
+        f"torch.save({{'state_dict': ckpt['state_dict']}}, 'converted.pth.tar') "
+        f"(or torch.save(model.state_dict(), ...) if it holds a whole model), "
+        f"then run zsbir export converted.pth.tar."
+    )
 
 
 _BLOCK_RE = re.compile(r"^original_model\.layer([1-4])\.(\d+)\.")
