@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "query": ("zsbir_infer.cli.query", "Search a gallery with one or more sketches."),
     "info": ("zsbir_infer.cli.info", "Describe a gallery: model, counts, sizes, format."),
     "eval": ("zsbir_infer.cli.eval", "Evaluate a bundle on a benchmark split (mAP@all, mAP@200, P@100, P@200)."),
+    "serve": ("zsbir_infer.cli.serve", "Serve a gallery over HTTP: search API, photos, metrics and a sketch pad."),
     "demo": ("zsbir_infer.cli.demo", "Run the whole pipeline end to end on the built-in synthetic benchmark."),
 }
 

@@ -1,0 +1,137 @@
+"""``zsbir serve``: the HTTP search service and the sketch pad (see :mod:`zsbir_infer.serve`)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+
+from zsbir_infer.cli.embed import BACKEND_CHOICES
+
+
+@click.command(
+    name="serve",
+    context_settings={"help_option_names": ["-h", "--help"]},
+    epilog="Example: zsbir serve   (then open http://127.0.0.1:8000/ and draw)",
+)
+@click.option(
+    "--gallery",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Gallery folder (default: $ZSBIR_GALLERY, else the nearest .zsbir here or in a parent folder).",
+)
+@click.option(
+    "--model",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Model bundle (default: the model the gallery was built with; it must be that one).",
+)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (non-loopback needs --token).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True)
+@click.option(
+    "--token",
+    default=None,
+    envvar="ZSBIR_SERVE_TOKEN",
+    help="Require 'Authorization: Bearer TOKEN' (default: $ZSBIR_SERVE_TOKEN; none on loopback).",
+)
+@click.option(
+    "--max-batch",
+    type=click.IntRange(1, 1024),
+    default=32,
+    show_default=True,
+    help="Most queries embedded together (1: no micro-batching).",
+)
+@click.option(
+    "--max-wait-ms",
+    type=click.FloatRange(0, 1000),
+    default=5.0,
+    show_default=True,
+    help="Longest a query waits for others to join its batch.",
+)
+@click.option(
+    "--max-bytes", type=click.IntRange(1024), default=10_000_000, show_default=True, help="Request size limit."
+)
+@click.option(
+    "--max-pixels", type=click.IntRange(1), default=25_000_000, show_default=True, help="Query image pixel limit."
+)
+@click.option(
+    "--timeout", "timeout_s", type=click.FloatRange(0.1), default=30.0, show_default=True, help="Per search, s."
+)
+@click.option("--cors-origin", "cors", multiple=True, help="Allow cross-origin requests from ORIGIN (repeatable).")
+@click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info")
+def command(
+    gallery: Path | None,
+    model: Path | None,
+    host: str,
+    port: int,
+    device: str,
+    backend: str,
+    token: str | None,
+    max_batch: int,
+    max_wait_ms: float,
+    max_bytes: int,
+    max_pixels: int,
+    timeout_s: float,
+    cors: tuple[str, ...],
+    log_level: str,
+) -> None:
+    """Serve the gallery over HTTP: POST /v1/search, the photos, /metrics, and a sketch pad at /.
+
+    The gallery is the one `zsbir query` would use. Binds 127.0.0.1 unless --host says otherwise; any other
+    address needs --token (every API request then needs 'Authorization: Bearer TOKEN').
+    """
+    from zsbir_infer.serve import is_loopback
+
+    if token is not None and not token.strip():
+        token = None
+    if not is_loopback(host) and token is None:
+        raise click.ClickException(
+            f"refusing to serve on {host} (not a loopback address) without --token: anyone who can reach it "
+            "could search and read the photos; give --token TOKEN (or $ZSBIR_SERVE_TOKEN)"
+        )
+    try:
+        import uvicorn
+
+        from zsbir_infer.serve.app import ServeConfig, create_app
+    except ImportError as exc:
+        raise click.ClickException(
+            f"zsbir serve needs the 'serve' extra ({exc.name} is missing): pip install 'zsbir[serve]'"
+        ) from None
+    from zsbir_infer.backends import BackendUnavailable
+    from zsbir_infer.bundle import BundleError
+    from zsbir_infer.gallery import GalleryError
+    from zsbir_infer.retriever import RetrieverError
+
+    config = ServeConfig(
+        token=token,
+        max_batch=max_batch,
+        max_wait_ms=max_wait_ms,
+        max_bytes=max_bytes,
+        max_pixels=max_pixels,
+        timeout_s=timeout_s,
+        cors_origins=tuple(cors),
+    )
+    try:
+        app = create_app(gallery, model, backend=backend, device=device, config=config)
+    except (RetrieverError, GalleryError, BundleError, BackendUnavailable, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    r = app.state.retriever
+    click.echo(
+        f"zsbir serve: {len(r)} photos from {r.gallery.path}, model {r.fingerprint} ({r.encoder.describe()}), "
+        f"search on {r.device}; batching {'off' if max_batch == 1 else f'up to {max_batch} in {max_wait_ms:g} ms'}",
+        err=True,
+    )
+    shown = f"[{host}]" if ":" in host else host
+    click.echo(f"sketch pad: http://{shown}:{port}/   API docs: http://{shown}:{port}/docs", err=True)
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        timeout_keep_alive=5,
+        limit_concurrency=int(os.environ.get("ZSBIR_SERVE_CONCURRENCY", "512")),
+        server_header=False,
+    )
