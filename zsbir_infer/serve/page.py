@@ -36,7 +36,7 @@ label.size{display:flex;align-items:center;gap:.4em;font-size:.9em}
 #results a{display:block;text-decoration:none;color:inherit;background:#fafbfc;border:1px solid var(--line);
 border-radius:8px;overflow:hidden}
 #results a:hover{border-color:var(--accent)}
-#results img{width:100%;aspect-ratio:1/1;object-fit:cover;display:block;background:#eee}
+#results img{width:100%;height:auto;aspect-ratio:1/1;object-fit:cover;display:block;background:#eee}
 #results .cap{display:flex;justify-content:space-between;padding:.25em .45em;font-size:.78em}
 #results .score{font-weight:600} #results .rank{color:var(--muted)}
 #results .path{display:block;padding:0 .45em .35em;font-size:.7em;color:var(--muted);overflow:hidden;
@@ -83,11 +83,13 @@ function drawStroke(s){
   ctx.beginPath();ctx.moveTo(pts[i-1].x,pts[i-1].y);ctx.lineTo(pts[i].x,pts[i].y);ctx.stroke();}
 }
 function redraw(){ctx.fillStyle="#fff";ctx.fillRect(0,0,pad.width,pad.height);strokes.forEach(drawStroke);}
-function schedule(now){clearTimeout(timer);if(now){search();return;}timer=setTimeout(search,DEBOUNCE);}
+function idle(){document.body.dataset.pending=(busy||again||timer!==null)?"1":"0";}
+function schedule(now){clearTimeout(timer);timer=null;if(now){search();return;}
+ timer=setTimeout(function(){timer=null;search();},DEBOUNCE);idle();}
 function search(){
  if(busy){again=true;return;}
- if(!strokes.length){results.innerHTML="";empty.hidden=false;empty.textContent="Draw something to search.";setStatus("ready");return;}
- busy=true;again=false;const my=++seq,t0=performance.now();
+ if(!strokes.length){results.innerHTML="";empty.hidden=false;empty.textContent="Draw something to search.";setStatus("ready");idle();return;}
+ busy=true;again=false;idle();const my=++seq,t0=performance.now();
  pad.toBlob(function(blob){
   const fd=new FormData();fd.append("image",blob,"sketch.png");fd.append("k",String(K));
   fetch("/v1/search",{method:"POST",body:fd,credentials:"same-origin"}).then(function(r){
@@ -98,7 +100,7 @@ function search(){
     setStatus(res.j.hits.length+" results in "+res.j.took_ms.toFixed(1)+" ms on the server, "+(performance.now()-t0).toFixed(0)+" ms round trip");
     document.body.dataset.searches=String(my);}
   }).catch(function(e){setStatus(String(e.message||e),true);})
-  .finally(function(){busy=false;if(again)search();});
+  .finally(function(){busy=false;if(again)search();else idle();});
  },"image/png");
 }
 function render(hits){
