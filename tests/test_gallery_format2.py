@@ -264,6 +264,90 @@ def test_reader_never_writes_to_a_writable_gallery(
         g.delete(["p0_000.png"])
 
 
+def test_a_search_never_writes_the_ann_index_is_saved_by_index(
+    tmp_path: Path, enc: Encoder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Design of issue 13: a read never writes, even through a gallery opened writable by the library; the ANN
+    index is built and saved by `zsbir index` (and compaction), and a search only loads it."""
+    pytest.importorskip("usearch")
+    from click.testing import CliRunner
+
+    from zsbir_infer.cli import main
+    from zsbir_infer.gallery import FileRecord, ann
+    from zsbir_infer.retriever import Retriever
+
+    monkeypatch.setattr(ann, "ANN_MIN_ROWS", 4)  # the policy lives in one place: 'index' builds it from 4 photos
+    rels = write_photos(tmp_path / "photos", 6)
+    gdir = tmp_path / "g"
+    index_folder(tmp_path / "photos", gdir, enc)
+    assert (gdir / "ann.usearch").is_file() and (gdir / "ann.json").is_file()
+    q = enc.embed([tmp_path / "photos" / r for r in rels[:3]], "photo")
+    ann_searches: list[int] = []
+    real_search = ann.AnnIndex.search
+
+    def counted(self: Any, queries: np.ndarray, k: int, threads: int = 0) -> list[np.ndarray]:
+        ann_searches.append(k)
+        return real_search(self, queries, k, threads)
+
+    monkeypatch.setattr(ann.AnnIndex, "search", counted)
+
+    def info() -> str:
+        res = CliRunner().invoke(main, ["info", str(gdir)], catch_exceptions=False)
+        assert res.exit_code == 0, res.output
+        return res.output
+
+    def files() -> dict[str, tuple[int, int, bytes]]:
+        """Every file of the gallery, except SQLite's own shared-memory file and (empty) write-ahead log, which
+        a read-only SQLite connection creates for its locks and cannot remove: they hold no gallery data."""
+        state = _tree_state(gdir)
+        wal = state.pop("meta.sqlite-wal", None)
+        assert wal is None or wal[0] == 0, "a search wrote to SQLite's write-ahead log"
+        state.pop("meta.sqlite-shm", None)
+        return state
+
+    def search_everywhere() -> list[list[str]]:
+        """ANN and exact searches through a writable Gallery, a read-only one and a Retriever."""
+        with Gallery.open(gdir, readonly=False) as g:
+            approx = [[h.path for h in row] for row in g.search(q, k=3)]
+            assert approx == [[h.path for h in row] for row in g.search(q, k=3, exact=True)]
+            g.search(q[0], k=20)
+        with Gallery.open(gdir, readonly=True) as g:
+            assert [[h.path for h in row] for row in g.search(q, k=3)] == approx
+        with Retriever.open(gdir, model=enc) as r:
+            assert [[h.relpath for h in row] for row in r.search(q, k=3)] == approx
+        return approx
+
+    before = files()
+    assert "ANN index    6 vectors\n" in info()
+    assert [row[0] for row in search_everywhere()] == rels[:3]
+    assert files() == before  # every file byte- and mtime-identical, no file added or removed
+    assert len(ann_searches) == 4  # the saved index answered (Gallery x 3, Retriever)
+
+    # A stale index (a row added by the library since) is brought up to date in memory only.
+    with Gallery.open(gdir, readonly=False) as g:
+        g.add([FileRecord("extra.png", 1, 1)], q[:1])
+    before = files()
+    ann_searches.clear()
+    assert [row[0] for row in search_everywhere()][1:] == rels[1:3]
+    assert files() == before and len(ann_searches) == 4
+    out = info()
+    assert "ANN index    6 vectors, stale (saved for 6 of 7 rows): searches add the rest in memory" in out, out
+    assert files() == before
+    index_folder(tmp_path / "photos", gdir, enc)  # the writer saves it (and drops extra.png, not in the folder)
+    assert "ANN index    6 vectors\n" in info()
+
+    # Without a saved index the search is exhaustive, says so in 'zsbir info', and still writes nothing.
+    (gdir / "ann.json").unlink()
+    (gdir / "ann.usearch").unlink()
+    before = files()
+    ann_searches.clear()
+    search_everywhere()
+    assert files() == before and ann_searches == []
+    assert "ANN index    not built: searches are exhaustive ('zsbir index' builds it once the gallery holds 4" in info()
+    index_folder(tmp_path / "photos", gdir, enc)
+    assert (gdir / "ann.usearch").is_file() and "ANN index    6 vectors\n" in info()
+
+
 # ------------------------------------------------------------------ 3. damaged vectors and catalog
 
 

@@ -162,10 +162,19 @@ def test_threads_share_one_retriever(setup: dict[str, Any]) -> None:
         np.testing.assert_allclose([s for _, s in row], [s for _, s in want[i]], atol=1e-5)
 
 
-def test_ann_path_agrees_with_exact(setup: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ann_path_agrees_with_exact(setup: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("usearch")
-    monkeypatch.setattr(retriever, "ANN_MIN_ROWS", 1)
-    with Retriever.open(setup["base"] / ".zsbir") as r:
+    from zsbir_infer.gallery import ann
+
+    # The exact/ANN policy is the gallery's: 'index' saves an ANN index from ANN_MIN_ROWS photos on, and
+    # searches use it where it is saved.
+    monkeypatch.setattr(ann, "ANN_MIN_ROWS", 1)
+    assert retriever.ANN_MIN_ROWS == 250_000  # the re-exported default
+    enc = Encoder.open(setup["bundle"], backend="ort-cpu", threads=1)
+    index_folder(setup["base"] / "photos", tmp_path / "g", enc, model=str(setup["bundle"]))
+    enc.close()
+    assert (tmp_path / "g" / "ann.usearch").is_file()
+    with Retriever.open(tmp_path / "g") as r:
         q = r.embed([str(s) for s in setup["sketches"]])
         approx = r.search(q, k=5, exact=False)
         exact = r.search(q, k=5, exact=True)

@@ -634,8 +634,9 @@ def index_folder(
         storage: gallery storage for a new gallery (``"float16"`` or ``"int8"``).
         progress: called with the number of files just finished (embedded or skipped) after each batch.
         on_plan: called once with the number of files to read, before reading starts (to size a progress bar).
-        build_ann_from: build the ANN index at the end when the gallery holds at least this many files
-            (default :data:`zsbir_infer.retriever.ANN_MIN_ROWS`); 0 disables.
+        build_ann_from: build and save the ANN index at the end when the gallery holds at least this many
+            files or already has one (default :data:`zsbir_infer.gallery.ann.ANN_MIN_ROWS`); 0 disables.
+            Searches only read it (exhaustive without it).
         commit_files: commit to the gallery once this many files are embedded or skipped...
         commit_seconds: ... or this many seconds after the last commit, whichever comes first. Each commit
             is atomic (one fsync of the vectors, one SQLite transaction); a kill loses at most the files
@@ -671,14 +672,14 @@ def index_folder(
             _check_and_repair(g, report)
             _run(g, listing, encoder, report, batch_size, workers, progress, on_plan, commit_files, commit_seconds)
             report.seconds = time.perf_counter() - t0
-            threshold = build_ann_from
-            if threshold is None:
-                from zsbir_infer.retriever import ANN_MIN_ROWS
+            from zsbir_infer.gallery.ann import builds_ann
 
-                threshold = ANN_MIN_ROWS
             st = g.stats()
             report.total_indexed, report.total_skipped = st.files_indexed, st.files_skipped
-            if threshold and st.files_indexed >= threshold and g.storage != "itq" and st.ann_stale:
+            # The ANN index is built here, by the writer, never by a search (a read never writes).
+            if st.ann_state in ("missing", "stale") and builds_ann(
+                st.files_indexed, st.ann_state == "stale", build_ann_from
+            ):
                 g.build_index()
             info = read_indexer_info(gdir)
             info["last_run"] = report.to_dict()

@@ -27,10 +27,11 @@ Index a folder once (``zsbir index photos`` or :func:`zsbir_infer.indexer.index_
   ``"cpu"``). The GPU copy is uploaded again when the gallery changed (a commit, or a gallery deleted and
   created again: each gallery has its own uuid); :meth:`Retriever.refresh` does it by hand.
 
-Search: ``exact=True`` is an exhaustive search; ``exact=False`` (default) uses the gallery's HNSW index
-when it holds at least :data:`ANN_MIN_ROWS` files and the exhaustive search (which is then fast and
-exact) below that. Scores are cosine similarities. A :class:`Retriever` is safe to use from many threads
-at once; queries given together are embedded in one batch.
+Search: ``exact=True`` is an exhaustive search; ``exact=False`` (default) follows the gallery's policy
+(:mod:`zsbir_infer.gallery.ann`): its HNSW index where ``zsbir index`` saved one (galleries of at least
+:data:`~zsbir_infer.gallery.ann.ANN_MIN_ROWS` photos), the exhaustive search (fast and exact there)
+otherwise. A search never writes to the gallery. Scores are cosine similarities. A :class:`Retriever` is
+safe to use from many threads at once; queries given together are embedded in one batch.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from zsbir_infer.gallery.ann import ANN_MIN_ROWS as _ANN_MIN_ROWS
+
 if TYPE_CHECKING:
     from zsbir_infer.encoder import Encoder
     from zsbir_infer.gallery import Gallery
@@ -55,8 +58,8 @@ __all__ = ["ANN_MIN_ROWS", "DEVICES", "Hit", "Retriever", "RetrieverError", "res
 
 log = logging.getLogger("zsbir.retriever")
 
-#: Galleries with fewer files are searched exhaustively even when ``exact=False`` (fast and exact there).
-ANN_MIN_ROWS = 250_000
+#: Re-exported from :mod:`zsbir_infer.gallery.ann`, where the exact/ANN policy lives (patch it there).
+ANN_MIN_ROWS = _ANN_MIN_ROWS
 DEVICES = ("cpu", "cuda")
 
 
@@ -338,8 +341,8 @@ class Retriever:
             self.refresh()  # the GPU copy follows new commits and a gallery deleted and created again
         raw = self._search_gpu(q, int(k)) if self.device == "cuda" else None
         if raw is None:  # the CPU, or more results than the GPU kernels give (k > gpu.MAX_K)
-            use_exact = bool(exact) or self.gallery.live_count() < ANN_MIN_ROWS  # (no COUNT(*) per query)
-            found = self.gallery.search(q, int(k), exact=use_exact, fingerprint=self.fingerprint)
+            # The exact/ANN policy is the gallery's: ANN where 'zsbir index' saved an index, else exhaustive.
+            found = self.gallery.search(q, int(k), exact=bool(exact), fingerprint=self.fingerprint)
             raw = [[(h.path, h.score, h.id) for h in row] for row in found]
         if self.gallery.uuid != self._uuid:  # the gallery was replaced (and reloaded): its root may differ
             from zsbir_infer.indexer import read_indexer_info

@@ -6,9 +6,12 @@ import json
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
+
+if TYPE_CHECKING:
+    from zsbir_infer.gallery import GalleryStats
 
 
 def _size(n: int) -> str:
@@ -19,6 +22,29 @@ def _size(n: int) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1000
     return f"{value:.1f} GB"
+
+
+def _ann_line(st: GalleryStats) -> str:
+    """What the saved ANN index covers and what searches do about it (they never write)."""
+    from zsbir_infer.gallery.ann import ANN_MIN_ROWS
+
+    if st.ann_state == "none":
+        return "none (ITQ galleries are searched exhaustively)"
+    if st.ann_state == "missing":
+        return (
+            f"not built: searches are exhaustive ('zsbir index' builds it once the gallery holds {ANN_MIN_ROWS} photos)"
+        )
+    if st.ann_state == "stale":
+        how = (
+            "searches add the rest in memory"
+            if 2 * st.ann_rows >= st.rows
+            else "searches are exhaustive until it is updated"
+        )
+        return (
+            f"{st.ann_vectors} vectors, stale (saved for {st.ann_rows} of {st.rows} rows): {how}; "
+            f"the next 'zsbir index' saves it"
+        )
+    return f"{st.ann_vectors} vectors"
 
 
 @click.command(name="info", context_settings={"help_option_names": ["-h", "--help"]})
@@ -74,8 +100,7 @@ def command(gallery: Path | None, as_json: bool, verify: bool) -> None:
     click.echo(f"model        {st.fingerprint} ({info.get('model') or 'embedded default'}), dim {st.dim}, {st.metric}")
     click.echo(f"files        {st.files_indexed} indexed, {st.files_skipped} skipped, {st.files_deleted} deleted")
     click.echo(f"rows         {st.rows} vectors ({st.dead_rows} dead), {st.segments} segment(s)")
-    ann = f"{st.ann_vectors} vectors{' (stale)' if st.ann_stale else ''}" if st.ann_vectors else "not built"
-    click.echo(f"ANN index    {ann}")
+    click.echo(f"ANN index    {_ann_line(st)}")
     click.echo(f"on disk      {_size(st.bytes_total)} ({_size(st.bytes_vectors)} vectors)")
     if st.format_version < 2:
         click.echo("checksums    none (format 1): 'zsbir index' upgrades the gallery and adds them")

@@ -12,7 +12,7 @@ A gallery is a directory::
     GALLERY/segments/NNNNNN.f16  append-only rows: float16 (default), or .i8 + .scale (int8 with a
                                  per-vector float32 scale), or .itq (packed ITQ codes, np.packbits order)
     GALLERY/itq.npz              the ITQ model (storage "itq" only; zsbir_infer.itq.ITQ.save format)
-    GALLERY/ann.usearch, ann.json  usearch HNSW index and what it covers (built on first ANN search)
+    GALLERY/ann.usearch, ann.json  usearch HNSW index and what it covers (saved by build_index)
 
 Guarantees:
 
@@ -25,7 +25,10 @@ Guarantees:
   SQLite errors (a damaged catalog, a full disk, a busy database) become :class:`GalleryError` messages.
 * **Read-only opening.** ``Gallery.open(path, readonly=True)`` (the default where the folder is not
   writable) never writes: SQLite ``mode=ro`` (``immutable`` when SQLite cannot create its shared-memory
-  file on a read-only folder); the ANN index is then updated in memory only.
+  file on a read-only folder).
+* **A read never writes**, writable or not: the ANN index is built and saved by :meth:`Gallery.build_index`
+  (``zsbir index`` runs it, see :data:`~zsbir_infer.gallery.ann.ANN_MIN_ROWS`) and by :meth:`Gallery.compact`;
+  a search only loads it (rows added since are added in memory) and is exhaustive without it.
 * **Identity.** A gallery deleted and created again at the same path has another uuid: an open
   ``Gallery`` notices it (one ``stat`` of the manifest per call), reloads one of the same model and
   storage and refuses any other. Paths read from the catalog are checked to lie inside the photo folder.
@@ -71,7 +74,7 @@ Typical use (the indexing pipeline and ``zsbir index/query/info`` are built on t
             g.skip(f, why)
     hits = g.search(sketch_embeddings, k=10, exact=True, fingerprint=bundle.fingerprint)
     hits[0][0].path, hits[0][0].score, hits[0][0].id
-    g.build_index()      # after indexing: the ANN index (else built by the first ANN search)
+    g.build_index()      # after indexing: save the ANN index (searches never build or save it)
     g.stats(); g.compact(); g.close()
 """
 

@@ -7,6 +7,10 @@ incrementally (adds the rows appended since, removes the keys of rows that died 
 saves the result with temp file + rename, so a stale or half-written index is never trusted: a file whose
 description does not match is rebuilt from the segments.
 
+The index is written only by writers: :meth:`Gallery.build_index` (run by ``zsbir index`` at the end of a run
+once the gallery holds :data:`ANN_MIN_ROWS` photos, or whenever it already has an index) and
+:meth:`Gallery.compact`. A search only loads it, bringing it up to date in memory; it never saves it.
+
 usearch keys are the gallery's row ids. Scores reported to users are not usearch's distances: the
 gallery rescores the candidates exactly against the stored vectors (see ``Gallery.search``).
 """
@@ -21,7 +25,28 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ANN_FILE", "ANN_META", "AnnIndex"]
+__all__ = ["ANN_FILE", "ANN_META", "ANN_MIN_ROWS", "AnnIndex", "builds_ann"]
+
+#: The exact/ANN policy, in one place. ``zsbir index`` (and :meth:`Gallery.compact`) build and save the HNSW
+#: index of a float16/int8 gallery that holds at least this many live photos, or that already has one;
+#: searches use the saved index when there is one and are exhaustive otherwise (below this size the
+#: exhaustive search is fast, and exact).
+ANN_MIN_ROWS = 250_000
+
+
+def builds_ann(live: int, has_index: bool, min_rows: int | None = None) -> bool:
+    """Whether a writer should build (or update) and save the ANN index of a gallery of ``live`` photos.
+
+    Args:
+        live: live photos in the gallery.
+        has_index: whether the gallery already has a saved ANN index (then it is kept up to date).
+        min_rows: the threshold (default :data:`ANN_MIN_ROWS`, read at call time); 0 never builds.
+    """
+    threshold = ANN_MIN_ROWS if min_rows is None else int(min_rows)
+    if threshold <= 0:
+        return False
+    return has_index or live >= threshold
+
 
 ANN_FILE = "ann.usearch"
 ANN_META = "ann.json"
@@ -182,6 +207,11 @@ class AnnIndex:
                 "size": len(self._index),
             },
         )
+
+    @property
+    def loaded(self) -> bool:
+        """Whether there is an index in memory (loaded from the gallery, or built by :meth:`sync`)."""
+        return self._index is not None
 
     @property
     def size(self) -> int:

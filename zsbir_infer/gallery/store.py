@@ -27,7 +27,8 @@ from typing import Any, TypeVar, cast
 
 import numpy as np
 
-from zsbir_infer.gallery.ann import AnnIndex
+from zsbir_infer.gallery import ann as _ann_policy
+from zsbir_infer.gallery.ann import ANN_META, AnnIndex
 from zsbir_infer.gallery.codecs import Codec, make_codec
 from zsbir_infer.gallery.search import ID_SENTINEL, Block, Scorer, search_blocks
 from zsbir_infer.gallery.segments import (
@@ -213,6 +214,10 @@ class GalleryStats:
     generation: int
     created: str
     uuid: str = ""
+    #: ``"none"`` (ITQ), ``"missing"``, ``"current"`` or ``"stale"``: see :meth:`Gallery.ann_state`.
+    ann_state: str = ""
+    #: Rows the saved ANN index covers (0 when there is none).
+    ann_rows: int = 0
 
 
 def _to_db(relpath: str) -> str | bytes:
@@ -377,6 +382,7 @@ class Gallery:
         self._writer_lock = _WriterLock(path / LOCK_FILE)
         self._snapshot: _Snapshot | None = None
         self._ann: AnnIndex | None = None
+        self._ann_key: tuple[int, int, int, int] | None = None  # stat of ann.json when self._ann was loaded
         self._closed = False
         self.itq: Any = None
         self.n_bits = 0
@@ -1108,11 +1114,17 @@ class Gallery:
         Live rows keep their relative order but get new, dense ids (``Hit.id`` values from before a
         compaction are not valid after it). The new segments are written and fsynced under new file
         numbers first; one SQLite transaction then switches the metadata to them, so a crash at any
-        point leaves either the old or the new layout. The ANN index is rebuilt on its next use.
-        Concurrent searches (threads or processes) finish on the old files or restart on the new ones.
+        point leaves either the old or the new layout. The ANN index (of float16/int8 galleries) is then
+        rebuilt and saved when the gallery had one or holds :data:`~zsbir_infer.gallery.ann.ANN_MIN_ROWS`
+        photos; until then searches are exhaustive. Concurrent searches (threads or processes) finish on the
+        old files or restart on the new ones.
         """
         with self._writer().hold():
-            return self._compact_locked(self._con(), None)
+            had_ann = self.codec.ann and (self.path / ANN_META).exists()
+            dropped = self._compact_locked(self._con(), None)
+            if dropped and self.codec.ann and _ann_policy.builds_ann(self._snapshot_now().live, had_ann):
+                self._save_ann_locked()
+            return dropped
 
     def _compact_locked(self, con: sqlite3.Connection, snap: _Snapshot | None) -> int:
         """compact() with the writer lock held (repair() calls it too, with its own unverified snapshot)."""
@@ -1155,7 +1167,7 @@ class Gallery:
         except BaseException:
             _rollback(con)
             raise
-        (self.path / "ann.json").unlink(missing_ok=True)
+        (self.path / ANN_META).unlink(missing_ok=True)  # it describes the old layout
         self._segfiles.remove_stray({sg.seg for sg in new_segments})
         return int(total - live.size)
 
@@ -1388,10 +1400,13 @@ class Gallery:
         Args:
             queries: (Q, dim) or (dim,) L2-normalized query embeddings (sketches).
             k: results per query.
-            exact: True for an exhaustive search; False (default) uses the usearch HNSW index, built or
-                updated on first use and saved in the gallery. Candidates of the ANN search are rescored
-                exactly, so scores are identical to the exact search's for the same rows. ITQ galleries
-                always run an exhaustive Hamming search (it reads 8 bytes per photo).
+            exact: True for an exhaustive search; False (default) uses the usearch HNSW index saved in the
+                gallery when there is one (:meth:`build_index`, run by ``zsbir index`` and by :meth:`compact`).
+                A search never writes: rows added since the index was saved are added to it in memory
+                only, and without a saved index (or one that covers less than half of the rows) the search
+                is exhaustive. Candidates of the ANN search are rescored exactly, so scores are identical to
+                the exact search's for the same rows. ITQ galleries always run an exhaustive Hamming search
+                (it reads 8 bytes per photo).
             fingerprint: the query model's fingerprint; a mismatch raises :class:`ModelMismatchError`.
             threads: CPU threads for this search (default: all available).
 
@@ -1411,19 +1426,25 @@ class Gallery:
             if snap.live == 0:
                 return [[] for _ in range(q.shape[0])]
             k = min(asked, snap.live)  # results (and their buffers) for at most every live photo
-            if exact or not self.codec.ann:
+            found = None if exact or not self.codec.ann else self._search_ann(snap, q, k, threads)
+            if found is None:  # asked for, ITQ, or no usable saved ANN index
                 scores, ids = search_blocks(snap.blocks, self.codec.scorer(q), k, threads=threads)
             else:
-                scores, ids = self._search_ann(snap, q, k, threads)
+                scores, ids = found
             hits = self._hits(scores, ids, snap.layout)
             if hits is not None:
                 return hits
             # A compact() renumbered the rows while we searched: search the new layout.
         raise GalleryError(f"gallery {self.path} keeps being compacted while searched; try again")
 
-    def _search_ann(self, snap: _Snapshot, q: np.ndarray, k: int, threads: int | None) -> tuple[np.ndarray, np.ndarray]:
+    def _search_ann(
+        self, snap: _Snapshot, q: np.ndarray, k: int, threads: int | None
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """ANN candidates rescored exactly; None when there is no usable saved index (search exhaustively)."""
         with self._ann_lock:
-            ann = self._ensure_ann(snap)
+            ann = self._usable_ann(snap)
+            if ann is None:
+                return None
             cands = ann.search(q, k, threads=0 if threads is None else int(threads))
         scores = np.full((q.shape[0], k), -np.inf, dtype=np.float32)
         ids = np.full((q.shape[0], k), ID_SENTINEL, dtype=np.int64)
@@ -1449,36 +1470,59 @@ class Gallery:
     def _ann_identity(self, layout: int) -> dict[str, Any]:
         return {"storage": self.storage, "fingerprint": self.fingerprint, "layout": layout}
 
-    def _ensure_ann(self, snap: _Snapshot) -> AnnIndex:
+    def _loaded_ann(self, snap: _Snapshot) -> AnnIndex:
+        """The saved index of ``snap``'s layout as last loaded (reloaded when another process saved a new one);
+        its ``size`` is 0 when none is saved. Call with ``_ann_lock`` held. Reads only."""
+        key = _stat_key(self.path / ANN_META)
         ann = self._ann
-        if ann is None or ann.identity["layout"] != snap.layout:
+        if ann is None or ann.identity["layout"] != snap.layout or key != self._ann_key:
             ann = AnnIndex(self.path, self.dim, self._ann_identity(snap.layout))
             ann.load()
-            self._ann = ann
+            self._ann, self._ann_key = ann, key
+        return ann
+
+    def _usable_ann(self, snap: _Snapshot) -> AnnIndex | None:
+        """The saved index brought up to date with ``snap`` in memory (never saved: a read never writes), or
+        None when no index is saved or it covers less than half of the rows (then an exhaustive search is
+        cheaper than building one in memory). Call with ``_ann_lock`` held."""
+        ann = self._loaded_ann(snap)
+        if not ann.loaded or 2 * ann.rows < snap.rows:
+            return None
         if ann.rows > snap.rows:
             # Another thread already brought the index up to a newer snapshot; the caller filters the
             # candidates against its own snapshot.
             return ann
         if ann.rows != snap.rows or ann.dead_covered != int(np.count_nonzero(snap.dead[: ann.rows])):
-            changed = ann.sync(snap.rows, snap.dead, self._read_float_rows(snap))
-            if changed and not self.readonly:
-                # Save when no other writer is busy; otherwise keep the updated index in memory only.
-                with self._writer().hold(blocking=False) as got:
-                    if got:
-                        ann.save()
+            ann.sync(snap.rows, snap.dead, self._read_float_rows(snap))
         return ann
+
+    def _save_ann_locked(self) -> int:
+        """Build or update the ANN index of the current snapshot and save it (the writer lock is held)."""
+        snap = self._snapshot_now()
+        with self._ann_lock:
+            ann = self._loaded_ann(snap)
+            ann.sync(snap.rows, snap.dead, self._read_float_rows(snap))
+            ann.save()
+            self._ann_key = _stat_key(self.path / ANN_META)
+            return ann.size
+
+    def ann_state(self) -> str:
+        """``"none"`` (ITQ: no ANN), ``"missing"`` (searches are exhaustive), ``"current"`` (the saved index
+        covers every row) or ``"stale"`` (rows added or deleted since it was saved: searches update it in
+        memory when it covers at least half of the rows, else search exhaustively; ``zsbir index`` saves it)."""
+        return self.stats().ann_state
 
     @_guarded
     def build_index(self) -> int:
-        """Build or update the ANN index now and save it; returns the number of vectors in it."""
+        """Build or update the ANN index now and save it in the gallery; returns the number of vectors in it.
+
+        ``zsbir index`` calls it at the end of a run (see :data:`~zsbir_infer.gallery.ann.ANN_MIN_ROWS`) and
+        :meth:`compact` rebuilds an index that existed; searches only read it.
+        """
         if not self.codec.ann:
             raise GalleryError("ITQ galleries have no ANN index: their searches are exhaustive Hamming searches")
-        snap = self._snapshot_now()
-        with self._ann_lock:
-            ann = self._ensure_ann(snap)
-            with self._writer().hold():
-                ann.save()
-            return ann.size
+        with self._writer().hold():
+            return self._save_ann_locked()
 
     def _hits(self, scores: np.ndarray, ids: np.ndarray, layout: int) -> list[list[Hit]] | None:
         """Hits with paths, or None when the row layout changed since the search's snapshot."""
@@ -1531,6 +1575,7 @@ class Gallery:
             or desc["rows"] != snap.rows
             or desc["dead_covered"] != int(np.count_nonzero(snap.dead[: desc["rows"]]))
         )
+        ann_state = "none" if not self.codec.ann else "missing" if desc is None else "stale" if ann_stale else "current"
         return GalleryStats(
             path=str(self.path),
             fingerprint=self.fingerprint,
@@ -1551,6 +1596,8 @@ class Gallery:
             generation=snap.generation,
             created=str(self.manifest.get("created", "")),
             uuid=self.uuid,
+            ann_state=ann_state,
+            ann_rows=0 if desc is None else desc["rows"],
         )
 
 
