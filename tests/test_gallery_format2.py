@@ -886,3 +886,54 @@ def test_create_into_an_empty_mount_point(tmp_path: Path, monkeypatch: pytest.Mo
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mnt"]
     with Gallery.open(tmp_path / "mnt") as g:
         assert g.uuid and len(g) == 0
+
+
+# ------------------------------------------------------------------ design: the gallery owns its identity
+
+
+def test_the_gallery_records_what_it_indexes_and_reads_older_galleries(tmp_path: Path, enc: Encoder) -> None:
+    """Design of issue 13: root and model live in the gallery's manifest (not only in the indexer's
+    indexer.json); a gallery written before keeps working (read from indexer.json) and the next `zsbir index`
+    moves them; the retriever reads them from the gallery and never imports the indexer."""
+    import json
+    import subprocess
+    import sys
+
+    from zsbir_infer.gallery.source import read_source
+    from zsbir_infer.retriever import Retriever
+
+    project = tmp_path / "project"
+    write_photos(project / "photos", 3)
+    gdir = project / ".zsbir"
+    index_folder(project / "photos", gdir, enc, model=None)
+    manifest = json.loads((gdir / "manifest.json").read_text())
+    assert manifest["source"] == {"root": str((project / "photos").resolve()), "root_relative": "../photos",
+                                  "model": None, "model_relative": None}  # fmt: skip
+    assert "root" not in json.loads((gdir / "indexer.json").read_text())  # the indexer keeps its report only
+    with Gallery.open(gdir, readonly=True) as g:
+        assert g.root == str((project / "photos").resolve()) and g.source["model"] is None
+
+    # A gallery from before the move: no source in its manifest, root and model in indexer.json.
+    legacy = {k: v for k, v in manifest.items() if k != "source"}
+    (gdir / "manifest.json").write_text(json.dumps(legacy))
+    old_info = json.loads((gdir / "indexer.json").read_text())
+    old_info.update({"root": "/nowhere/photos", "root_relative": "../photos", "model": None, "model_relative": None})
+    (gdir / "indexer.json").write_text(json.dumps(old_info))
+    moved = tmp_path / "moved"
+    project.rename(moved)
+    gdir = moved / ".zsbir"
+    assert read_source(gdir) == {"root": str((moved / "photos").resolve()), "model": None}
+    with Retriever.open(gdir, model=enc) as r:
+        q = enc.embed([moved / "photos" / "p0_000.png"], "photo")
+        assert r.root == str((moved / "photos").resolve())
+        assert r.search(q, k=1)[0][0].path == str((moved / "photos" / "p0_000.png").resolve())
+    assert indexer.read_indexer_info(gdir)["root"] == str((moved / "photos").resolve())
+    report = index_folder(moved / "photos", gdir, enc)  # accepted as the same root; records it in the manifest
+    assert report.indexed == 0
+    assert json.loads((gdir / "manifest.json").read_text())["source"]["root_relative"] == "../photos"
+
+    # No indexer <-> retriever import cycle: the retriever reads the gallery's identity from the gallery.
+    code = "import sys, zsbir_infer.retriever; assert 'zsbir_infer.indexer' not in sys.modules, 'imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    code = "import sys, zsbir_infer.indexer; assert 'zsbir_infer.retriever' not in sys.modules, 'imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)

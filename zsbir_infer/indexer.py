@@ -30,11 +30,13 @@ What a run does:
    any moment leaves a gallery that opens; the next run sees the
    committed files as unchanged and indexes the rest, so every file ends up in the gallery exactly once.
 
-The gallery folder also holds ``indexer.json`` (written atomically): the indexed root (relative to the gallery
-when the gallery lies inside or beside the photo folder, so that moving the whole tree keeps it working;
-else absolute), the model bundle used (``null`` for the embedded default) and the summary of the last run.
-``zsbir query`` uses it to print full paths and to pick the same model; one gallery indexes one root
-(``zsbir index --root NEW`` re-points a gallery whose photos moved elsewhere).
+The gallery records what it indexes in its manifest (:mod:`zsbir_infer.gallery.source`): the root (relative
+to the gallery when the gallery lies inside or beside the photo folder, so that moving the whole tree keeps
+it working; else absolute) and the model bundle used (``null`` for the embedded default); older galleries
+kept them in ``indexer.json``, read as a fallback and moved by the next run. ``zsbir query`` uses them to
+print full paths and to pick the same model; one gallery indexes one root (``zsbir index --root NEW``
+re-points a gallery whose photos moved elsewhere). ``indexer.json`` (written atomically) keeps the summary
+of the last run.
 """
 
 from __future__ import annotations
@@ -55,6 +57,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from zsbir_infer.gallery.source import DEFAULT_GALLERY_DIRNAME as _DEFAULT_GALLERY_DIRNAME
+from zsbir_infer.gallery.source import find_gallery
 
 if TYPE_CHECKING:
     from zsbir_infer.encoder import Encoder
@@ -83,10 +88,10 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
 )
 #: Files larger than this are skipped without being read (no photo is that large).
 MAX_FILE_BYTES = 256 * 1024 * 1024
-#: Name of the file in the gallery folder that records the indexed root, the model and the last run.
+#: The indexer's file in the gallery folder: the last run's report (older galleries: also the root and model).
 INDEXER_FILE = "indexer.json"
 #: Default gallery folder name, in the current directory (``zsbir query`` looks for it walking up).
-DEFAULT_GALLERY_DIRNAME = ".zsbir"
+DEFAULT_GALLERY_DIRNAME = _DEFAULT_GALLERY_DIRNAME  # re-exported from zsbir_infer.gallery.source
 RUN_LOCK_FILE = ".index.lock"
 #: A commit (one fsync + one SQLite transaction) happens every this many files ...
 DEFAULT_COMMIT_FILES = 1024
@@ -404,47 +409,14 @@ def _write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
 
 
 def read_indexer_info(gallery: str | os.PathLike[str]) -> dict[str, Any]:
-    """The gallery's ``indexer.json`` (root, model, last run), or ``{}`` when absent or unreadable.
+    """The gallery's ``indexer.json`` (the last run's report) merged with what the gallery indexes (``root``,
+    ``model``: :func:`zsbir_infer.gallery.source.read_source`, absolute paths where the gallery is now), or
+    ``{}`` when there is neither."""
+    from zsbir_infer.gallery.source import read_legacy, read_source
 
-    ``root`` (and ``model``) are absolute paths where the gallery is now: when the gallery lies inside or
-    beside its photo folder, they are recorded relative to the gallery (``root_relative``), so moving the
-    whole tree keeps the gallery working.
-    """
-    p = Path(gallery) / INDEXER_FILE
-    try:
-        obj = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(obj, dict):
-        return {}
-    for key in ("root", "model"):
-        rel = obj.get(f"{key}_relative")
-        if isinstance(rel, str) and rel:
-            obj[key] = os.path.normpath(os.path.join(Path(gallery).resolve(), rel))
-    return obj
-
-
-def _relative_to_gallery(path: Path, gallery_dir: Path) -> str | None:
-    """``path`` relative to the gallery folder when the gallery lies inside it or beside it (below the same
-    parent folder: ``project/.zsbir`` and ``project/photos``), else None (recorded as an absolute path)."""
-    g, p = gallery_dir.resolve(), path.resolve()
-    try:
-        common = os.path.commonpath([g, p])
-    except ValueError:
-        return None
-    if common in (str(p), str(g.parent)):
-        return os.path.relpath(p, g)
-    return None
-
-
-def find_gallery(start: str | os.PathLike[str] | None = None) -> Path | None:
-    """The nearest ``.zsbir`` gallery in ``start`` (default: the current directory) or one of its parents."""
-    here = Path(start if start is not None else os.getcwd()).resolve()
-    for d in (here, *here.parents):
-        cand = d / DEFAULT_GALLERY_DIRNAME
-        if (cand / "manifest.json").is_file():
-            return cand
-    return None
+    info = read_legacy(Path(gallery))
+    info.update(read_source(gallery))
+    return info
 
 
 @contextlib.contextmanager
@@ -585,8 +557,8 @@ def open_or_create_gallery(
 
     _ensure_gallery(gallery_dir, encoder, storage)
     g = Gallery.open(gallery_dir, fingerprint=encoder.fingerprint, readonly=False)
-    info = read_indexer_info(gallery_dir)
-    old_root = info.get("root")
+    source = g.source
+    old_root = source.get("root")
     if old_root and Path(old_root) != root and not repoint:
         g.close()
         raise IndexingError(
@@ -594,14 +566,8 @@ def open_or_create_gallery(
             f"moved to {root}, re-point the gallery (its embeddings are kept): zsbir index --root {root} -o "
             f"{gallery_dir}. Else use another gallery (-o DIR), or delete {gallery_dir} to start over"
         )
-    want = {"format": "zsbir-indexer", "version": 1, "root": str(root)}
-    want["root_relative"] = _relative_to_gallery(root, gallery_dir)
-    if "model" not in info:
-        want["model"] = model
-        want["model_relative"] = _relative_to_gallery(Path(model), gallery_dir) if model else None
-    if any(info.get(k) != v for k, v in want.items()) or "model" not in info:
-        info.update(want)
-        _write_json_atomic(gallery_dir / INDEXER_FILE, info)
+    # The gallery records what it indexes (the model: the one of its first run, kept from then on).
+    g.record_source(root, source.get("model", model))
     return g
 
 
@@ -681,8 +647,10 @@ def index_folder(
                 st.files_indexed, st.ann_state == "stale", build_ann_from
             ):
                 g.build_index()
-            info = read_indexer_info(gdir)
-            info["last_run"] = report.to_dict()
+            from zsbir_infer.gallery.source import read_legacy
+
+            info = read_legacy(gdir)  # the indexer's own file: its last report (and, from older versions, a root)
+            info.update({"format": "zsbir-indexer", "version": 1, "last_run": report.to_dict()})
             _write_json_atomic(gdir / INDEXER_FILE, info)
         except KeyboardInterrupt:
             report.interrupted = True

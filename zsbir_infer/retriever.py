@@ -85,7 +85,7 @@ def resolve_gallery(gallery: str | os.PathLike[str] | None) -> Path:
     Raises:
         RetrieverError: when no gallery is given and none is found.
     """
-    from zsbir_infer.indexer import find_gallery
+    from zsbir_infer.gallery.source import find_gallery
 
     if gallery is not None:
         return Path(gallery)
@@ -106,9 +106,9 @@ def resolve_model(gallery: Path, model: str | os.PathLike[str] | None) -> str | 
     still exists), else ``None`` (the embedded default)."""
     if model is not None:
         return os.fspath(model)
-    from zsbir_infer.indexer import read_indexer_info
+    from zsbir_infer.gallery.source import read_source
 
-    recorded = read_indexer_info(gallery).get("model")
+    recorded = read_source(gallery).get("model")
     if isinstance(recorded, str) and (Path(recorded) / "manifest.json").is_file():
         return recorded
     return None
@@ -147,7 +147,6 @@ class Retriever:
         self._gpu_ids: np.ndarray | None = None
         self._gpu_lock = threading.Lock()
         self._paths: dict[int, str] = {}
-        self._uuid = gallery.uuid
         self._gpu_identity: tuple[str, int] | None = None
         if device == "cuda":
             self._setup_gpu()
@@ -177,7 +176,6 @@ class Retriever:
         """
         from zsbir_infer.encoder import Encoder
         from zsbir_infer.gallery import Gallery
-        from zsbir_infer.indexer import read_indexer_info
 
         if device not in DEVICES:
             raise RetrieverError(f"device must be one of {', '.join(DEVICES)}; got {device!r}")
@@ -205,8 +203,7 @@ class Retriever:
         except Exception:
             g.close()
             raise
-        root = read_indexer_info(gdir).get("root")
-        return cls(g, enc, root if isinstance(root, str) else None, device, owns)
+        return cls(g, enc, g.root, device, owns)
 
     # ------------------------------------------------------------------------------------------ GPU
 
@@ -344,11 +341,8 @@ class Retriever:
             # The exact/ANN policy is the gallery's: ANN where 'zsbir index' saved an index, else exhaustive.
             found = self.gallery.search(q, int(k), exact=bool(exact), fingerprint=self.fingerprint)
             raw = [[(h.path, h.score, h.id) for h in row] for row in found]
-        if self.gallery.uuid != self._uuid:  # the gallery was replaced (and reloaded): its root may differ
-            from zsbir_infer.indexer import read_indexer_info
-
-            root = read_indexer_info(self.gallery.path).get("root")
-            self.root, self._uuid = (root if isinstance(root, str) else None), self.gallery.uuid
+        # The gallery's manifest says where its photos are; it follows a re-pointed or replaced gallery.
+        self.root = self.gallery.root
         return [[self._hit(rel, s, i, r + 1) for r, (rel, s, i) in enumerate(row)] for row in raw]
 
     def _search_gpu(self, q: np.ndarray, k: int) -> list[list[tuple[str, float, int]]] | None:

@@ -86,13 +86,13 @@ def command(
 
     from zsbir_infer.encoder import EncoderError
     from zsbir_infer.gallery import GalleryError
+    from zsbir_infer.gallery.source import read_source
     from zsbir_infer.indexer import (
         DEFAULT_COMMIT_FILES,
         DEFAULT_COMMIT_SECONDS,
         DEFAULT_GALLERY_DIRNAME,
         IndexingError,
         index_folder,
-        read_indexer_info,
     )
     from zsbir_infer.retriever import resolve_model
 
@@ -112,7 +112,7 @@ def command(
     if not folder.is_dir():
         raise click.ClickException(f"{folder} is not a folder (give the folder that holds the photos)")
     model_arg = resolve_model(gdir, model) if (gdir / "manifest.json").is_file() else model
-    recorded = read_indexer_info(gdir).get("model") if model is None else None
+    recorded = read_source(gdir).get("model") if model is None else None
     enc = open_encoder(Path(model_arg) if model_arg else None, precision, backend, batch_size, workers)
     model_name = str(Path(model_arg).resolve()) if model_arg else None
     bar = tqdm(total=0, desc="index", unit="file", file=sys.stderr, disable=quiet, dynamic_ncols=True, mininterval=0.5)

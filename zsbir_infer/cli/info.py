@@ -81,7 +81,7 @@ def command(gallery: Path | None, as_json: bool, verify: bool) -> None:
                 click.echo(f"  {line}", err=True)
         sys.exit(1)
     assert st is not None
-    info = read_indexer_info(gdir)
+    info = read_indexer_info(gdir)  # the last run's report, and what the gallery indexes (its manifest)
     last: dict[str, Any] = info.get("last_run") or {}
     doc: dict[str, Any] = {
         **asdict(st),

@@ -3,8 +3,9 @@
 A gallery is a directory::
 
     GALLERY/manifest.json        format, format_version (2), model fingerprint (CONTRACTS §6), dim, metric,
-                                 storage, segment_rows, created, uuid (random, per gallery); written with
-                                 temp file + rename
+                                 storage, segment_rows, created, uuid (random, per gallery), source (the
+                                 photo folder and model bundle it indexes, relative to the gallery when
+                                 inside or beside it: gallery/source.py); written with temp file + rename
     GALLERY/meta.sqlite          one row per file: relpath (relative to the indexed root, '/' separators),
                                  size, mtime_ns, sha256, status (indexed | skipped | deleted), reason,
                                  vec (its row id) -- plus the committed length and the CRC-32 of the
@@ -53,8 +54,9 @@ Guarantees:
 Code: :mod:`~zsbir_infer.gallery.codecs` has one codec per storage kind (encode, decode, file layout,
 scorer); :mod:`~zsbir_infer.gallery.search` the exhaustive search over memory-mapped blocks;
 :mod:`~zsbir_infer.gallery.segments` the segment files (append, map, CRC-32 checksums, repair checks);
-:mod:`~zsbir_infer.gallery.ann` the HNSW index; :mod:`~zsbir_infer.gallery.store` the SQLite catalog and the
-:class:`Gallery` itself.
+:mod:`~zsbir_infer.gallery.ann` the HNSW index and the exact/ANN policy; :mod:`~zsbir_infer.gallery.source`
+what the gallery indexes and :func:`~zsbir_infer.gallery.source.find_gallery`; :mod:`~zsbir_infer.gallery.store`
+the SQLite catalog and the :class:`Gallery` itself.
 
 Search: exact (exhaustive inner product; see :mod:`zsbir_infer.gallery.search` for the numkong fp16
 kernel and the exact rescoring that makes scores exact), approximate (usearch HNSW, candidates rescored

@@ -42,6 +42,7 @@ from zsbir_infer.gallery.segments import (
 from zsbir_infer.gallery.segments import (
     fsync_dir as _fsync_dir,
 )
+from zsbir_infer.gallery.source import make_source, read_source
 
 __all__ = [
     "FORMAT",
@@ -399,6 +400,7 @@ class Gallery:
         self._segfiles = SegmentFiles(path, self._row_bytes)
         self._manifest_key = _stat_key(path / MANIFEST)
         self._identity_lock = threading.Lock()
+        self._source_cache: tuple[dict[str, Any], dict[str, Any]] | None = None
 
     # ------------------------------------------------------------------ identity
 
@@ -442,6 +444,39 @@ class Gallery:
             self.uuid = str(manifest.get("uuid") or "")
             self.format_version = int(manifest["format_version"])
             self.segment_rows = int(manifest["segment_rows"])
+
+    @property
+    def source(self) -> dict[str, Any]:
+        """What the gallery indexes: ``{"root": ..., "model": ...}``, absolute paths where the gallery is now
+        (``model`` None = the embedded default; a key is absent when unknown). Kept in the manifest (older
+        galleries: in ``indexer.json``); see :mod:`zsbir_infer.gallery.source`. Follows a rewritten manifest."""
+        self._check_identity()
+        manifest, cached = self.manifest, self._source_cache
+        if cached is None or cached[0] is not manifest:
+            cached = (manifest, read_source(self.path, manifest))
+            self._source_cache = cached
+        return dict(cached[1])
+
+    @property
+    def root(self) -> str | None:
+        """The photo folder this gallery indexes (absolute), or None when unknown."""
+        root = self.source.get("root")
+        return root if isinstance(root, str) else None
+
+    @_guarded
+    def record_source(self, root: str | os.PathLike[str], model: str | None) -> None:
+        """Record the photo folder and the model bundle (None: the embedded default) in the manifest, relative to
+        the gallery when inside or beside it (see :mod:`zsbir_infer.gallery.source`). A writer operation; the
+        manifest is replaced atomically and open readers follow it."""
+        block = make_source(self.path, Path(root), model)
+        with self._writer().hold():
+            self._check_identity()
+            if self.manifest.get("source") == block:
+                return
+            manifest = {**self.manifest, "source": block}
+            _write_json_atomic(self.path / MANIFEST, manifest)
+            self._manifest_key = _stat_key(self.path / MANIFEST)
+            self.manifest = manifest
 
     def identity(self) -> tuple[str, int]:
         """``(uuid, generation)``: changes with every commit and when the gallery is replaced by another one
