@@ -417,6 +417,35 @@ def test_ann_recall_persistence_and_staleness(tmp_path: Path) -> None:
         assert (tmp_path / "g" / "ann.usearch").read_bytes() != b"garbage"
 
 
+def test_search_with_a_mostly_stale_ann_index_is_exhaustive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A saved index that covers under half of the rows is not extended in memory by every reader: the search
+    is exhaustive (exact) until a writer saves the index again; either way nothing is written."""
+    pytest.importorskip("usearch")
+    from zsbir_infer.gallery import ann
+
+    rng = np.random.default_rng(21)
+    x = _unit(rng, 400, 16)
+    names = [f"{i}.jpg" for i in range(400)]
+    g = Gallery.create(tmp_path / "g", FP, 16)
+    g.add(_records(names[:100]), x[:100])
+    assert g.build_index() == 100
+    g.add(_records(names[100:]), x[100:])
+    calls: list[int] = []
+    real = ann.AnnIndex.search
+    monkeypatch.setattr(
+        ann.AnnIndex, "search", lambda self, q, k, threads=0: calls.append(k) or real(self, q, k, threads)
+    )
+    saved = (tmp_path / "g" / "ann.json").read_bytes()
+    assert _as_pairs(g.search(x[:5], k=3)) == _as_pairs(g.search(x[:5], k=3, exact=True))
+    assert calls == [] and (tmp_path / "g" / "ann.json").read_bytes() == saved
+    st = g.stats()
+    assert (st.ann_state, st.ann_rows, st.rows) == ("stale", 100, 400)
+    assert g.build_index() == 400
+    g.search(x[:5], k=3)
+    assert calls == [3] and g.stats().ann_state == "current"
+    g.close()
+
+
 def test_int8_storage(tmp_path: Path) -> None:
     rng = np.random.default_rng(9)
     x = _unit(rng, 1_500, 24)
