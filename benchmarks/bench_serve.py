@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import io
 import json
-import os
+import shlex
 import socket
 import statistics
 import subprocess
@@ -257,7 +256,8 @@ def write_md(doc: dict[str, Any], path: Path) -> None:
         "",
         f"Command: `{doc['command']}`  ",
         f"Machine: {m.get('cpu')}, {m.get('cpus_usable')} usable cores, {m.get('memory_gib')} GiB; load average at "
-        f"start {m.get('loadavg')}; commit {m.get('commit')}.  ",
+        f"start {[round(x, 2) for x in m.get('load_avg_at_start') or []]}; commit {m.get('git_commit')}; "
+        f"versions {m.get('versions')}.  ",
         f"Gallery: {doc['gallery']['photos']} photos (the synthetic benchmark's {doc['gallery']['classes']} unseen "
         f"classes), model `{doc['gallery']['model']}` ({doc['library']['encoder']}); queries: "
         f"{doc['gallery']['sketches']} sketches (PNG, multipart, k=10), {doc['seconds']} s per phase.",
@@ -309,8 +309,6 @@ def main() -> None:
     if any(c < 1 or c > 256 for c in levels):
         raise SystemExit("--clients: 1..256 each")
     mach = machine()
-    with contextlib.suppress(OSError):
-        mach["loadavg"] = [round(x, 2) for x in os.getloadavg()]
     fx = serve_fixture.build(args.work)
     sketches = [Path(p).read_bytes() for p in fx["sketches"]]  # type: ignore[attr-defined]
     print(f"library baseline, {args.seconds:g} s ...", flush=True)
@@ -324,7 +322,8 @@ def main() -> None:
             p["ratio_to_library"] = round(p["rps"] / lib["rps"], 3) if lib["rps"] else None
     from zsbir_infer.bundle import Bundle
 
-    cmd = "python benchmarks/bench_serve.py " + " ".join(sys.argv[1:])
+    shown = [a for i, a in enumerate(sys.argv[1:]) if a != "--note" and (i == 0 or sys.argv[i] != "--note")]
+    cmd = "python benchmarks/bench_serve.py " + shlex.join(shown)
     doc = {
         "command": cmd.strip(),
         "seconds": args.seconds,

@@ -411,3 +411,90 @@ def test_cli_help_lists_serve() -> None:
     for opt in ("--gallery", "--model", "--host", "--port", "--device", "--token", "--max-batch", "--max-wait-ms"):
         assert opt in res.output
     assert json.loads(json.dumps({"ok": True}))
+
+
+def test_stalled_body_gets_408(setup: dict[str, Any]) -> None:
+    app = create_app(setup["base"] / ".zsbir", backend="ort-cpu", config=ServeConfig(read_timeout_s=0.2))
+    sent: list[dict[str, Any]] = []
+
+    async def main() -> None:
+        chunks = [{"type": "http.request", "body": b'{"embedding": [1', "more_body": True}]
+
+        async def receive() -> dict[str, Any]:
+            if chunks:
+                return chunks.pop()
+            await asyncio.sleep(3600)  # the client stops sending
+            raise AssertionError
+
+        async def send(msg: dict[str, Any]) -> None:
+            sent.append(msg)
+
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": "/v1/search",
+            "raw_path": b"/v1/search",
+            "query_string": b"",
+            "root_path": "",
+            "headers": [(b"content-type", b"application/json"), (b"host", b"127.0.0.1")],
+            "client": ("127.0.0.1", 5000),
+            "server": ("127.0.0.1", 8000),
+        }
+        await asyncio.wait_for(app(scope, receive, send), timeout=20)
+
+    asyncio.run(main())
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    assert start["status"] == 408
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    assert json.loads(body)["error"]["code"] == "timeout"
+
+
+def test_factory_uses_zsbir_gallery(setup: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    import zsbir_infer.serve
+
+    monkeypatch.setenv("ZSBIR_GALLERY", str(setup["base"] / ".zsbir"))
+    monkeypatch.setenv("ZSBIR_SERVE_TOKEN", "tok")
+    with TestClient(zsbir_infer.serve.create_app()) as c:  # what `uvicorn --factory zsbir_infer.serve:create_app` calls
+        assert c.get("/v1/info").status_code == 401
+        assert c.get("/v1/info", headers={"Authorization": "Bearer tok"}).json()["files_indexed"] == 40
+
+
+def test_zsbir_serve_process(setup: dict[str, Any]) -> None:
+    """The real command: uvicorn on 127.0.0.1, a search over HTTP, a clean stop on SIGTERM."""
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    zsbir = str(Path(sys.executable).parent / "zsbir")
+    cmd = [zsbir, "serve", "--gallery", str(setup["base"] / ".zsbir"), "--port", str(port), "--backend", "ort-cpu"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
+                    assert json.loads(r.read())["photos"] == 40
+                    break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, "zsbir serve did not start"
+                time.sleep(0.2)
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/search",
+            data=json.dumps({"embedding": [1.0] * 6, "k": 3}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=10) as r:
+            assert [h["rank"] for h in json.loads(r.read())["hits"]] == [1, 2, 3]
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    # uvicorn shuts down cleanly, then re-raises the SIGTERM it caught (exit status 0 or -SIGTERM).
+    assert proc.returncode in (0, -15), err.decode()[-2000:]
+    assert b"Application shutdown complete" in err, err.decode()[-2000:]
+    assert b"sketch pad: http://127.0.0.1:" in err

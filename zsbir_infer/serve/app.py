@@ -57,6 +57,7 @@ class ServeConfig:
     max_pixels: int = 25_000_000  # decoded query images
     max_k: int = MAX_K
     timeout_s: float = 30.0  # one search request
+    read_timeout_s: float = 30.0  # each chunk of a request body
     max_queue: int = 1024
     cors_origins: tuple[str, ...] = ()
     thumb_cache: int = 1024
@@ -76,10 +77,10 @@ def _error(status: int, code: str, message: str, headers: dict[str, str] | None 
 
 class _BodyLimit:
     """ASGI middleware: request bodies over ``max_bytes`` get a JSON 413 (by Content-Length, or while they
-    stream in)."""
+    stream in); a body that stalls for ``read_timeout_s`` gets a 408."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app: ASGIApp, max_bytes: int, read_timeout_s: float = 30.0) -> None:
+        self.app, self.max_bytes, self.read_timeout_s = app, max_bytes, read_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -99,7 +100,12 @@ class _BodyLimit:
 
         async def limited() -> Message:
             nonlocal seen
-            msg = await receive()
+            try:  # a client that stops sending its body mid-way does not hold the request open forever
+                msg = await asyncio.wait_for(receive(), timeout=self.read_timeout_s)
+            except asyncio.TimeoutError:
+                raise ApiError(
+                    408, "timeout", f"the request body did not arrive within {self.read_timeout_s:g} s"
+                ) from None
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
                 if seen > self.max_bytes:
@@ -626,7 +632,7 @@ def create_app(
                 allow_headers=["Authorization", "Content-Type"],
             )
         )
-    middleware.append(Middleware(_BodyLimit, max_bytes=config.max_bytes))
+    middleware.append(Middleware(_BodyLimit, max_bytes=config.max_bytes, read_timeout_s=config.read_timeout_s))
     app = Starlette(
         routes=routes,
         middleware=middleware,
