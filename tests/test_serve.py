@@ -498,3 +498,30 @@ def test_zsbir_serve_process(setup: dict[str, Any]) -> None:
     assert proc.returncode in (0, -15), err.decode()[-2000:]
     assert b"Application shutdown complete" in err, err.decode()[-2000:]
     assert b"sketch pad: http://127.0.0.1:" in err
+
+
+def test_a_broken_image_in_a_batch_fails_alone(setup: dict[str, Any]) -> None:
+    """A PNG whose header is fine but whose pixels are cut off is found only when decoding, inside the batch:
+    it gets its 400 and the queries batched with it their results."""
+    good = setup["sketch"]
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, format="PNG")
+    broken = buf.getvalue()[: len(buf.getvalue()) // 2]
+    app = create_app(setup["base"] / ".zsbir", backend="ort-cpu", config=ServeConfig(max_batch=16, max_wait_ms=100))
+    bodies = [good, broken, good, good, broken, good]
+    with TestClient(app) as c:
+        out: list[Any] = [None] * len(bodies)
+
+        def go(i: int) -> None:
+            out[i] = c.post("/v1/search", files={"image": ("s.png", bodies[i], "image/png")})
+
+        threads = [threading.Thread(target=go, args=(i,)) for i in range(len(bodies))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    for body, resp in zip(bodies, out, strict=True):
+        if body is broken:
+            assert resp.status_code == 400 and resp.json()["error"]["code"] == "not-an-image", resp.text
+        else:
+            assert resp.status_code == 200 and len(resp.json()["hits"]) == 10

@@ -195,3 +195,58 @@ def test_upload_searches_with_the_file(server: str, browser: Any, tmp_path: Path
     wait_searches(page, 0)
     page.wait_for_function("document.querySelectorAll('#results a').length === 24")
     page.close()
+
+
+def test_pen_pressure_changes_the_line(server: str, browser: Any) -> None:
+    """A pen (CDP pointerType 'pen' with force): a firm stroke is drawn wider than a light one."""
+    page = browser.new_page(viewport={"width": 1000, "height": 800})
+    page.goto(server + "/")
+    cdp = page.context.new_cdp_session(page)
+    box = page.locator("#pad").bounding_box()
+
+    def pen_stroke(y: float, force: float) -> None:
+        xs = [0.15 + 0.1 * i for i in range(8)]
+        pts = [(box["x"] + box["width"] * x, box["y"] + box["height"] * y) for x in xs]
+        base = {"pointerType": "pen", "button": "left"}
+        cdp.send(
+            "Input.dispatchMouseEvent",
+            {**base, "type": "mousePressed", "x": pts[0][0], "y": pts[0][1], "force": force, "clickCount": 1},
+        )
+        for x, yy in pts[1:]:
+            cdp.send(
+                "Input.dispatchMouseEvent",
+                {**base, "type": "mouseMoved", "x": x, "y": yy, "force": force, "buttons": 1},
+            )
+        cdp.send(
+            "Input.dispatchMouseEvent",
+            {**base, "type": "mouseReleased", "x": pts[-1][0], "y": pts[-1][1], "force": force, "clickCount": 1},
+        )
+
+    pen_stroke(0.25, 1.0)
+    pen_stroke(0.75, 0.1)
+    wait_searches(page, 0)
+    # Dark pixels in each half of the canvas: the firm stroke (top) covers more.
+    dark = page.evaluate(
+        """() => {
+          const c = document.getElementById('pad');
+          const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+          let top = 0, bottom = 0;
+          for (let i = 0; i < d.length; i += 4) {
+            if (d[i] < 128) { if (i / 4 < c.width * c.height / 2) top++; else bottom++; }
+          }
+          return [top, bottom];
+        }"""
+    )
+    assert dark[1] > 0 and dark[0] > 3 * dark[1], dark
+    page.close()
+
+
+def test_offline_api_docs_render(server: str, browser: Any) -> None:
+    page = browser.new_page()
+    external: list[str] = []
+    page.on("request", lambda r: None if r.url.startswith(server) else external.append(r.url))
+    page.goto(server + "/docs")
+    page.wait_for_function("document.querySelectorAll('.op').length >= 8")
+    assert "/v1/search" in page.inner_text("#ops") and "SearchResponse" in page.inner_text("#schemas")
+    assert not external
+    page.close()
