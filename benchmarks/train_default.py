@@ -1,5 +1,7 @@
 #!/usr/bin/env python
-"""Build the embedded default model: synthetic set -> photo pre-training -> Tursun et al. training.
+"""Build the embedded synthetic-shapes model (``zsbir_infer/assets/synthetic``, used by ``zsbir demo``).
+
+Synthetic set -> photo pre-training -> Tursun et al. training.
 
 One reproducible command (run from the repository root, in the project's virtual environment)::
 
@@ -11,7 +13,7 @@ Steps (each a ``zsbir`` command, recorded verbatim in the results):
 1. ``zsbir data synth WORK/synth`` (the default synthetic benchmark, seed 0);
 2. ``zsbir train --method none`` on the seen PHOTOS (the stand-in for ImageNet pre-training);
 3. ``zsbir train --method tursun --pretrained <step 2>`` on the seen sketches and photos;
-4. copies the checkpoint to ``zsbir_infer/assets/default/checkpoint.{safetensors,json}`` and writes
+4. copies the checkpoint to ``zsbir_infer/assets/synthetic/checkpoint.{safetensors,json}`` and writes
    ``benchmarks/results/default_model.{md,json}`` (commands, wall times, machine, unseen metrics).
 """
 
@@ -87,7 +89,7 @@ def main() -> None:
     ap.add_argument(
         "--ablation", action="store_true", help="train without the Tursun-specific losses (classification only)"
     )
-    ap.add_argument("--no-install", action="store_true", help="do not copy into zsbir_infer/assets/default")
+    ap.add_argument("--no-install", action="store_true", help="do not copy into zsbir_infer/assets/synthetic")
     ap.add_argument(
         "--from-runs",
         nargs=2,
@@ -166,7 +168,7 @@ def finish(
     val = ckpt["metrics"].get("val")
     facts["load_average_at_end"] = os.getloadavg()
     result = {
-        "what": "embedded default model (zsbir_infer/assets/default/checkpoint.*)",
+        "what": "embedded synthetic-shapes model (zsbir_infer/assets/synthetic/checkpoint.*)",
         "method": "tursun (ablation: classification loss only)" if args.ablation else "tursun",
         "arch": ckpt["arch"],
         "input_size": args.size,
@@ -181,7 +183,7 @@ def finish(
         "history": [json.loads(line) for line in (final / "log.jsonl").read_text().splitlines()],
     }
     if not args.no_install:
-        dest = ROOT / "zsbir_infer" / "assets" / "default"
+        dest = ROOT / "zsbir_infer" / "assets" / "synthetic"
         dest.mkdir(parents=True, exist_ok=True)
         for ext in (".safetensors", ".json"):
             shutil.copyfile(final / f"checkpoint{ext}", dest / f"checkpoint{ext}")

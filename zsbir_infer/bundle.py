@@ -41,6 +41,7 @@ __all__ = [
     "compute_fingerprint",
     "default_bundle_path",
     "sha256_file",
+    "synthetic_bundle_path",
 ]
 
 FORMAT = "zsbir-bundle"
@@ -60,6 +61,15 @@ class BundleError(ValueError):
 def default_bundle_path() -> Path:
     """The embedded default bundle, ``zsbir_infer/assets/default`` (CONTRACTS §7)."""
     return Path(__file__).resolve().parent / "assets" / "default"
+
+
+def synthetic_bundle_path() -> Path:
+    """The bundle of the model trained on the synthetic benchmark, ``zsbir_infer/assets/synthetic``.
+
+    ``zsbir demo`` uses it for its synthetic shapes; the default model (:func:`default_bundle_path`) is
+    trained on real sketches and photos (CONTRACTS §7).
+    """
+    return Path(__file__).resolve().parent / "assets" / "synthetic"
 
 
 def sha256_file(path: str | Path) -> str:

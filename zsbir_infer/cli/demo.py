@@ -1,4 +1,8 @@
-"""``zsbir demo``: the whole pipeline end to end on synthetic zero-shot data, with the embedded default model.
+"""``zsbir demo``: the whole pipeline end to end on synthetic zero-shot data.
+
+The model is the embedded synthetic-shapes bundle (``zsbir_infer/assets/synthetic``, trained on the
+synthetic benchmark's seen classes), unless ``--model`` names another; the embedded *default* model is
+trained on real sketches and photos and is what ``index``/``query`` use on a user's photos.
 
 1. render photos and sketches of *unseen* classes of the synthetic benchmark (classes the model never saw
    in training: the classes named in the model's training checkpoint are left out);
@@ -23,11 +27,8 @@ import click
 from zsbir_infer.cli.embed import BACKEND_CHOICES, PRECISION_CHOICES
 
 
-def _training_classes(model: Path | None) -> set[str]:
+def _training_classes(folder: Path) -> set[str]:
     """Class names the model was trained on, from ``checkpoint.json`` beside the bundle (if present)."""
-    from zsbir_infer.bundle import default_bundle_path
-
-    folder = model if model is not None else default_bundle_path()
     for name in ("checkpoint.json", "config.json"):
         p = folder / name
         if p.is_file():
@@ -90,7 +91,12 @@ def _render(out: Path, classes: list[str], photos: int, sketches: int, size: int
     help="Folder for the images, the gallery and the results page (reused by a rerun).",
 )
 @click.option("--quick", is_flag=True, help="A smaller run (fewer classes and images): well under a minute.")
-@click.option("--model", type=click.Path(path_type=Path), default=None, help="Bundle (default: the embedded model).")
+@click.option(
+    "--model",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Bundle (default: the embedded synthetic-shapes model, assets/synthetic).",
+)
 @click.option("--precision", type=click.Choice(PRECISION_CHOICES), default="fp32", show_default=True)
 @click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True)
 @click.option("-k", "k", type=click.IntRange(1, 50), default=5, show_default=True, help="Results shown per query.")
@@ -99,6 +105,7 @@ def command(out: Path, quick: bool, model: Path | None, precision: str, backend:
     """Run the pipeline end to end on synthetic zero-shot classes and write an HTML results page."""
     import numpy as np
 
+    from zsbir_infer.bundle import synthetic_bundle_path
     from zsbir_infer.cli.embed import open_encoder
     from zsbir_infer.gallery import Gallery, ModelMismatchError
     from zsbir_infer.indexer import IndexingError, index_folder
@@ -109,6 +116,9 @@ def command(out: Path, quick: bool, model: Path | None, precision: str, backend:
     n_classes, n_photos, n_sketches, n_queries = (6, 12, 4, 4) if quick else (15, 30, 10, 6)
     t0 = time.perf_counter()
     say = (lambda msg: click.echo(msg, err=True)) if as_json else click.echo
+    if model is None:
+        model = synthetic_bundle_path()
+        say(f"model: the synthetic-shapes bundle {model} (the default model for real photos is assets/default)")
     enc = open_encoder(model, precision, backend, 32, None)
     try:
         classes = _demo_classes(n_classes, _training_classes(model))
