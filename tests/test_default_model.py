@@ -1,8 +1,8 @@
 """Quality gate of the embedded default model on real sketches and photos (the Sketchy subset's unseen classes).
 
 Runs where the team data ``../shared/realdata`` is present (CI has it) and skips with a reason elsewhere
-(a user's fresh clone). The floors are the committed figures of ``benchmarks/results/export_real_default.md`` (fp32 0.287)
-minus a small margin; raw ImageNet features score 0.167 on the same split and random embeddings 0.054.
+(a user's fresh clone). The floors are the committed figures of ``benchmarks/results/export_real_default.md``
+(fp32 0.287) minus a small margin; raw ImageNet features score 0.167 on the same split and random embeddings 0.054.
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ import pytest
 from zsbir_infer.bundle import default_bundle_path, synthetic_bundle_path
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "realdata" / "sketchy"
-needs_real = pytest.mark.skipif(not REAL.is_dir(), reason="needs ../shared/realdata (team data, absent in a fresh clone)")
+needs_real = pytest.mark.skipif(
+    not REAL.is_dir(), reason="needs ../shared/realdata (team data, absent in a fresh clone)"
+)
 
 #: unseen mAP@all (SAKE split, sketch queries vs the 625 unseen photos) the default model must keep
 UNSEEN_MAP_FLOOR = 0.27
