@@ -3,6 +3,7 @@ every file ends up indexed exactly once, and the vectors equal those of a clean,
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -10,6 +11,8 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -191,32 +194,125 @@ def test_sigkill_during_an_incremental_run(tmp_path: Path) -> None:
         np.testing.assert_allclose(got[rel], ref[rel], atol=1e-3)  # changed files carry their new vectors
 
 
-def test_ctrl_c_stops_cleanly_and_the_rerun_completes(tmp_path: Path) -> None:
-    bundle = make_bundle(tmp_path / "bundle")[0]
-    root = tmp_path / "photos"
-    rels = set(write_photos(root, 200, size=(96, 128)))
-    gal = tmp_path / "g"
+def _exits_within(proc: subprocess.Popen[str], bound: float, what: str) -> tuple[int, str]:
+    """Wait up to ``bound`` seconds for ``proc``; if it hangs, dump its threads' stacks (faulthandler, on
+    SIGABRT), kill it and fail the test: a child is never left behind."""
+    try:
+        _out, err = proc.communicate(timeout=bound)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)  # PYTHONFAULTHANDLER=1: prints every thread's stack, then dies
+        try:
+            _out, err = proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _out, err = proc.communicate()
+        pytest.fail(f"zsbir index did not exit within {bound:.0f} s {what} (hung; killed):\n{err[-6000:]}")
+    return proc.returncode, err
+
+
+def _start_interruptible(cmd: list[str]) -> subprocess.Popen[str]:
     # A shell without job control starts background jobs with SIGINT ignored, and Python then installs no
     # KeyboardInterrupt handler; give the child the default disposition, as a terminal's Ctrl-C finds it.
-    proc = subprocess.Popen(
-        _cmd(root, gal, bundle),
-        env=_env(),
+    return subprocess.Popen(
+        cmd,
+        env={**_env(), "PYTHONFAULTHANDLER": "1"},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
+
+
+@contextlib.contextmanager
+def _cpu_load(n: int) -> Iterator[None]:
+    """``n`` busy-looping processes for the duration of the block (contention makes the interrupt land in
+    the narrow windows: between a lock's acquire and the code that releases it)."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        yield
+    finally:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.wait()
+
+
+def test_ctrl_c_stops_cleanly_and_the_rerun_completes(tmp_path: Path) -> None:
+    bundle = make_bundle(tmp_path / "bundle")[0]
+    root = tmp_path / "photos"
+    rels = set(write_photos(root, 200, size=(96, 128)))
+    gal = tmp_path / "g"
+    proc = _start_interruptible(_cmd(root, gal, bundle))
     deadline = time.monotonic() + 60
     while proc.poll() is None and _committed(gal) < 20 and time.monotonic() < deadline:
         time.sleep(0.002)
     if proc.poll() is not None:
+        proc.communicate()
         pytest.skip("the run finished before it could be interrupted")
     proc.send_signal(signal.SIGINT)
-    _out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
+    rc, err = _exits_within(proc, 60, "after SIGINT")  # kills it and fails if it hangs
+    assert rc == 130, err
     assert "interrupted" in err and "rerun" in err and "Traceback" not in err
     got, _, _ = _state(gal)
     assert 0 < len(got) < len(rels)
     final = subprocess.run(_cmd(root, gal, bundle), env=_env(), capture_output=True, text=True)
     assert final.returncode == 0, final.stderr
     assert set(_state(gal)[0]) == rels
+
+
+INTERRUPTS = 20
+INTERRUPT_GROUPS = 4  # the gallery starts over after each group, so that later interrupts land mid-run too
+
+
+@pytest.mark.slow
+def test_ctrl_c_at_random_moments_under_load_never_hangs(tmp_path: Path) -> None:
+    """SIGINT at 20 random moments of `zsbir index` (start-up, walk, decoding, embedding, commits, the end)
+    while the CPU is busy: every run exits promptly (130 when interrupted), the gallery opens after each,
+    and a rerun completes with every file exactly once."""
+    bundle = make_bundle(tmp_path / "bundle")[0]
+    root = tmp_path / "photos"
+    rels = set(write_photos(root, 400, size=(96, 128)))
+    (root / "junk.jpg").write_bytes(b"\xff\xd8\xff not really")
+    rng = random.Random(20261203)
+    outcomes: Counter[str] = Counter()
+    with _cpu_load(min(2, os.cpu_count() or 1)):
+        t0 = time.monotonic()
+        rc, err = _exits_within(_start_interruptible(_cmd(root, tmp_path / "clean", bundle)), 90, "(clean run)")
+        run_s = time.monotonic() - t0
+        assert rc == 0, err
+        for group in range(INTERRUPT_GROUPS):
+            gal = tmp_path / f"g{group}"
+            per_group = INTERRUPTS // INTERRUPT_GROUPS
+            for k in range(per_group):
+                proc = _start_interruptible(_cmd(root, gal, bundle))
+                if k == per_group - 1:  # any moment of a run: start-up, imports, opening the model, the walk, indexing
+                    time.sleep(rng.uniform(0.0, run_s))
+                else:  # once a random share of the remaining files is committed, plus a few milliseconds
+                    done = _committed(gal)
+                    target = done + max(1, int(rng.uniform(0.05, 0.5) * (len(rels) - done)))
+                    deadline = time.monotonic() + 60
+                    while proc.poll() is None and _committed(gal) < target and time.monotonic() < deadline:
+                        time.sleep(0.002)
+                    time.sleep(rng.uniform(0.0, 0.02))
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGINT)
+                rc, err = _exits_within(proc, 30, "after SIGINT")
+                if rc == 130:  # interrupted inside index_folder: the CLI's message, no traceback
+                    assert "interrupted" in err and "rerun" in err and "Traceback" not in err, err
+                    outcomes["interrupted"] += 1
+                elif rc == 1 and "Aborted!" in err:  # interrupted before indexing began (click's handler)
+                    outcomes["aborted"] += 1
+                elif rc == -signal.SIGINT or "init_import_site" in err:  # outside the CLI: start-up or exit
+                    outcomes["start-up"] += 1
+                else:
+                    assert rc == 0, (rc, err)
+                    outcomes["finished"] += 1
+                if (gal / "manifest.json").exists():
+                    got, _, _ = _state(gal)  # opens after every interrupt
+                    assert set(got) <= rels
+            rc, err = _exits_within(_start_interruptible(_cmd(root, gal, bundle)), 90, "(rerun)")
+            assert rc == 0, err
+            got, skipped, _ = _state(gal)
+            assert set(got) == rels and skipped == 1, outcomes  # every file exactly once (one live row each)
+    # Most interrupts landed while the run was working on the gallery (otherwise the test proves little).
+    assert outcomes["interrupted"] >= INTERRUPTS // 2, outcomes

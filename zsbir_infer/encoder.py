@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -30,6 +30,7 @@ from PIL import Image
 
 from zsbir_infer.backends.base import BACKENDS, Backend, open_backend
 from zsbir_infer.bundle import PRECISIONS, Bundle, check_domain
+from zsbir_infer.prefetch import prefetch
 from zsbir_infer.preprocess import ImageDecodeError, ImageInput, preprocess_into
 
 __all__ = ["DEFAULT_BATCH_SIZE", "EmbeddedBatch", "Encoder", "EncoderError", "PreprocessedBatch", "l2_normalize"]
@@ -222,45 +223,31 @@ class Encoder:
         if n == 0:
             return
         ahead = 2  # batches decoded ahead of the one being embedded
-        with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="zsbir-decode") as pool:
-            pending: deque[tuple[int, np.ndarray, list[Future[Any]]]] = deque()
-            starts = iter(range(0, n, bs))
 
-            def submit() -> bool:
-                start = next(starts, None)
-                if start is None:
-                    return False
+        def groups() -> Iterator[tuple[tuple[int, np.ndarray], Sequence[Callable[[], object]]]]:
+            for start in range(0, n, bs):
                 stop = min(n, start + bs)
                 buf = np.empty((stop - start, 3, spec.height, spec.width), dtype=np.float32)
-                futs = [pool.submit(preprocess_into, images[i], spec, buf[i - start]) for i in range(start, stop)]
-                pending.append((start, buf, futs))
-                return True
+                yield (
+                    (start, buf),
+                    [partial(preprocess_into, images[i], spec, buf[i - start]) for i in range(start, stop)],
+                )
 
-            for _ in range(ahead + 1):
-                if not submit():
-                    break
-            try:
-                while pending:
-                    start, buf, futs = pending.popleft()
-                    failures: list[tuple[int, str]] = []
-                    for i, f in enumerate(futs):
-                        try:
-                            f.result()
-                        except ImageDecodeError as exc:
-                            if not skip_errors:
-                                raise
-                            failures.append((start + i, str(exc)))
-                    submit()
-                    indices = np.arange(start, start + len(futs), dtype=np.int64)
-                    if failures:
-                        keep = np.ones(len(futs), dtype=bool)
-                        keep[[i - start for i, _ in failures]] = False
-                        buf, indices = buf[keep], indices[keep]
-                    yield PreprocessedBatch(start=start, size=len(futs), indices=indices, images=buf, failures=failures)
-            finally:
-                for _, _, futs in pending:
-                    for f in futs:
-                        f.cancel()
+        with closing(prefetch(groups(), workers=self.workers, in_flight=ahead + 1, name="zsbir-decode")) as batches:
+            for (start, buf), outcomes in batches:
+                failures: list[tuple[int, str]] = []
+                for i, o in enumerate(outcomes):
+                    if o.error is None:
+                        continue
+                    if not (skip_errors and isinstance(o.error, ImageDecodeError)):
+                        o.result()  # raises it
+                    failures.append((start + i, str(o.error)))
+                indices = np.arange(start, start + len(outcomes), dtype=np.int64)
+                if failures:
+                    keep = np.ones(len(outcomes), dtype=bool)
+                    keep[[i - start for i, _ in failures]] = False
+                    buf, indices = buf[keep], indices[keep]
+                yield PreprocessedBatch(start=start, size=len(outcomes), indices=indices, images=buf, failures=failures)
 
     def embed_stream(
         self,

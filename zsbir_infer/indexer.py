@@ -49,10 +49,10 @@ import os
 import stat as stat_mod
 import threading
 import time
-from collections import Counter, deque
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections import Counter
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -60,6 +60,7 @@ import numpy as np
 
 from zsbir_infer.gallery.source import DEFAULT_GALLERY_DIRNAME as _DEFAULT_GALLERY_DIRNAME
 from zsbir_infer.gallery.source import find_gallery
+from zsbir_infer.prefetch import prefetch
 
 if TYPE_CHECKING:
     from zsbir_infer.encoder import Encoder
@@ -762,8 +763,9 @@ def _run(
     report.read = len(candidates)
     committer = _Committer(g, report, commit_files, commit_seconds)
     t_embed = time.perf_counter()
+    batches = _decoded_batches(candidates, encoder, batch_size, workers)
     try:
-        for part, batch, results in _decoded_batches(candidates, encoder, batch_size, workers):
+        for part, batch, results in batches:
             ok = [i for i, (good, _) in enumerate(results) if good]
             vecs = None
             if ok:
@@ -780,6 +782,7 @@ def _run(
                 progress(len(results))
         committer.flush()
     finally:
+        batches.close()  # now, not when garbage-collected: an interrupt stops the decoding threads at once
         report.embed_seconds = time.perf_counter() - t_embed
 
 
@@ -795,7 +798,7 @@ def _prepare_chunk(entries: Sequence[WalkEntry], spec: PreprocessSpec, out: np.n
 
 def _decoded_batches(
     entries: Sequence[WalkEntry], encoder: Encoder, batch_size: int | None, workers: int | None
-) -> Iterator[tuple[Sequence[WalkEntry], np.ndarray, list[tuple[bool, str]]]]:
+) -> Generator[tuple[Sequence[WalkEntry], np.ndarray, list[tuple[bool, str]]], None, None]:
     """Yield (slice of entries, preprocessed batch, per-file (ok, sha256-or-reason)) for consecutive slices
     of ``entries``, decoded on a thread pool a few batches ahead of the consumer (in chunks of at most
     :data:`DECODE_CHUNK` files, at least one chunk per thread per batch)."""
@@ -810,32 +813,17 @@ def _decoded_batches(
     # Enough batches in flight to keep every decoding thread busy while the model runs one batch.
     ahead = max(2, -(-2 * nw // bs))
     chunk = max(1, min(DECODE_CHUNK, -(-bs // nw)))
-    pool = ThreadPoolExecutor(max_workers=nw, thread_name_prefix="zsbir-index")
-    pending: deque[tuple[int, int, np.ndarray, list[Future[list[tuple[bool, str]]]]]] = deque()
-    starts = iter(range(0, n, bs))
 
-    def submit() -> None:
-        start = next(starts, None)
-        if start is None:
-            return
-        stop = min(n, start + bs)
-        buf = np.empty((stop - start, 3, spec.height, spec.width), dtype=np.float32)
-        futs = [
-            pool.submit(_prepare_chunk, entries[i : min(stop, i + chunk)], spec, buf[i - start : i - start + chunk])
-            for i in range(start, stop, chunk)
-        ]
-        pending.append((start, stop, buf, futs))
+    def groups() -> Iterator[tuple[tuple[int, int, np.ndarray], Sequence[Callable[[], list[tuple[bool, str]]]]]]:
+        for start in range(0, n, bs):
+            stop = min(n, start + bs)
+            buf = np.empty((stop - start, 3, spec.height, spec.width), dtype=np.float32)
+            tasks = [
+                partial(_prepare_chunk, entries[i : min(stop, i + chunk)], spec, buf[i - start : i - start + chunk])
+                for i in range(start, stop, chunk)
+            ]
+            yield (start, stop, buf), tasks
 
-    try:
-        for _ in range(ahead + 1):
-            submit()
-        while pending:
-            start, stop, buf, futs = pending.popleft()
-            results = [r for f in futs for r in f.result()]
-            submit()
-            yield entries[start:stop], buf, results
-    finally:
-        for _, _, _, futs in pending:
-            for f in futs:
-                f.cancel()
-        pool.shutdown(wait=True, cancel_futures=True)
+    with contextlib.closing(prefetch(groups(), workers=nw, in_flight=ahead + 1, name="zsbir-index")) as batches:
+        for (start, stop, buf), outcomes in batches:
+            yield entries[start:stop], buf, [r for o in outcomes for r in o.result()]
