@@ -7,14 +7,14 @@ and trains on the seen classes of the real Sketchy subset (``../shared/realdata/
 reads only them. The unseen classes are evaluated once, at the end of each run. Usage (repository root)::
 
     python benchmarks/train_real.py                      # all runs (skips finished ones, resumes broken ones)
-    python benchmarks/train_real.py --only tursun_doodles,tursun_plain
+    python benchmarks/train_real.py --only tursun_doodles,tursun_doodles_flat
     python benchmarks/train_real.py --report             # tables from the finished runs + baselines
     python benchmarks/train_real.py --install NAME       # copy NAME's checkpoint into zsbir_infer/assets/default
 
 Writes ``benchmarks/results/real_methods.{md,json}``: per run the command, wall time, machine, the held-out
 seen-class (val) and unseen metrics; beside them raw ImageNet features and random embeddings, and the
 doodle-style check (QuickDraw doodles of the held-out classes as queries: a drawing style the
-``tursun_plain`` recipe never saw).
+runs without ``--extra-sketches`` never saw).
 """
 
 from __future__ import annotations
@@ -236,7 +236,8 @@ def report(data: Path, work: Path) -> None:
     lines += [
         "",
         "Doodle queries (val): QuickDraw doodles of the 15 held-out seen classes against those classes' Sketchy "
-        "photos; `tursun_plain` and the methods-table runs never saw a doodle, `tursun_doodles` saw doodles "
+        "photos; the runs without doodles (`tursun_plain`, the methods table) never saw one, the `tursun_doodles*` "
+        "runs saw doodles "
         "of the other classes.",
         "",
         "Why 128 px and frozen blocks: on this 2-core CPU EfficientNet-Lite0 trains at about 20-30 images/s at "
@@ -252,7 +253,10 @@ def install(name: str, work: Path) -> None:
     dest = ROOT / "zsbir_infer" / "assets" / "default"
     for suffix in (".safetensors", ".json"):
         shutil.copy2(work / name / f"checkpoint{suffix}", dest / f"checkpoint{suffix}")
-    print(f"installed {name} into {dest}; now run: zsbir export --default-checkpoint (see README)")
+    print(
+        f"installed {name} into {dest}; now export its bundle: zsbir export --default -o /tmp/d && "
+        f"cp /tmp/d/manifest.json /tmp/d/model.onnx {dest}/"
+    )
 
 
 def main() -> None:
