@@ -310,8 +310,6 @@ class _Run:
 
         method_cls = METHODS[cfg.method]
         start = open_start(cfg.pretrained, cfg.backbone, cfg.width)
-        self.start_kind = start.kind
-        self.pretrained_config = start.config
         self.teacher_classes: list[str] = start.teacher_classes or list(
             method_cls.teacher_head_classes(self.seen.classes, cfg) or self.seen.classes
         )
@@ -422,10 +420,6 @@ class _Run:
         for m in self._frozen_modules(n_blocks):
             for p in m.parameters():
                 p.requires_grad_(False)
-
-    def embed_samples(self, samples: list[Any], tag: int, head: Callable[[Any], Tensor] | None = None) -> np.ndarray:
-        """Eval-mode outputs of the model over ``samples``."""
-        return _embed_samples(self.model, samples, tag, self.spec, self.device, self.cache, head=head)
 
     @torch.no_grad()
     def teacher_outputs(self, samples: list[Any], tag: int) -> Tensor:

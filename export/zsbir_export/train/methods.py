@@ -16,8 +16,8 @@
             on the training photos for the class head and the teacher head (one output per training
             class, or per part of compositional class names: ``--pretrain-labels parts``).
 
-A strategy sees the run only through :class:`RunContext`'s attributes (model, teacher, seen split,
-spec, device, config) and returns named loss terms; the loop sums them, steps and logs. Adding a method
+A strategy sees the run only through :class:`RunContext` (model, teacher, seen split, device, config and
+the teacher's outputs over samples) and returns named loss terms; the loop sums them, steps and logs. Adding a method
 is one subclass with ``@register("name")``.
 """
 
@@ -27,7 +27,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -71,10 +70,6 @@ class RunContext(Protocol):
     seen: SplitData
     device: torch.device
     log: Callable[[str], None]
-
-    def embed_samples(self, samples: list[Any], tag: int, head: Callable[[Any], Tensor] | None = None) -> np.ndarray:
-        """Eval-mode outputs over ``samples`` (embeddings, or ``head`` of the model output)."""
-        ...
 
     def teacher_outputs(self, samples: list[Any], tag: int) -> Tensor:
         """The teacher's logits over ``samples`` (eval preprocessing)."""
