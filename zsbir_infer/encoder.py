@@ -28,10 +28,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from zsbir_infer.backends.base import BACKENDS, Backend, open_backend
+from zsbir_infer.backends import BACKENDS, Backend, open_backend
 from zsbir_infer.bundle import PRECISIONS, Bundle, check_domain
 from zsbir_infer.prefetch import prefetch
 from zsbir_infer.preprocess import ImageDecodeError, ImageInput, preprocess_into
+from zsbir_infer.threads import default_threads
 
 __all__ = ["DEFAULT_BATCH_SIZE", "EmbeddedBatch", "Encoder", "EncoderError", "PreprocessedBatch", "l2_normalize"]
 
@@ -71,14 +72,6 @@ def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     norms = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float32))[:, None]
     return np.divide(x, np.maximum(norms, np.float32(eps)), dtype=np.float32)
-
-
-def _default_workers() -> int:
-    try:
-        n = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # pragma: no cover - non-Linux
-        n = os.cpu_count() or 1
-    return max(1, min(8, n))
 
 
 class Encoder:
@@ -126,7 +119,7 @@ class Encoder:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         b = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
         be = open_backend(b, precision, backend, device_id=device_id, threads=threads)
-        enc = cls(b, be, precision, batch_size, workers if workers is not None else _default_workers())
+        enc = cls(b, be, precision, batch_size, workers if workers is not None else default_threads(8))
         log.info("encoder: %s, bundle %s (%s)", be.describe(), b.path, b.fingerprint)
         return enc
 

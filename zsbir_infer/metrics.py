@@ -51,7 +51,6 @@ distances) use a stable radix argsort.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
@@ -60,6 +59,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from zsbir_infer.itq import hamming_distance, pack_bits
+from zsbir_infer.threads import default_threads
 
 __all__ = [
     "METRIC_KEYS",
@@ -247,7 +247,7 @@ def _aggregate(values: np.ndarray, query_codes: np.ndarray, average: Average) ->
 
 def _n_threads(n_threads: int | None) -> int:
     if n_threads is None:
-        return max(1, min(4, os.cpu_count() or 1))
+        return default_threads(4)
     if n_threads < 1:
         raise ValueError(f"n_threads must be >= 1; got {n_threads}")
     return n_threads

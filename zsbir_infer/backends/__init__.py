@@ -12,6 +12,7 @@ Every backend implements :class:`Backend`. Nothing heavy is imported until a bac
 
 from __future__ import annotations
 
-from zsbir_infer.backends.base import BACKENDS, Backend, BackendUnavailable, open_backend
+from zsbir_infer.backends.base import Backend, BackendUnavailable
+from zsbir_infer.backends.factory import AUTO_ORDER, BACKENDS, open_backend
 
-__all__ = ["BACKENDS", "Backend", "BackendUnavailable", "open_backend"]
+__all__ = ["AUTO_ORDER", "BACKENDS", "Backend", "BackendUnavailable", "open_backend"]

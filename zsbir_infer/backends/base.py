@@ -1,25 +1,14 @@
-"""The backend interface and the selection logic (``auto`` = TensorRT, then ORT CUDA, then ORT CPU)."""
+"""The backend interface: what every inference backend implements (the factory is in ``factory.py``)."""
 
 from __future__ import annotations
 
 import abc
-import logging
-import os
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from zsbir_infer.bundle import Bundle
+from zsbir_infer import threads as _threads
 
-__all__ = ["AUTO_ORDER", "BACKENDS", "Backend", "BackendUnavailable", "default_threads", "open_backend"]
-
-log = logging.getLogger("zsbir.backends")
-
-#: Backend names accepted by ``Encoder.open(..., backend=...)``.
-BACKENDS: tuple[str, ...] = ("auto", "tensorrt", "ort-cuda", "ort-cpu")
-#: The order in which ``auto`` tries backends.
-AUTO_ORDER: tuple[str, ...] = ("tensorrt", "ort-cuda", "ort-cpu")
+__all__ = ["Backend", "BackendUnavailable", "default_threads"]
 
 
 class BackendUnavailable(RuntimeError):
@@ -56,65 +45,5 @@ class Backend(abc.ABC):
 
 def default_threads() -> int:
     """Intra-op threads for CPU inference: ``ZSBIR_NUM_THREADS``, else ``OMP_NUM_THREADS``, else the CPUs
-    this process may use (``os.sched_getaffinity``), capped at 16."""
-    for var in ("ZSBIR_NUM_THREADS", "OMP_NUM_THREADS"):
-        value = os.environ.get(var, "").strip()
-        if value:
-            try:
-                n = int(value)
-            except ValueError:
-                continue
-            if n > 0:
-                return n
-    try:
-        n = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # pragma: no cover - non-Linux
-        n = os.cpu_count() or 1
-    return max(1, min(16, n))
-
-
-def _open_one(name: str, bundle: Bundle, precision: str, *, device_id: int, threads: int | None) -> Backend:
-    if name == "ort-cpu":
-        from zsbir_infer.backends.ort import OrtBackend
-
-        return OrtBackend(bundle, precision, provider="cpu", threads=threads)
-    if name == "ort-cuda":
-        from zsbir_infer.backends.ort import OrtBackend
-
-        return OrtBackend(bundle, precision, provider="cuda", device_id=device_id, threads=threads)
-    if name == "tensorrt":
-        from zsbir_infer.backends.tensorrt import TensorRTBackend
-
-        return TensorRTBackend(bundle, precision, device_id=device_id)
-    raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
-
-
-def open_backend(
-    bundle: Bundle,
-    precision: str = "fp32",
-    backend: str = "auto",
-    *,
-    device_id: int = 0,
-    threads: int | None = None,
-) -> Backend:
-    """Open ``backend`` for ``bundle`` at ``precision``.
-
-    ``"auto"`` tries :data:`AUTO_ORDER` and returns the first that opens; an explicit name either opens
-    or raises :class:`BackendUnavailable` saying why.
-    """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if backend != "auto":
-        return _open_one(backend, bundle, precision, device_id=device_id, threads=threads)
-    reasons: list[str] = []
-    for name in AUTO_ORDER:
-        try:
-            chosen = _open_one(name, bundle, precision, device_id=device_id, threads=threads)
-        except BackendUnavailable as exc:
-            reasons.append(f"{name}: {exc}")
-            log.debug("backend %s unavailable: %s", name, exc)
-            continue
-        if reasons:
-            log.info("using backend %s (%s)", name, "; ".join(reasons))
-        return chosen
-    raise BackendUnavailable("no backend can run this bundle:\n  " + "\n  ".join(reasons))
+    this process may use, capped at 16."""
+    return _threads.default_threads(16, from_env=True)

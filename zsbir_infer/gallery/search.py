@@ -31,7 +31,6 @@ lists are merged at the end.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +38,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
+
+from zsbir_infer.threads import usable_cpus
 
 __all__ = [
     "ID_SENTINEL",
@@ -103,11 +104,7 @@ class Scorer(Protocol):
 
 def default_threads() -> int:
     """Worker threads for one search: the CPUs available to this process (at least 1)."""
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - non-Linux
-        n = os.cpu_count() or 1
-    return max(1, n)
+    return usable_cpus()
 
 
 _POOL: ThreadPoolExecutor | None = None
