@@ -876,7 +876,7 @@ class _Loaded:
 
 @pytest.fixture
 def fake_loader(monkeypatch: pytest.MonkeyPatch) -> None:
-    import zsbir_infer.cli.export as cli_export
+    import zsbir_export.cli.export as cli_export
 
     monkeypatch.setattr(cli_export, "_load", lambda path, log: _Loaded(True))
 

@@ -178,7 +178,7 @@ def test_cli_module_does_not_import_torch() -> None:
     import subprocess
     import sys
 
-    code = "import sys, zsbir_infer.cli.train; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, zsbir_export.cli.train; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -1,8 +1,10 @@
 """The ``zsbir`` command line.
 
-Each subcommand lives in its own module (``zsbir_infer.cli.<name>``) that defines ``command``; the
-group imports a module only when that command runs, so ``zsbir query`` never pays for the imports of
-``zsbir train``.
+Each runtime subcommand lives in its own module (``zsbir_infer.cli.<name>``) that defines ``command``;
+the group imports a module only when that command runs, so ``zsbir query`` never pays for the imports
+of another command. Build-time commands (``zsbir train``) come from the ``zsbir.commands`` entry points
+(:mod:`zsbir_infer.cli.plugins`): listed when the build extras are installed, with the install hint
+when not.
 """
 
 from __future__ import annotations
@@ -12,11 +14,11 @@ import importlib
 import click
 
 from zsbir_infer import __version__
+from zsbir_infer.cli import plugins
 
 # command name -> (module, one-line help shown by `zsbir --help`)
 COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("zsbir_infer.cli.data", "Make or inspect benchmark data (synthetic ZS-SBIR set, real splits)."),
-    "train": ("zsbir_infer.cli.train", "Train a model (Tursun et al. 2022 or DSN) on a benchmark folder."),
     "export": ("zsbir_infer.cli.export", "Export a checkpoint to a deployable bundle (ONNX/FP16/INT8/TensorRT)."),
     "embed": ("zsbir_infer.cli.embed", "Embed image files with a bundle and write an .npy file."),
     "index": ("zsbir_infer.cli.index", "Index a folder of photos into a gallery (incremental, resumable)."),
@@ -29,26 +31,51 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 class LazyGroup(click.Group):
-    """A click group whose subcommands are imported on first use."""
+    """A click group whose subcommands are imported on first use; build-time ones come from entry points."""
+
+    def _build_names(self) -> list[str]:
+        return sorted((set(plugins.plugin_names(plugins.COMMAND_GROUP)) | set(plugins.BUILD_COMMANDS)) - set(COMMANDS))
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return list(COMMANDS)
+        return [*COMMANDS, *self._build_names()]
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         entry = COMMANDS.get(cmd_name)
         if entry is None:
-            return None
+            return self._build_command(cmd_name)
         module = importlib.import_module(entry[0])
         command = getattr(module, "command", None)
         if not isinstance(command, click.Command):
             raise click.ClickException(f"internal error: {entry[0]} defines no click command")
         return command
 
+    def _build_command(self, name: str) -> click.Command | None:
+        if name not in self._build_names():
+            return None
+        try:
+            command = plugins.load_plugin(plugins.COMMAND_GROUP, name)
+        except plugins.PluginUnavailable as exc:
+            raise click.ClickException(f"zsbir {name} {exc}") from None
+        if not isinstance(command, click.Command):
+            raise click.ClickException(f"internal error: the entry point {name!r} is not a click command")
+        return command
+
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        # Short help comes from the table so that `zsbir --help` imports nothing heavy.
-        rows = [(name, help_) for name, (_, help_) in COMMANDS.items()]
+        # Runtime short help comes from the table so that `zsbir --help` imports nothing heavy; the
+        # build-time modules import only click until their command runs.
         with formatter.section("Commands"):
-            formatter.write_dl(rows)
+            formatter.write_dl([(name, help_) for name, (_, help_) in COMMANDS.items()])
+        rows = []
+        for name in self._build_names():
+            try:
+                command = plugins.load_plugin(plugins.COMMAND_GROUP, name)
+                help_ = command.get_short_help_str(limit=200)
+            except plugins.PluginUnavailable as exc:
+                help_ = f"{plugins.BUILD_COMMANDS.get(name, '')} [{exc}]".strip()
+            rows.append((name, help_))
+        if rows:
+            with formatter.section("Build commands (the train extra: torch, onnx)"):
+                formatter.write_dl(rows)
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -1,6 +1,8 @@
 """`zsbir export`: turn a checkpoint into a deployable bundle (ONNX fp32/fp16/int8, TensorRT plans).
 
-Needs the train extra (torch, onnx); torch is imported only when the command runs, never by the runtime.
+The command's options live here; building from a checkpoint is the build toolchain's job (torch, onnx:
+``pip install 'zsbir[train]'``), found through the ``zsbir.builders`` entry point ``export`` (see
+:mod:`zsbir_infer.cli.plugins`), so the runtime never imports it.
 """
 
 from __future__ import annotations
@@ -10,12 +12,15 @@ from typing import Any
 
 import click
 
+from zsbir_infer.triton.cli import existing_bundle, export_options, write_from_options
+
 EXAMPLES = """
 \b
 Examples:
   zsbir export runs/tursun/checkpoint.safetensors -o bundles/tursun
   zsbir export model_best.pth.tar -o bundles/dsn --precision fp32,fp16,int8 --calib data/synth
   zsbir export --default -o bundles/default --precision int8 --calib data/synth --trt
+  zsbir export bundles/tursun --triton triton_repo --gallery photos/.zsbir    # a Triton model repository
 """
 
 
@@ -43,7 +48,7 @@ def _precisions(_ctx: click.Context, _param: click.Parameter, value: str) -> lis
     "torch model before the bundle is written; a model that misses its tolerance fails the export.\n" + EXAMPLES,
 )
 @click.argument("checkpoint", required=False, type=click.Path(path_type=Path))
-@click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path), help="Bundle folder.")
+@click.option("-o", "--output", "output", type=click.Path(path_type=Path), help="Bundle folder.")
 @click.option(
     "--precision",
     "precisions",
@@ -129,6 +134,7 @@ def _precisions(_ctx: click.Context, _param: click.Parameter, value: str) -> lis
 @click.option("--opset", default=18, show_default=True, type=click.IntRange(13, 21), help="ONNX opset.")
 @click.option("--overwrite", is_flag=True, help="Replace BUNDLE if it exists.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the result.")
+@export_options
 def command(
     checkpoint: Path | None,
     output: Path,
@@ -152,10 +158,18 @@ def command(
     opset: int,
     overwrite: bool,
     quiet: bool,
+    **triton: Any,
 ) -> None:
     """Run the export (see the command help)."""
     if use_default and checkpoint is not None:
         raise click.UsageError("give either CHECKPOINT or --default, not both")
+    if triton["triton_repo"] is not None and output is None:
+        bundle = existing_bundle(checkpoint, use_default)
+        if bundle is not None:  # a Triton repository from a bundle: no torch needed
+            write_from_options(bundle, overwrite=overwrite, quiet=quiet, **triton)
+            return
+    if output is None:
+        raise click.UsageError("missing -o BUNDLE (the bundle folder to write)")
     if checkpoint is None:
         if not use_default:
             raise click.UsageError("missing CHECKPOINT (or pass --default to export the embedded default model)")
@@ -165,90 +179,34 @@ def command(
     if eval_count < 1:
         raise click.BadParameter("must be positive", param_hint="--eval-count")
 
-    try:
-        from zsbir_export.bundle import BundleError, ExportOptions, VerificationFailed, export_bundle
-        from zsbir_export.verify import Tolerances
-    except ImportError as exc:  # pragma: no cover - depends on the installation
-        raise click.ClickException(
-            f"export needs the train extra (torch, onnx): pip install 'zsbir[train]' ({exc})"
-        ) from exc
+    from zsbir_infer.cli.plugins import BUILDER_GROUP, PluginUnavailable, load_plugin
 
-    options = ExportOptions(
+    try:
+        export_checkpoint = load_plugin(BUILDER_GROUP, "export")
+    except PluginUnavailable as exc:
+        raise click.ClickException(f"exporting a checkpoint {exc}") from exc
+    export_checkpoint(
+        checkpoint,
+        output,
         precisions=precisions,
-        calib_dir=calib,
+        calib=calib,
         calib_count=calib_count,
-        calib_method=calib_method,  # type: ignore[arg-type]
+        calib_method=calib_method,
         int8_fallback=int8_fallback,
-        int8_float_policy=int8_float_policy,  # type: ignore[arg-type]
-        tolerances=Tolerances(int8_min_top10_overlap=int8_min_overlap, int8_max_map_delta=int8_max_map_drop),
-        verify_count=verify_count,
-        eval_count=eval_count,
+        int8_float_policy=int8_float_policy,
+        int8_min_overlap=int8_min_overlap,
+        int8_max_map_drop=int8_max_map_drop,
         trt=trt,
         opt_batch=opt_batch,
         max_batch=max_batch,
-        trt_optimization_level=trt_opt_level,
+        trt_opt_level=trt_opt_level,
         timing_cache=timing_cache,
-        exporter=exporter,  # type: ignore[arg-type]
+        verify_count=verify_count,
+        eval_count=eval_count,
+        exporter=exporter,
         opset=opset,
         overwrite=overwrite,
+        quiet=quiet,
     )
-    try:
-        options.validate()  # fail on bad options (and absent TensorRT) before loading anything
-    except BundleError as exc:
-        raise click.ClickException(str(exc)) from exc
-    if output.exists() and not overwrite:
-        raise click.ClickException(f"{output} already exists (pass --overwrite to replace it)")
-
-    def log(msg: str) -> None:
-        if not quiet:
-            click.echo(msg, err=True)
-
-    loaded = _load(checkpoint, log)
-    config: dict[str, Any] = dict(loaded.config)
-    source = {
-        "path": str(checkpoint),
-        "sha256": loaded.sha256,
-        "format": loaded.source_format,
-        "method": config.get("method"),
-    }
-    from zsbir_export.calibration import CalibrationError
-    from zsbir_export.fp16 import Fp16Error
-    from zsbir_export.onnx_export import ExportError
-    from zsbir_export.quantize import QuantizationError
-    from zsbir_export.tensorrt_build import EngineBuildError, TensorRTUnavailable
-
-    try:
-        result = export_bundle(loaded.model, config, output, options, source=source, log=log)
-    except VerificationFailed as exc:
-        raise click.ClickException(str(exc)) from exc
-    except (
-        BundleError,
-        CalibrationError,
-        ExportError,
-        Fp16Error,
-        QuantizationError,
-        EngineBuildError,
-        TensorRTUnavailable,
-    ) as exc:
-        raise click.ClickException(str(exc)) from exc
-    manifest = result.manifest
-    files = ", ".join(m["file"] for m in manifest["models"].values())
-    engines = ", ".join(e["file"] for e in manifest["engines"])
-    click.echo(
-        f"wrote {result.path}: {files}{' + ' + engines if engines else ''} "
-        f"(dim {manifest['embedding_dim']}, domain {manifest['domain_handling']}, "
-        f"fingerprint {manifest['fingerprint']})"
-    )
-
-
-def _load(checkpoint: Path, log: Any) -> Any:
-    """``load_checkpoint`` with its failures turned into one clear message."""
-    try:
-        from zsbir_export.checkpoints import load_checkpoint
-    except ImportError as exc:
-        raise click.ClickException(f"cannot import the checkpoint loader: {exc}") from exc
-    log(f"loading {checkpoint} ...")
-    try:
-        return load_checkpoint(checkpoint)
-    except (ValueError, KeyError, OSError, RuntimeError, TypeError) as exc:
-        raise click.ClickException(f"cannot load checkpoint {checkpoint}: {exc}") from exc
+    if triton["triton_repo"] is not None:
+        write_from_options(output, overwrite=overwrite, quiet=quiet, **triton)

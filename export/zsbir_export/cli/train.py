@@ -1,7 +1,7 @@
 """``zsbir train``: train a ZS-SBIR model (Tursun et al. 2022 or DSN 2021) on a benchmark folder.
 
-torch and the training code (``zsbir_export``, the ``train`` extra) are imported only when the command
-runs, so the rest of the CLI works without them.
+Registered into ``zsbir`` by the ``zsbir.commands`` entry point. torch and the training code are
+imported only when the command runs, so ``zsbir --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -11,6 +11,10 @@ import sys
 from pathlib import Path
 
 import click
+
+from zsbir_export.cli import require_build_extras
+
+require_build_extras()
 
 __all__ = ["command"]
 
@@ -161,13 +165,9 @@ def command(
     quiet: bool,
 ) -> None:
     """Train a model on the seen classes of a benchmark folder; validate on its unseen classes."""
-    try:
-        from zsbir_export.losses import TursunWeights
-        from zsbir_export.train import TrainConfig, train
-    except ImportError as exc:  # pragma: no cover - depends on the installed extras
-        raise click.ClickException(
-            f"training needs torch and the zsbir_export package (pip install -e '.[train]'): {exc}"
-        ) from None
+    from zsbir_export.losses import TursunWeights
+    from zsbir_export.train import TrainConfig, train
+
     cfg = TrainConfig(
         method=method,
         data=str(data),
