@@ -3,7 +3,9 @@ Ctrl-C (an interrupt in the consumer, or the stop flag) that never waits on a wo
 
 from __future__ import annotations
 
+import os
 import random
+import signal
 import subprocess
 import sys
 import textwrap
@@ -130,3 +132,48 @@ def test_the_interpreter_exits_though_a_worker_is_stuck() -> None:
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and "interrupted" in done.stdout, done.stderr
+
+
+def test_the_first_ctrl_c_stops_between_groups_and_a_second_interrupts_at_once() -> None:
+    """In the main thread the first SIGINT only sets the stop flag: the consumer finishes the group it holds,
+    the next step raises KeyboardInterrupt; during a pipeline a second SIGINT raises where it lands; the
+    default handler is back afterwards."""
+    assert threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGINT)
+    assert before is signal.default_int_handler
+    groups = [(g, [lambda g=g: g]) for g in range(20)]
+    finished: list[int] = []
+    with pytest.raises(KeyboardInterrupt), closing(prefetch(groups, workers=2, in_flight=3)) as it:
+        for g, outcomes in it:
+            if g == 2:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)  # the handler has run by now: no KeyboardInterrupt inside the body
+            finished.append(outcomes[0].result())
+    assert finished == [0, 1, 2]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # Two Ctrl-C in one group: the second raises in the consumer's body.
+    reached: list[int] = []
+    with pytest.raises(KeyboardInterrupt), closing(prefetch(groups, workers=2, in_flight=3)) as it:
+        for g, _ in it:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            reached.append(g)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            reached.append(-1)  # never: the second interrupt landed above
+    assert reached == [0]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_pipeline_in_another_thread_leaves_sigint_alone() -> None:
+    seen: list[object] = []
+
+    def run() -> None:
+        with closing(prefetch([(0, [lambda: 0])], workers=1, in_flight=1)) as it:
+            for _ in it:
+                seen.append(signal.getsignal(signal.SIGINT))
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(10)
+    assert seen == [signal.default_int_handler]

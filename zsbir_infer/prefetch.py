@@ -24,15 +24,22 @@ on a worker. On ``KeyboardInterrupt`` (or any exception) in the consumer, on ``c
 is set (checked between groups; the pipeline then raises ``KeyboardInterrupt``), it stops submitting,
 drops the tasks not yet started, tells the workers to exit and returns at once; a task already running
 finishes on its own into a buffer nobody reads.
+
+Ctrl-C: while a pipeline runs in the main thread and SIGINT has Python's default handler, the first Ctrl-C
+only sets the stop flag, so the interrupt surfaces between groups (the consumer finishes -- an indexer
+commits -- the group it holds) and never inside a lock; a second Ctrl-C interrupts at once, as usual.
+The handler is put back when the pipeline ends.
 """
 
 from __future__ import annotations
 
 import queue
+import signal
 import threading
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from types import FrameType
 from typing import Generic, TypeVar, cast
 
 __all__ = ["Outcome", "prefetch"]
@@ -116,6 +123,8 @@ def _prefetch(
     pending: deque[tuple[K, int, int]] = deque()  # (tag, first task's number, number of tasks)
     done: dict[int, Outcome[object]] = {}
     next_seq = 0
+    ctrl_c = threading.Event()
+    restore = _catch_first_sigint(ctrl_c, shared)
 
     def submit() -> bool:
         nonlocal next_seq
@@ -142,7 +151,7 @@ def _prefetch(
             if not submit():
                 break
         while pending:
-            if stop is not None and stop.is_set():
+            if ctrl_c.is_set() or (stop is not None and stop.is_set()):
                 raise KeyboardInterrupt
             tag, first, count = pending.popleft()
             for seq in range(first, first + count):
@@ -165,3 +174,35 @@ def _prefetch(
             pass
         for _ in threads:
             tasks.put(None)  # wakes the idle workers, which exit
+        restore()
+
+
+def _catch_first_sigint(flag: threading.Event, shared: _Shared) -> Callable[[], None]:
+    """In the main thread, with Python's default SIGINT handler: make the first Ctrl-C set ``flag`` (and put
+    the default back, so a second one interrupts at once). Returns the function that undoes it."""
+    if threading.current_thread() is not threading.main_thread():
+        return _nothing
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is not signal.default_int_handler:
+        return _nothing
+
+    def on_sigint(signum: int, frame: FrameType | None) -> None:
+        signal.signal(signal.SIGINT, previous)
+        if shared.closed:  # the pipeline ended without putting the handler back: interrupt as usual
+            signal.default_int_handler(signum, frame)
+        flag.set()
+
+    signal.signal(signal.SIGINT, on_sigint)
+
+    def restore() -> None:
+        try:
+            if signal.getsignal(signal.SIGINT) is on_sigint:
+                signal.signal(signal.SIGINT, previous)
+        except ValueError:  # closed from another thread; on_sigint then defers to the default handler
+            pass
+
+    return restore
+
+
+def _nothing() -> None:
+    return None
