@@ -18,6 +18,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[train,dev]"
 	# Type stubs only; their declared dependency (the TensorRT wheels) cannot be installed everywhere.
 	$(BIN)/python -m pip install -q --no-deps "tensorrt-stubs==10.13.0.35.1"
+	# tritonserver from the nvidia-pytriton wheel (unpacked into ~/.cache/zsbir, not installed: its package pins
+	# numpy<2) and the numpy<2 packages its Python models run with; tests/test_triton.py serves on it.
+	$(BIN)/python -m zsbir_infer.triton install --optional
 	touch $@
 
 demo: install

@@ -62,6 +62,34 @@ from zsbir_infer.cli.embed import BACKEND_CHOICES
 )
 @click.option("--cors-origin", "cors", multiple=True, help="Allow cross-origin requests from ORIGIN (repeatable).")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info")
+@click.option(
+    "--engine",
+    type=click.Choice(["zsbir", "triton"]),
+    default="zsbir",
+    show_default=True,
+    help="zsbir: this HTTP service and the sketch pad; triton: NVIDIA Triton Inference Server on a model repository "
+    "exported for the gallery (HTTP on PORT, gRPC on PORT+1, metrics on PORT+2; model zsbir_search).",
+)
+@click.option(
+    "--triton-encoder",
+    type=click.Choice(["auto", "onnx", "python"]),
+    default="auto",
+    show_default=True,
+    help="--engine triton: the encoder model (auto: onnx where the server has the ONNX Runtime backend, else python).",
+)
+@click.option(
+    "--triton-instances",
+    type=click.IntRange(1, 64),
+    default=1,
+    show_default=True,
+    help="--engine triton: instances (processes) of the Python-backend models.",
+)
+@click.option(
+    "--triton-repository",
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="--engine triton: serve this repository (from `zsbir export --triton`) instead of exporting one.",
+)
 def command(
     gallery: Path | None,
     model: Path | None,
@@ -77,6 +105,10 @@ def command(
     timeout_s: float,
     cors: tuple[str, ...],
     log_level: str,
+    engine: str,
+    triton_encoder: str,
+    triton_instances: int,
+    triton_repository: Path | None,
 ) -> None:
     """Serve the gallery over HTTP: POST /v1/search, the photos, /metrics, and a sketch pad at /.
 
@@ -85,6 +117,22 @@ def command(
     """
     from zsbir_infer.serve import is_loopback
 
+    if engine == "triton":
+        from zsbir_infer.triton.cli import serve_triton
+
+        serve_triton(
+            gallery,
+            model,
+            host,
+            port,
+            repository=triton_repository,
+            encoder=triton_encoder,
+            instances=triton_instances,
+            max_batch=max_batch,
+            max_wait_ms=max_wait_ms,
+            device=device,
+        )
+        return
     if token is not None and not token.strip():
         token = None
     if not is_loopback(host) and token is None:
