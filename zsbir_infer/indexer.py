@@ -54,7 +54,7 @@ from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -114,6 +114,17 @@ SKIP_NOT_FILE = "not-a-regular-file"
 SKIP_OUTSIDE = "outside-root"
 
 _BAD_NAME_CHARS = frozenset([chr(c) for c in range(32)] + ["\x7f", "\x85", "\u2028", "\u2029", "\\"])
+
+
+class ModelIdentity(Protocol):
+    """What creating or opening a gallery needs of the model: an :class:`~zsbir_infer.encoder.Encoder` or a
+    :class:`~zsbir_infer.bundle.Bundle` (the Ray indexer's driver opens only the bundle)."""
+
+    @property
+    def fingerprint(self) -> str: ...
+
+    @property
+    def embedding_dim(self) -> int: ...
 
 
 class IndexingError(RuntimeError):
@@ -521,7 +532,7 @@ def _clear_half_created(gallery_dir: Path) -> None:
             p.unlink()
 
 
-def _ensure_gallery(gallery_dir: Path, encoder: Encoder, storage: str) -> None:
+def _ensure_gallery(gallery_dir: Path, encoder: ModelIdentity, storage: str) -> None:
     """Create the gallery at ``gallery_dir`` unless it exists, under the creation lock (race-free)."""
     from zsbir_infer.gallery import Gallery
 
@@ -538,7 +549,7 @@ def _ensure_gallery(gallery_dir: Path, encoder: Encoder, storage: str) -> None:
 def open_or_create_gallery(
     gallery_dir: Path,
     root: Path,
-    encoder: Encoder,
+    encoder: ModelIdentity,
     *,
     storage: str = "float16",
     model: str | None = None,
@@ -639,20 +650,8 @@ def index_folder(
             _check_and_repair(g, report)
             _run(g, listing, encoder, report, batch_size, workers, progress, on_plan, commit_files, commit_seconds)
             report.seconds = time.perf_counter() - t0
-            from zsbir_infer.gallery.ann import builds_ann
-
-            st = g.stats()
-            report.total_indexed, report.total_skipped = st.files_indexed, st.files_skipped
-            # The ANN index is built here, by the writer, never by a search (a read never writes).
-            if st.ann_state in ("missing", "stale") and builds_ann(
-                st.files_indexed, st.ann_state == "stale", build_ann_from
-            ):
-                g.build_index()
-            from zsbir_infer.gallery.source import read_legacy
-
-            info = read_legacy(gdir)  # the indexer's own file: its last report (and, from older versions, a root)
-            info.update({"format": "zsbir-indexer", "version": 1, "last_run": report.to_dict()})
-            _write_json_atomic(gdir / INDEXER_FILE, info)
+            report.total_indexed, report.total_skipped = finish_gallery(g, build_ann_from)
+            write_run_report(gdir, report)
         except KeyboardInterrupt:
             report.interrupted = True
             raise
@@ -724,6 +723,96 @@ class _Committer:
         return done
 
 
+@dataclass
+class PlannedWork:
+    """What one gallery (or gallery shard) has left to do after :func:`plan_gallery`: the files to read, decode
+    and embed, and the skip reasons of the retried files (a file failing again for the same reason is not
+    recorded again)."""
+
+    candidates: list[WalkEntry]
+    before: dict[str, str]
+    todo: int  # candidates plus the files skipped without reading (already recorded)
+
+
+def count_listing(listing: Listing, report: IndexReport) -> list[WalkEntry]:
+    """Count the listed files into ``report`` (and its skips of files that cannot be stored); returns the
+    entries the gallery can record."""
+    stored = [e for e in listing.entries if e.stored]
+    report.listed = len(stored) + len(listing.unstored)
+    report.skipped.extend(listing.unstored)
+    return stored
+
+
+def plan_gallery(g: Gallery, entries: Sequence[WalkEntry], report: IndexReport) -> PlannedWork:
+    """Plan a run over ``entries`` (the listed files that belong to gallery ``g``): mark files gone from the
+    folder deleted, record the files skipped without reading them, and count it all into ``report``
+    (``new``, ``changed``, ``deleted``, ``unchanged``, ``read``, ``skipped`` grow). The plain indexer runs it
+    on its gallery, the Ray indexer on each shard (:mod:`zsbir_infer.ray_index`)."""
+    from zsbir_infer.gallery import FileStat
+
+    by_rel = {e.relpath: e for e in entries}
+    plan = g.plan([FileStat(e.relpath, e.size, e.mtime_ns) for e in entries], retry_skipped=True)
+    report.new += len(plan.new)
+    report.changed += len(plan.changed)
+    report.deleted += g.delete(plan.deleted) if plan.deleted else 0
+    # Files skipped before are tried again (a file unreadable once must not stay out forever); one that
+    # fails again for the same reason is not recorded again and counts as unchanged.
+    before = {f.relpath: why for f, why in plan.retry}
+    retry_pre = [by_rel[f.relpath] for f, _ in plan.retry]
+    same = {e.relpath for e in retry_pre if e.skip is not None and e.skip == before[e.relpath]}
+    report.unchanged += len(plan.unchanged) + len(same)
+    todo = [by_rel[f.relpath] for f in (*plan.new, *plan.changed)] + [e for e in retry_pre if e.relpath not in same]
+    pre_skipped = [e for e in todo if e.skip is not None]
+    candidates = [e for e in todo if e.skip is None]
+    _skip_many(g, [(FileStat(e.relpath, e.size, e.mtime_ns), str(e.skip)) for e in pre_skipped])
+    report.skipped.extend((e.relpath, str(e.skip)) for e in pre_skipped)
+    report.read += len(candidates)
+    return PlannedWork(candidates, before, len(todo))
+
+
+def commit_results(
+    committer: _Committer,
+    before: dict[str, str],
+    part: Sequence[WalkEntry],
+    results: Sequence[tuple[bool, str]],
+    vectors: np.ndarray | None,
+) -> None:
+    """Hand one decoded and embedded batch to ``committer``: ``results`` holds ``(ok, sha256-or-reason)`` per
+    entry of ``part``, ``vectors`` the embeddings of the ok entries in order (None when there is none)."""
+    from zsbir_infer.gallery import FileRecord, FileStat
+
+    recs = [
+        FileRecord(e.relpath, e.size, e.mtime_ns, why) for e, (good, why) in zip(part, results, strict=True) if good
+    ]
+    skips = [
+        (FileStat(e.relpath, e.size, e.mtime_ns), why)
+        for e, (good, why) in zip(part, results, strict=True)
+        if not good and before.get(e.relpath) != why
+    ]
+    committer.report.unchanged += sum(1 for good, _ in results if not good) - len(skips)
+    committer.add(recs, vectors, skips, len(results))
+
+
+def finish_gallery(g: Gallery, build_ann_from: int | None) -> tuple[int, int]:
+    """End of a run on gallery ``g``: build and save its ANN index where the policy says so (the writer does it,
+    never a search); returns ``(files indexed, files skipped)``."""
+    from zsbir_infer.gallery.ann import builds_ann
+
+    st = g.stats()
+    if st.ann_state in ("missing", "stale") and builds_ann(st.files_indexed, st.ann_state == "stale", build_ann_from):
+        g.build_index()
+    return st.files_indexed, st.files_skipped
+
+
+def write_run_report(gallery_dir: Path, report: IndexReport) -> None:
+    """Keep ``report`` as the last run's in the gallery's ``indexer.json`` (atomically)."""
+    from zsbir_infer.gallery.source import read_legacy
+
+    info = read_legacy(gallery_dir)  # the indexer's own file: its last report (and, from older versions, a root)
+    info.update({"format": "zsbir-indexer", "version": 1, "last_run": report.to_dict()})
+    _write_json_atomic(gallery_dir / INDEXER_FILE, info)
+
+
 def _run(
     g: Gallery,
     listing: Listing,
@@ -736,48 +825,21 @@ def _run(
     commit_files: int,
     commit_seconds: float,
 ) -> None:
-    from zsbir_infer.gallery import FileRecord, FileStat
-
-    stored = [e for e in listing.entries if e.stored]
-    report.listed = len(stored) + len(listing.unstored)
-    report.skipped.extend(listing.unstored)
-    by_rel = {e.relpath: e for e in stored}
-    plan = g.plan([FileStat(e.relpath, e.size, e.mtime_ns) for e in stored], retry_skipped=True)
-    report.new, report.changed = len(plan.new), len(plan.changed)
-    report.deleted = g.delete(plan.deleted) if plan.deleted else 0
-    # Files skipped before are tried again (a file unreadable once must not stay out forever); one that
-    # fails again for the same reason is not recorded again and counts as unchanged.
-    before = {f.relpath: why for f, why in plan.retry}
-    retry_pre = [by_rel[f.relpath] for f, _ in plan.retry]
-    same = {e.relpath for e in retry_pre if e.skip is not None and e.skip == before[e.relpath]}
-    report.unchanged = len(plan.unchanged) + len(same)
-    todo = [by_rel[f.relpath] for f in (*plan.new, *plan.changed)] + [e for e in retry_pre if e.relpath not in same]
-    pre_skipped = [e for e in todo if e.skip is not None]
-    candidates = [e for e in todo if e.skip is None]
+    work = plan_gallery(g, count_listing(listing, report), report)
     if on_plan is not None:
-        on_plan(len(todo))
-    _skip_many(g, [(FileStat(e.relpath, e.size, e.mtime_ns), str(e.skip)) for e in pre_skipped])
-    report.skipped.extend((e.relpath, str(e.skip)) for e in pre_skipped)
-    if progress is not None and pre_skipped:
-        progress(len(pre_skipped))
-    report.read = len(candidates)
+        on_plan(work.todo)
+    if progress is not None and work.todo > len(work.candidates):
+        progress(work.todo - len(work.candidates))
     committer = _Committer(g, report, commit_files, commit_seconds)
     t_embed = time.perf_counter()
-    batches = _decoded_batches(candidates, encoder, batch_size, workers)
+    batches = _decoded_batches(work.candidates, encoder, batch_size, workers)
     try:
         for part, batch, results in batches:
             ok = [i for i, (good, _) in enumerate(results) if good]
             vecs = None
             if ok:
                 vecs = encoder.embed_arrays(batch if len(ok) == len(results) else batch[ok], "photo")
-            recs = [FileRecord(part[i].relpath, part[i].size, part[i].mtime_ns, results[i][1]) for i in ok]
-            skips = [
-                (FileStat(e.relpath, e.size, e.mtime_ns), why)
-                for e, (good, why) in zip(part, results, strict=True)
-                if not good and before.get(e.relpath) != why
-            ]
-            report.unchanged += sum(1 for e, (good, why) in zip(part, results, strict=True) if not good) - len(skips)
-            committer.add(recs, vecs, skips, len(results))
+            commit_results(committer, work.before, part, results, vecs)
             if progress is not None:
                 progress(len(results))
         committer.flush()

@@ -16,7 +16,8 @@ Index a folder once (``zsbir index photos`` or :func:`zsbir_infer.indexer.index_
 
 ``Retriever.open(gallery, model=None, backend="auto", device="cpu")``:
 
-* ``gallery``: a gallery folder (``None``: the nearest ``.zsbir`` in the current directory or a parent).
+* ``gallery``: a gallery folder (``None``: the nearest ``.zsbir`` in the current directory or a parent); a
+  sharded gallery (``zsbir index --engine ray --shards N``) is searched as one (its shards' top-k merged).
 * ``model``: a bundle folder; ``None`` takes the model recorded by ``zsbir index`` in the gallery, else the
   embedded default model. A model other than the one the gallery was built with raises
   :class:`~zsbir_infer.gallery.ModelMismatchError`.
@@ -52,7 +53,7 @@ from zsbir_infer.gallery.ann import ANN_MIN_ROWS as _ANN_MIN_ROWS
 
 if TYPE_CHECKING:
     from zsbir_infer.encoder import Encoder
-    from zsbir_infer.gallery import Gallery
+    from zsbir_infer.gallery import Gallery, ShardedGallery
 
 __all__ = ["ANN_MIN_ROWS", "DEVICES", "Hit", "Retriever", "RetrieverError", "resolve_gallery", "resolve_model"]
 
@@ -134,8 +135,10 @@ def _is_embedding_array(x: Any) -> bool:
 class Retriever:
     """A gallery plus the model that embeds queries for it. Create with :meth:`Retriever.open`."""
 
-    def __init__(self, gallery: Gallery, encoder: Encoder, root: str | None, device: str, owns_encoder: bool) -> None:
-        """Wrap an opened gallery and encoder; prefer :meth:`open`."""
+    def __init__(
+        self, gallery: Gallery | ShardedGallery, encoder: Encoder, root: str | None, device: str, owns_encoder: bool
+    ) -> None:
+        """Wrap an opened gallery (single or sharded) and encoder; prefer :meth:`open`."""
         self.gallery = gallery
         self.encoder = encoder
         self.root = root
@@ -175,12 +178,12 @@ class Retriever:
             zsbir_infer.bundle.BundleError, zsbir_infer.backends.BackendUnavailable: the model cannot be opened.
         """
         from zsbir_infer.encoder import Encoder
-        from zsbir_infer.gallery import Gallery
+        from zsbir_infer.gallery import open_gallery
 
         if device not in DEVICES:
             raise RetrieverError(f"device must be one of {', '.join(DEVICES)}; got {device!r}")
         gdir = resolve_gallery(gallery)
-        g = Gallery.open(gdir, readonly=True)  # a search never writes (read-only volumes work)
+        g = open_gallery(gdir, readonly=True)  # a search never writes (read-only volumes work); sharded or not
         try:
             g.load()  # verifies the vectors' checksums: damage is reported here, not as wrong scores
             if isinstance(model, Encoder):

@@ -58,6 +58,59 @@ SHOW_SKIPPED = 20
     is_flag=True,
     help="Follow symbolic links that point outside FOLDER (by default they are skipped with a reason).",
 )
+@click.option(
+    "--engine",
+    type=click.Choice(["plain", "ray"]),
+    default="plain",
+    show_default=True,
+    help="plain: this process (decoding threads + the model). ray: a Ray Data pipeline (decoding tasks, a pool "
+    "of model actors), on a local Ray started for the run or on --ray-address.",
+)
+@click.option(
+    "--ray-address",
+    default=None,
+    metavar="auto|HOST:PORT",
+    help="With --engine ray: the Ray cluster to run on (default: start a local Ray for this run).",
+)
+@click.option(
+    "--shards",
+    type=click.IntRange(1),
+    default=None,
+    help="With --engine ray: a new gallery of N shards (one writer each; read as one gallery). Default 1.",
+)
+@click.option(
+    "--actors",
+    type=click.IntRange(1),
+    default=None,
+    help="With --engine ray: model actors (default: from the CPUs/GPUs).",
+)
+@click.option(
+    "--cpus-per-actor",
+    type=click.FloatRange(0.0, min_open=True),
+    default=1.0,
+    show_default=True,
+    help="With --engine ray: CPUs per model actor (its ONNX Runtime threads).",
+)
+@click.option(
+    "--gpus-per-actor",
+    type=click.FloatRange(0.0),
+    default=0.0,
+    show_default=True,
+    help="With --engine ray: GPUs per model actor (0: CPU actors; 0.5: two actors per GPU).",
+)
+@click.option(
+    "--decode-batch",
+    type=click.IntRange(1),
+    default=None,
+    help="With --engine ray: files per decoding task (default 64).",
+)
+@click.option(
+    "--merge-shards",
+    "merge_into",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Compact the sharded gallery (-o) into one gallery at this new folder, and exit (no FOLDER needed).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def command(
@@ -72,6 +125,14 @@ def command(
     storage: str,
     commit_every: int | None,
     follow_links: bool,
+    engine: str,
+    ray_address: str | None,
+    shards: int | None,
+    actors: int | None,
+    cpus_per_actor: float,
+    gpus_per_actor: float,
+    decode_batch: int | None,
+    merge_into: Path | None,
     as_json: bool,
     quiet: bool,
 ) -> None:
@@ -80,7 +141,8 @@ def command(
     Files that cannot be used (not an image, empty, truncated, too large, unreadable, odd names, symbolic
     link loops, symbolic links leaving FOLDER unless --follow-links) are skipped with a reason, and tried
     again by the next run. Interrupting is safe: rerun to continue. Without --model, an existing gallery
-    is updated with the model it was built with (a new one uses the embedded default).
+    is updated with the model it was built with (a new one uses the embedded default). --engine ray runs
+    the same indexing on Ray Data (and writes sharded galleries with --shards N).
     """
     from tqdm import tqdm
 
@@ -96,12 +158,6 @@ def command(
     )
     from zsbir_infer.retriever import resolve_model
 
-    if new_root is not None:
-        if folder is not None and folder.resolve() != new_root.resolve():
-            raise click.UsageError(f"FOLDER ({folder}) and --root ({new_root}) differ; give one of them")
-        folder = new_root
-    if folder is None:
-        raise click.UsageError("give the FOLDER of photos to index (or --root NEW to re-point a gallery)")
     env_gallery = os.environ.get("ZSBIR_GALLERY", "").strip()
     if gallery is not None:
         gdir = gallery
@@ -109,11 +165,34 @@ def command(
         gdir = Path(env_gallery)
     else:
         gdir = Path.cwd() / DEFAULT_GALLERY_DIRNAME
+    if merge_into is not None:
+        _merge(gdir, merge_into, as_json)
+        return
+    if engine != "ray":
+        for name, value in (("--ray-address", ray_address), ("--shards", shards), ("--actors", actors)):
+            if value is not None:
+                raise click.UsageError(f"{name} needs --engine ray")
+    elif workers is not None:
+        raise click.UsageError("--workers sets the plain engine's decoding threads; with --engine ray, Ray decodes")
+    from zsbir_infer.gallery.shards import is_sharded
+
+    if engine == "plain" and is_sharded(gdir):
+        raise click.ClickException(
+            f"gallery {gdir} is sharded: update it with --engine ray (or merge it: --merge-shards)"
+        )
+    if new_root is not None:
+        if folder is not None and folder.resolve() != new_root.resolve():
+            raise click.UsageError(f"FOLDER ({folder}) and --root ({new_root}) differ; give one of them")
+        folder = new_root
+    if folder is None:
+        raise click.UsageError("give the FOLDER of photos to index (or --root NEW to re-point a gallery)")
     if not folder.is_dir():
         raise click.ClickException(f"{folder} is not a folder (give the folder that holds the photos)")
     model_arg = resolve_model(gdir, model) if (gdir / "manifest.json").is_file() else model
     recorded = read_source(gdir).get("model") if model is None else None
-    enc = open_encoder(Path(model_arg) if model_arg else None, precision, backend, batch_size, workers)
+    enc = None
+    if engine == "plain":
+        enc = open_encoder(Path(model_arg) if model_arg else None, precision, backend, batch_size, workers)
     model_name = str(Path(model_arg).resolve()) if model_arg else None
     bar = tqdm(total=0, desc="index", unit="file", file=sys.stderr, disable=quiet, dynamic_ncols=True, mininterval=0.5)
 
@@ -121,21 +200,50 @@ def command(
         bar.reset(total=n)
 
     try:
-        report = index_folder(
-            folder,
-            gdir,
-            enc,
-            model=model_name,
-            batch_size=batch_size,
-            workers=workers,
-            storage=storage,
-            progress=bar.update,
-            on_plan=on_plan,
-            commit_files=commit_every or DEFAULT_COMMIT_FILES,
-            commit_seconds=3600.0 if commit_every else DEFAULT_COMMIT_SECONDS,
-            follow_links=follow_links,
-            repoint=new_root is not None,
-        )
+        if enc is not None:
+            report = index_folder(
+                folder,
+                gdir,
+                enc,
+                model=model_name,
+                batch_size=batch_size,
+                workers=workers,
+                storage=storage,
+                progress=bar.update,
+                on_plan=on_plan,
+                commit_files=commit_every or DEFAULT_COMMIT_FILES,
+                commit_seconds=3600.0 if commit_every else DEFAULT_COMMIT_SECONDS,
+                follow_links=follow_links,
+                repoint=new_root is not None,
+            )
+        else:
+            from zsbir_infer.bundle import BundleError
+            from zsbir_infer.ray_index import DEFAULT_DECODE_BATCH, index_folder_ray
+
+            try:
+                report = index_folder_ray(
+                    folder,
+                    gdir,
+                    model=model_name,
+                    precision=precision,
+                    backend=backend,
+                    batch_size=batch_size,
+                    decode_batch_size=decode_batch or DEFAULT_DECODE_BATCH,
+                    actors=actors,
+                    cpus_per_actor=cpus_per_actor,
+                    gpus_per_actor=gpus_per_actor,
+                    shards=shards,
+                    storage=storage,
+                    ray_address=ray_address,
+                    progress=bar.update,
+                    on_plan=on_plan,
+                    commit_files=commit_every or DEFAULT_COMMIT_FILES,
+                    commit_seconds=3600.0 if commit_every else DEFAULT_COMMIT_SECONDS,
+                    follow_links=follow_links,
+                    repoint=new_root is not None,
+                )
+            except BundleError as exc:
+                raise IndexingError(str(exc)) from None
     except KeyboardInterrupt:
         bar.close()
         click.echo(f"\ninterrupted: committed batches are kept in {gdir}; rerun the same command to continue", err=True)
@@ -156,7 +264,8 @@ def command(
         raise click.ClickException(f"{exc}{hint}") from None
     finally:
         bar.close()
-        enc.close()
+        if enc is not None:
+            enc.close()
     for note in report.notes:
         click.echo(f"note: {note}", err=True)
     if as_json:
@@ -179,3 +288,24 @@ def command(
         f"gallery {report.gallery}: {report.total_indexed} photos from {report.root} "
         f"(model {report.fingerprint}, {report.backend} {report.precision})"
     )
+
+
+def _merge(gdir: Path, out: Path, as_json: bool) -> None:
+    """``--merge-shards OUT``: compact the sharded gallery ``gdir`` into one gallery at ``out``."""
+    from zsbir_infer.gallery import GalleryError, merge_shards
+    from zsbir_infer.gallery.shards import is_sharded
+
+    if not is_sharded(gdir):
+        raise click.ClickException(f"{gdir} is not a sharded gallery (nothing to merge); name it with -o DIR")
+    try:
+        merge_shards(gdir, out)
+        from zsbir_infer.gallery import Gallery
+
+        with Gallery.open(out, readonly=True) as g:
+            st = g.stats()
+    except GalleryError as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps({"merged": str(gdir), "gallery": str(out), "files_indexed": st.files_indexed}, indent=2))
+        return
+    click.echo(f"merged the shards of {gdir} into {out}: {st.files_indexed} photos, {st.files_skipped} skipped")

@@ -59,17 +59,20 @@ def _ann_line(st: GalleryStats) -> str:
 def command(gallery: Path | None, as_json: bool, verify: bool) -> None:
     """Describe GALLERY (default: $ZSBIR_GALLERY, else the nearest .zsbir): model fingerprint, file counts, sizes,
     format version. Opening it checks the vectors' checksums; --verify checks everything."""
-    from zsbir_infer.gallery import Gallery, GalleryError
+    from zsbir_infer.gallery import GalleryError, ShardedGallery, open_gallery
     from zsbir_infer.indexer import read_indexer_info
     from zsbir_infer.retriever import RetrieverError, resolve_gallery
 
     problems: list[str] | None = None
+    shards: list[GalleryStats] | None = None
     try:
         gdir = resolve_gallery(gallery)
-        with Gallery.open(gdir, readonly=True) as g:
+        with open_gallery(gdir, readonly=True) as g:
             if verify:
                 problems = g.verify(full=True)
             st = g.stats() if not problems else None
+            if isinstance(g, ShardedGallery) and not problems:
+                shards = g.shard_stats()
     except (RetrieverError, GalleryError) as exc:
         raise click.ClickException(str(exc)) from None
     if problems:
@@ -89,6 +92,8 @@ def command(gallery: Path | None, as_json: bool, verify: bool) -> None:
         "model": info.get("model"),
         "last_run": {k: v for k, v in last.items() if k != "skipped"} if last else None,
     }
+    if shards is not None:
+        doc["shards"] = [{"shard": f"shards/{i:03d}", **asdict(s)} for i, s in enumerate(shards)]
     if verify:
         doc["verified"] = True
     if as_json:
@@ -100,6 +105,13 @@ def command(gallery: Path | None, as_json: bool, verify: bool) -> None:
     click.echo(f"model        {st.fingerprint} ({info.get('model') or 'embedded default'}), dim {st.dim}, {st.metric}")
     click.echo(f"files        {st.files_indexed} indexed, {st.files_skipped} skipped, {st.files_deleted} deleted")
     click.echo(f"rows         {st.rows} vectors ({st.dead_rows} dead), {st.segments} segment(s)")
+    if shards is not None:
+        click.echo(f"shards       {len(shards)} (a photo's shard: CRC-32 of its path modulo {len(shards)})")
+        for i, s in enumerate(shards):
+            click.echo(
+                f"  shards/{i:03d}  {s.files_indexed} indexed, {s.files_skipped} skipped, {s.rows} vectors "
+                f"({s.dead_rows} dead), ANN {s.ann_state}, {_size(s.bytes_total)}"
+            )
     click.echo(f"ANN index    {_ann_line(st)}")
     click.echo(f"on disk      {_size(st.bytes_total)} ({_size(st.bytes_vectors)} vectors)")
     if st.format_version < 2:

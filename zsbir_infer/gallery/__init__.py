@@ -54,7 +54,8 @@ Guarantees:
 Code: :mod:`~zsbir_infer.gallery.codecs` has one codec per storage kind (encode, decode, file layout,
 scorer); :mod:`~zsbir_infer.gallery.search` the exhaustive search over memory-mapped blocks;
 :mod:`~zsbir_infer.gallery.segments` the segment files (append, map, CRC-32 checksums, repair checks);
-:mod:`~zsbir_infer.gallery.ann` the HNSW index and the exact/ANN policy; :mod:`~zsbir_infer.gallery.source`
+:mod:`~zsbir_infer.gallery.ann` the HNSW index and the exact/ANN policy; :mod:`~zsbir_infer.gallery.shards`
+sharded galleries (several shards read as one, :func:`open_gallery`); :mod:`~zsbir_infer.gallery.source`
 what the gallery indexes and :func:`~zsbir_infer.gallery.source.find_gallery`; :mod:`~zsbir_infer.gallery.store`
 the SQLite catalog and the :class:`Gallery` itself.
 
@@ -82,6 +83,7 @@ Typical use (the indexing pipeline and ``zsbir index/query/info`` are built on t
 
 from __future__ import annotations
 
+from zsbir_infer.gallery.shards import ShardedGallery, merge_shards, open_gallery
 from zsbir_infer.gallery.store import (
     FORMAT,
     FORMAT_VERSION,
@@ -111,5 +113,8 @@ __all__ = [
     "ModelMismatchError",
     "Plan",
     "SegmentDamagedError",
+    "ShardedGallery",
     "display_path",
+    "merge_shards",
+    "open_gallery",
 ]

@@ -61,6 +61,8 @@ __all__ = [
 ]
 
 FORMAT = "zsbir-gallery"
+#: The manifest format of a sharded gallery (several galleries read as one: gallery/shards.py).
+SHARDED_FORMAT = "zsbir-sharded-gallery"
 #: Version written by this zsbir. 2 added per-segment checksums and the gallery's identity (``uuid``).
 FORMAT_VERSION = 2
 #: Versions this zsbir opens: format 1 opens read-only as it is (no checksums to verify) and is upgraded in
@@ -633,6 +635,10 @@ class Gallery:
             manifest = json.loads(mpath.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
             raise GalleryError(f"cannot read {mpath}: {e}") from e
+        if isinstance(manifest, dict) and manifest.get("format") == SHARDED_FORMAT:
+            raise GalleryError(
+                f"{p} is a sharded gallery (one gallery per shard); open it with zsbir_infer.gallery.open_gallery"
+            )
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise GalleryError(f"{mpath} is not a zsbir gallery manifest")
         if manifest.get("format_version") not in READABLE_VERSIONS:
@@ -1349,6 +1355,23 @@ class Gallery:
         """(relpath, reason) of every skipped file, sorted by path."""
         cur = self._con().execute("SELECT relpath, reason FROM files WHERE status = 'skipped' ORDER BY relpath")
         return [(self._catalog_path(a), str(b)) for a, b in cur]
+
+    @_guarded
+    def records(self) -> list[tuple[FileRecord, int]]:
+        """Every indexed file as a :class:`FileRecord` (size, mtime, sha256) with its row id, in row order (what
+        copying the gallery's live rows into another gallery needs: :func:`zsbir_infer.gallery.shards.merge_shards`)."""
+        cur = self._con().execute(
+            "SELECT relpath, size, mtime_ns, sha256, vec FROM files WHERE status = 'indexed' ORDER BY vec"
+        )
+        return [(FileRecord(self._catalog_path(a), int(b), int(c), d), int(v)) for a, b, c, d, v in cur]
+
+    @_guarded
+    def skipped_records(self) -> list[tuple[FileStat, str]]:
+        """Every skipped file as a :class:`FileStat` with its reason, sorted by path."""
+        cur = self._con().execute(
+            "SELECT relpath, size, mtime_ns, reason FROM files WHERE status = 'skipped' ORDER BY relpath"
+        )
+        return [(FileStat(self._catalog_path(a), int(b), int(c)), str(r)) for a, b, c, r in cur]
 
     @_guarded
     def indexed(self) -> list[tuple[str, int]]:
