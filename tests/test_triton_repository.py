@@ -116,7 +116,7 @@ def test_standard_repository_configs_parse_and_match_onnx(setup: dict[str, Any])
         assert (repo / name / "1" / "model.onnx").read_bytes() == (setup["bundle"] / file).read_bytes()
         _check_encoder_matches_onnx(cfg, repo / name / "1" / "model.onnx")
         assert [g.kind for g in cfg.instance_group] == [model_config_pb2.ModelInstanceGroup.KIND_GPU]
-        assert cfg.dynamic_batching.max_queue_delay_microseconds == 2000
+        assert cfg.dynamic_batching.max_queue_delay_microseconds == 1000  # GPU instances: 1 ms
     assert cfgs["zsbir_encoder_int8"].platform == "onnxruntime_onnx"
     # the fp16 test model has float16 IO, and the config says so
     assert cfgs["zsbir_encoder_fp16"].input[0].data_type == model_config_pb2.TYPE_FP16
@@ -181,6 +181,7 @@ def test_ensemble_steps_connect(setup: dict[str, Any]) -> None:
             assert json.loads((repo / "zsbir_encoder" / "1" / "bundle" / "manifest.json").read_text())["engines"] == []
             assert "zsbir_encoder_trt_fp32" not in cfgs  # a server without TensorRT could not load it
             assert [g.kind for g in enc.instance_group] == [model_config_pb2.ModelInstanceGroup.KIND_CPU]
+            assert enc.dynamic_batching.max_queue_delay_microseconds == 0  # CPU instances: no delay by default
         else:
             assert enc.platform == "onnxruntime_onnx"
         # the standard and the Python encoder have one contract

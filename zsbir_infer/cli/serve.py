@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from zsbir_infer.cli.embed import BACKEND_CHOICES
 
@@ -129,7 +130,10 @@ def command(
             encoder=triton_encoder,
             instances=triton_instances,
             max_batch=max_batch,
-            max_wait_ms=max_wait_ms,
+            # Triton's batcher holds even a lone request for its delay, at each step: its own default unless given
+            max_wait_ms=None
+            if click.get_current_context().get_parameter_source("max_wait_ms") == ParameterSource.DEFAULT
+            else max_wait_ms,
             device=device,
         )
         return

@@ -66,9 +66,10 @@ def export_options(f: F) -> F:
         click.option(
             "--triton-queue-delay-us",
             type=click.IntRange(0),
-            default=2000,
-            show_default=True,
-            help="dynamic_batching max_queue_delay_microseconds.",
+            default=None,
+            help="dynamic_batching max_queue_delay_microseconds of every model (default: 0 with CPU encoder "
+            "instances, 1000 with GPU ones). A lone request waits this long at each step; requests that queue while "
+            "a model is busy are batched even with 0.",
         ),
         click.option(
             "--triton-instances",
@@ -148,7 +149,7 @@ def serve_triton(
     encoder: str,
     instances: int,
     max_batch: int,
-    max_wait_ms: float,
+    max_wait_ms: float | None,
     device: str,
 ) -> None:
     """``zsbir serve --engine triton``: export a repository for the gallery and run tritonserver on it."""
@@ -185,7 +186,7 @@ def serve_triton(
                 device="gpu" if device == "cuda" else "cpu",
                 instances=instances,
                 max_batch=max_batch,
-                max_queue_delay_us=int(max_wait_ms * 1000),
+                max_queue_delay_us=None if max_wait_ms is None else int(max_wait_ms * 1000),
                 search_device=device,
             )
             repository = write_repository(bundle or default_bundle_path(), Path(tmp.name) / "repo", gdir, opts)

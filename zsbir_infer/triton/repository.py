@@ -89,8 +89,11 @@ class TritonRepositoryOptions:
     device: str = "auto"
     #: Largest batch Triton forms (``max_batch_size`` of every model).
     max_batch: int = 32
-    #: How long the dynamic batcher holds a request for others to join it.
-    max_queue_delay_us: int = 2000
+    #: How long the dynamic batcher holds a request for others to join it (``None``: 0 when the encoder runs on the
+    #: CPU, 1000 on a GPU). Requests that queue while a model is busy are batched with any delay; a delay holds even
+    #: a lone request at each of the three steps (on the 2-core CPU, 0 gave the best rate at 1, 8 and 32 clients:
+    #: ``benchmarks/results/triton_load.md``).
+    max_queue_delay_us: int | None = None
     #: Instances of each CPU (Python-backend) model; separate processes, so decoding runs in parallel.
     instances: int = 1
     #: Where ``zsbir_topk`` searches: ``"cpu"`` or ``"cuda"`` (the fused CUDA kernels where they can run).
@@ -115,11 +118,18 @@ class TritonRepositoryOptions:
             ("max batch", self.max_batch, 1),
             ("instances", self.instances, 1),
             ("default k", self.default_k, 1),
-            ("max queue delay", self.max_queue_delay_us, 0),
+            ("max queue delay", self.queue_delay_us, 0),
             ("threads", self.threads, 0),
         ):
             if value < low:
                 raise TritonError(f"{name} must be at least {low}, got {value}")
+
+    @property
+    def queue_delay_us(self) -> int:
+        """``max_queue_delay_microseconds`` once ``None`` is resolved."""
+        if self.max_queue_delay_us is not None:
+            return self.max_queue_delay_us
+        return 1000 if self.encoder_device == "gpu" else 0
 
     @property
     def encoder_device(self) -> str:
@@ -200,7 +210,7 @@ def _instances(kind: str, count: int) -> str:
 
 def _batching(opts: TritonRepositoryOptions, preferred: Sequence[int] = ()) -> str:
     pref = f" preferred_batch_size: [ {', '.join(map(str, preferred))} ]" if preferred else ""
-    return f"dynamic_batching {{{pref} max_queue_delay_microseconds: {opts.max_queue_delay_us} }}"
+    return f"dynamic_batching {{{pref} max_queue_delay_microseconds: {opts.queue_delay_us} }}"
 
 
 def _config(
@@ -539,7 +549,7 @@ def _readme(b: Bundle, opts: TritonRepositoryOptions, gallery: Path | None, mode
         "search as `zsbir_infer.Retriever.search`; it sees later `zsbir index` runs without a restart |",
         "",
         "Every model batches requests dynamically (`max_batch_size` "
-        f"{opts.max_batch}, `max_queue_delay_microseconds` {opts.max_queue_delay_us}).",
+        f"{opts.max_batch}, `max_queue_delay_microseconds` {opts.queue_delay_us}).",
         "",
         "## Starting Triton",
         "",
