@@ -244,3 +244,17 @@ def test_serve_triton_says_what_is_missing(setup: dict[str, Any], tmp_path: Path
         assert r.exit_code != 0 and "python -m zsbir_infer.triton install" in r.output
     r = CliRunner().invoke(main, ["serve", "--engine", "triton", "--host", "0.0.0.0"])
     assert r.exit_code != 0 and "no authentication" in r.output
+
+
+def test_serve_triton_refuses_onnx_encoder_without_the_backend(setup: dict[str, Any]) -> None:
+    from zsbir_infer.triton.server import find_tritonserver
+
+    try:
+        install = find_tritonserver()
+    except TritonError as exc:
+        pytest.skip(f"no tritonserver installed: {exc}")
+    if install.has_onnxruntime:
+        pytest.skip(f"{install.binary} has the ONNX Runtime backend")
+    args = ["serve", "--engine", "triton", "--triton-encoder", "onnx", "--gallery", str(setup["gallery"])]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code != 0 and "no ONNX Runtime backend" in r.output and "--triton-encoder python" in r.output

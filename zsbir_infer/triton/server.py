@@ -230,7 +230,7 @@ def install_model_env(*, log: Callable[[str], Any] | None = None) -> Path:
     dst.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="zsbir-triton-env-", dir=dst.parent) as tmp:
         out = Path(tmp) / "env"
-        say(f"installing {', '.join(MODEL_ENV_REQUIREMENTS)} into {dst} (about 100 MB) ...")
+        say(f"installing {', '.join(MODEL_ENV_REQUIREMENTS)} into {dst} (about 250 MB) ...")
         cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-warn-script-location", "--disable-pip-version-check"]
         done = subprocess.run([*cmd, "--target", str(out), *MODEL_ENV_REQUIREMENTS], capture_output=True, text=True)
         if done.returncode != 0 or not (out / "numpy").is_dir():
