@@ -43,8 +43,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hardware import cpu_model
 
+from zsbir_infer.bundle import PRECISIONS
+
 ROOT = Path(__file__).resolve().parent
-PRECISIONS = ("fp32", "fp16", "int8")
 # The default synthetic benchmark as benchmarks/train_default.py leaves it, else data/synth (generated if absent).
 DEFAULT_BENCHES = (ROOT.parent / "build" / "default_model" / "synth", ROOT.parent / "data" / "synth")
 

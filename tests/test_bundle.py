@@ -170,3 +170,40 @@ def test_default_bundle_path() -> None:
             Bundle.open(None)
     else:
         assert Bundle.open(None).embedding_dim > 0
+
+
+def test_golden_fingerprint() -> None:
+    """Pinned values: a change to PreprocessSpec.to_dict (a new default, a renamed key, another float
+    spelling) or to the fingerprint's definition changes every bundle's fingerprint and orphans every
+    gallery built before; it must be a deliberate, versioned decision, so this literal fails first."""
+    spec = PreprocessSpec(size=(16, 16)).to_dict()
+    assert canonical_preprocess_json({"photo": spec, "sketch": spec}) == (
+        '{"photo":{"background":"white","color":"rgb","interpolation":"bilinear","mean":[0.485,0.456,0.406],'
+        '"resize":"squash","size":[16,16],"std":[0.229,0.224,0.225]},"sketch":{"background":"white",'
+        '"color":"rgb","interpolation":"bilinear","mean":[0.485,0.456,0.406],"resize":"squash","size":[16,16],'
+        '"std":[0.229,0.224,0.225]}}'
+    )
+    assert compute_fingerprint(b"zsbir golden model bytes", {"photo": spec, "sketch": spec}) == "4ae2c59f360356bf"
+
+
+def test_manifest_type_round_trip(tmp_path: Path) -> None:
+    """The manifest tiny_bundle writes is BundleManifest.to_dict(); reading it back gives the same manifest,
+    and the descriptive sections pass through untouched."""
+    from zsbir_infer.bundle import BundleManifest
+
+    root, _ = make_bundle(tmp_path / "b", extra_precisions=("fp16",), engines=[{**ENGINE, "strongly_typed": True}])
+    raw = json.loads((root / "manifest.json").read_text())
+    m = BundleManifest.from_dict(raw)
+    assert m.to_dict() == raw
+    assert BundleManifest.from_dict(m.to_dict()) == m
+    assert m.engines[0].extra == {"strongly_typed": True} and m.extra["source"]["path"] == "tiny"
+    assert Bundle.open(root).spec == m
+    with pytest.raises(BundleError, match="fp32"):
+        BundleManifest.create(
+            root,
+            models={"fp16": "model.fp16.onnx"},
+            embedding_dim=6,
+            domain_conditioned=True,
+            input_size=(16, 16),
+            preprocess={"photo": SPEC, "sketch": SPEC},
+        )

@@ -25,7 +25,7 @@ ort = pytest.importorskip("onnxruntime")
 from click.testing import CliRunner  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 from torch import nn  # noqa: E402
-from zsbir_export.bundle import BundleError, ExportOptions, VerificationFailed, export_bundle  # noqa: E402
+from zsbir_export.bundle import ExportOptions, ExportOptionsError, VerificationFailed, export_bundle  # noqa: E402
 from zsbir_export.calibration import CalibrationError, ImageSet, open_source  # noqa: E402
 from zsbir_export.fp16 import convert_to_fp16  # noqa: E402
 from zsbir_export.onnx_export import ExportError, export_onnx  # noqa: E402
@@ -575,17 +575,17 @@ def test_failed_verification_is_not_a_bundle(tmp_path: Path, bench: Path) -> Non
 
 def test_bundle_option_errors(tmp_path: Path, bench: Path) -> None:
     model, cfg = tiny(True), config_for(True)
-    with pytest.raises(BundleError, match="--calib"):
+    with pytest.raises(ExportOptionsError, match="--calib"):
         export_bundle(model, cfg, tmp_path / "b", ExportOptions(precisions=("int8",)), source=SOURCE)
-    with pytest.raises(BundleError, match="unknown precision int4"):
+    with pytest.raises(ExportOptionsError, match="unknown precision int4"):
         export_bundle(model, cfg, tmp_path / "b", ExportOptions(precisions=("int4",)), source=SOURCE)
-    with pytest.raises(BundleError, match="opt-batch"):
+    with pytest.raises(ExportOptionsError, match="opt-batch"):
         export_bundle(model, cfg, tmp_path / "b", ExportOptions(opt_batch=64, max_batch=8), source=SOURCE)
     bad = dict(cfg, preprocess={"photo": SPEC, "sketch": dict(SPEC, size=[64, 64])})
-    with pytest.raises(BundleError, match="sizes differ"):
+    with pytest.raises(ExportOptionsError, match="sizes differ"):
         export_bundle(model, bad, tmp_path / "b", ExportOptions(), source=SOURCE)
     (tmp_path / "exists").mkdir()
-    with pytest.raises(BundleError, match="--overwrite"):
+    with pytest.raises(ExportOptionsError, match="--overwrite"):
         export_bundle(model, cfg, tmp_path / "exists", ExportOptions(), source=SOURCE)
     empty = tmp_path / "empty"
     (empty / "photo").mkdir(parents=True)
@@ -604,7 +604,7 @@ def test_tensorrt_absent_message(tmp_path: Path) -> None:
     spec = EngineSpec("fp16", tmp_path / "m.onnx", tmp_path / "m.plan", (3, SIZE, SIZE), True)
     with pytest.raises(TensorRTUnavailable, match=r"pip install 'zsbir\[tensorrt\]'"):
         build_engine(spec)
-    with pytest.raises(BundleError, match="TensorRT is not installed"):
+    with pytest.raises(ExportOptionsError, match="TensorRT is not installed"):
         export_bundle(tiny(True), config_for(True), tmp_path / "b", ExportOptions(trt=True), source=SOURCE)
     assert not any(tmp_path.iterdir())
 

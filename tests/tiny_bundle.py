@@ -1,5 +1,7 @@
 """Test helper: write tiny model bundles (CONTRACTS §6) with the onnx helper API, plus a numpy reference.
 
+The manifest is written by :class:`zsbir_infer.bundle.BundleManifest`, as export writes it.
+
 The model is conv3x3(3->C, pad 1) -> ReLU -> global average pool -> (+ domain_tag * dvec) -> linear(C->D)
 -> L2 normalize, small enough to run in microseconds. ``reference_forward`` computes the same thing in
 numpy so tests can check the encoder end to end. Usable from any test module::
@@ -16,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from zsbir_infer.bundle import compute_fingerprint, sha256_file
+from zsbir_infer.bundle import BundleManifest
 from zsbir_infer.preprocess import PreprocessSpec
 
 SPEC: dict[str, Any] = PreprocessSpec(size=(16, 16)).to_dict()  # squash, bilinear, ImageNet mean/std, RGB
@@ -162,7 +164,6 @@ def make_bundle(
     w = weights or make_weights()
     root.mkdir(parents=True, exist_ok=True)
     write_onnx(root / "model.onnx", w, domain_input=domain_input, normalize=normalize, output_scale=output_scale)
-    models: dict[str, Any] = {}
     files = {"fp32": "model.onnx"}
     if "fp16" in extra_precisions:
         write_onnx(root / "model.fp16.onnx", w, domain_input=domain_input, normalize=normalize, fp16_io=True)
@@ -170,34 +171,23 @@ def make_bundle(
     if "int8" in extra_precisions:
         write_onnx(root / "model.int8.onnx", w, domain_input=domain_input, normalize=normalize)
         files["int8"] = "model.int8.onnx"
-    for prec, file in files.items():
-        p = root / file
-        models[prec] = {"file": file, "sha256": sha256_file(p), "bytes": p.stat().st_size}
     dim = int(w.fc_w.shape[1])
-    pre = {"photo": dict(SPEC), "sketch": dict(sketch_spec or SPEC)}
-    inputs: dict[str, Any] = {"image": {"name": "image", "shape": ["batch", 3, 16, 16], "dtype": "float32"}}
-    if domain_input:
-        inputs["domain"] = {"name": "domain", "shape": ["batch"], "dtype": "int64", "photo": 1, "sketch": 0}
-    eng = []
     for e in engines or []:
         (root / e["file"]).write_bytes(b"not a real plan")
-        eng.append(e)
-    manifest: dict[str, Any] = {
-        "format": "zsbir-bundle",
-        "format_version": 1,
-        "embedding_dim": dim,
-        "metric": "ip",
-        "normalized": normalize,
-        "domain_handling": "input" if domain_input else "none",
-        "inputs": inputs,
-        "outputs": {"embedding": {"name": "embedding", "shape": ["batch", dim], "dtype": "float32"}},
-        "preprocess": pre,
-        "models": models,
-        "engines": eng,
-        "fingerprint": compute_fingerprint(root / "model.onnx", pre),
-        "source": {"path": "tiny", "sha256": "0" * 64, "format": "zsbir", "method": "none"},
-        "created": "2026-01-01T00:00:00Z",
-    }
+    manifest = BundleManifest.create(
+        root,
+        models=files,
+        embedding_dim=dim,
+        domain_conditioned=domain_input,
+        input_size=(16, 16),
+        preprocess={"photo": SPEC, "sketch": sketch_spec or SPEC},
+        engines=engines or [],
+        normalized=normalize,
+        extra={
+            "source": {"path": "tiny", "sha256": "0" * 64, "format": "zsbir", "method": "none"},
+            "created": "2026-01-01T00:00:00Z",
+        },
+    ).to_dict()
     manifest.update(manifest_overrides or {})
     (root / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return root, w

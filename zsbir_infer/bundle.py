@@ -19,8 +19,8 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,10 @@ __all__ = [
     "PRECISIONS",
     "Bundle",
     "BundleError",
+    "BundleManifest",
+    "EngineEntry",
     "EngineInfo",
+    "ModelEntry",
     "ModelFile",
     "canonical_preprocess_json",
     "check_domain",
@@ -111,7 +114,7 @@ def compute_fingerprint(fp32_model: str | Path | bytes, preprocess: Mapping[str,
 
 @dataclass(frozen=True)
 class ModelFile:
-    """One ONNX model of a bundle (``manifest["models"][precision]``)."""
+    """One ONNX model of a bundle (``manifest["models"][precision]``), its path resolved."""
 
     precision: str
     path: Path
@@ -134,6 +137,31 @@ class EngineInfo:
     sha256: str | None = None
 
 
+@dataclass(frozen=True)
+class ModelEntry:
+    """``manifest["models"][precision]``: a file name inside the bundle, its SHA-256 and size."""
+
+    file: str
+    sha256: str | None = None
+    bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class EngineEntry:
+    """``manifest["engines"][i]``; ``extra`` keeps the builder's other fields (written back unchanged)."""
+
+    precision: str
+    file: str
+    gpu: str
+    compute_capability: str
+    tensorrt: str
+    min_batch: int
+    opt_batch: int
+    max_batch: int
+    sha256: str | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
 def _req(d: Mapping[str, Any], key: str, where: str, typ: type | tuple[type, ...]) -> Any:
     if key not in d:
         raise BundleError(f"manifest: missing field {where}{key!r}")
@@ -144,11 +172,286 @@ def _req(d: Mapping[str, Any], key: str, where: str, typ: type | tuple[type, ...
     return value
 
 
+def _file_name(file: str, where: str) -> str:
+    p = Path(file)
+    if p.is_absolute() or ".." in p.parts or not file:
+        raise BundleError(f"manifest: {where} must be a file name inside the bundle, got {file!r}")
+    return file
+
+
+_MANIFEST_KEYS = frozenset(
+    {"format", "format_version", "embedding_dim", "fingerprint", "metric", "normalized", "domain_handling"}
+    | {"inputs", "outputs", "preprocess", "models", "engines"}
+)
+
+
+@dataclass(frozen=True)
+class BundleManifest:
+    """``manifest.json``, the contract between export (which writes it) and the runtime (which reads it).
+
+    :meth:`from_dict` is the one validator (every reader goes through it); :meth:`to_dict` is what every
+    writer stores; :meth:`create` fills sizes, hashes and the fingerprint from the files of a folder.
+    ``extra`` carries the descriptive sections (``source``, ``calibration``, ``verification``,
+    ``versions``, ``created``, ...) that the runtime shows but does not interpret.
+    """
+
+    embedding_dim: int
+    domain_handling: str  # "input": the model takes a domain tag; "none": it does not
+    preprocess: Mapping[str, PreprocessSpec]
+    models: Mapping[str, ModelEntry]
+    fingerprint: str
+    input_size: tuple[int | None, int | None] = (None, None)
+    image_input: str = "image"
+    domain_input: str | None = None
+    domain_tags: Mapping[str, int] = field(default_factory=lambda: dict(DEFAULT_DOMAIN_TAGS))
+    output_name: str = "embedding"
+    metric: str = "ip"
+    normalized: bool = True
+    engines: tuple[EngineEntry, ...] = ()
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def domain_conditioned(self) -> bool:
+        """True when the model takes the domain tag as an input."""
+        return self.domain_handling == "input"
+
+    # ------------------------------------------------------------------------------------- reading
+
+    @classmethod
+    def from_dict(cls, m: Mapping[str, Any]) -> BundleManifest:
+        """Validate a parsed ``manifest.json``; :class:`BundleError` names the first bad field."""
+        fmt = m.get("format")
+        if fmt != FORMAT:
+            raise BundleError(f"not a zsbir bundle manifest (format is {fmt!r}, expected {FORMAT!r})")
+        version = m.get("format_version")
+        if version != FORMAT_VERSION:
+            raise BundleError(
+                f"unsupported bundle format_version {version!r}: this zsbir reads version {FORMAT_VERSION}; "
+                "re-export the bundle with this zsbir or upgrade zsbir"
+            )
+        embedding_dim = _req(m, "embedding_dim", "", int)
+        if embedding_dim <= 0:
+            raise BundleError(f"manifest: 'embedding_dim' must be positive, got {embedding_dim}")
+        fingerprint = _req(m, "fingerprint", "", str)
+        if not fingerprint:
+            raise BundleError("manifest: 'fingerprint' is empty")
+        metric = m.get("metric", "ip")
+        if metric != "ip":
+            raise BundleError(f"manifest: unsupported metric {metric!r} (only 'ip' is supported)")
+        normalized = bool(m.get("normalized", True))
+        domain_handling = _req(m, "domain_handling", "", str)
+        if domain_handling not in ("input", "none"):
+            raise BundleError(f"manifest: 'domain_handling' must be 'input' or 'none', got {domain_handling!r}")
+
+        inputs = _req(m, "inputs", "", dict)
+        image = _req(inputs, "image", "inputs.", dict)
+        image_input = _req(image, "name", "inputs.image.", str)
+        shape = image.get("shape", ["batch", 3, None, None])
+        if not isinstance(shape, list) or len(shape) != 4 or shape[1] not in (3, "channels"):
+            raise BundleError(f"manifest: inputs.image.shape must be [batch, 3, H, W], got {shape!r}")
+        dtype = image.get("dtype", "float32")
+        if dtype != "float32":
+            raise BundleError(f"manifest: inputs.image.dtype must be 'float32', got {dtype!r}")
+        h, w = (v if isinstance(v, int) and not isinstance(v, bool) else None for v in shape[2:])
+        input_size = (h, w)
+
+        domain_input = None
+        domain_tags = dict(DEFAULT_DOMAIN_TAGS)
+        if domain_handling == "input":
+            dom = _req(inputs, "domain", "inputs.", dict)
+            domain_input = _req(dom, "name", "inputs.domain.", str)
+            for d in DOMAINS:
+                domain_tags[d] = _req(dom, d, "inputs.domain.", int)
+            if dom.get("dtype", "int64") != "int64":
+                raise BundleError(f"manifest: inputs.domain.dtype must be 'int64', got {dom.get('dtype')!r}")
+
+        outputs = _req(m, "outputs", "", dict)
+        emb = _req(outputs, "embedding", "outputs.", dict)
+        output_name = _req(emb, "name", "outputs.embedding.", str)
+        oshape = emb.get("shape")
+        odim = oshape[1] if isinstance(oshape, list) and len(oshape) == 2 else None
+        if isinstance(odim, int) and odim != embedding_dim:
+            raise BundleError(
+                f"manifest: outputs.embedding.shape[1] = {odim} disagrees with embedding_dim = {embedding_dim}"
+            )
+
+        pre = _req(m, "preprocess", "", dict)
+        preprocess: dict[str, PreprocessSpec] = {}
+        for d in DOMAINS:
+            spec = _req(pre, d, "preprocess.", dict)
+            try:
+                preprocess[d] = PreprocessSpec.from_dict(spec)
+            except ValueError as exc:
+                raise BundleError(f"manifest: preprocess.{d}: {exc}") from None
+            for axis, (want, got) in enumerate(zip(input_size, preprocess[d].size, strict=True)):
+                if want is not None and want != got:
+                    raise BundleError(
+                        f"manifest: preprocess.{d}.size {list(preprocess[d].size)} does not match the "
+                        f"model input {shape[2:]} (axis {axis + 2})"
+                    )
+
+        models_in = _req(m, "models", "", dict)
+        if not models_in:
+            raise BundleError("manifest: 'models' lists no model")
+        models: dict[str, ModelEntry] = {}
+        for prec, entry in models_in.items():
+            if prec not in PRECISIONS:
+                raise BundleError(f"manifest: unknown precision {prec!r} in 'models' (known: {list(PRECISIONS)})")
+            if not isinstance(entry, dict):
+                raise BundleError(f"manifest: models.{prec} must be an object")
+            file = _file_name(_req(entry, "file", f"models.{prec}.", str), f"models.{prec}.file")
+            sha = entry.get("sha256")
+            size = entry.get("bytes")
+            if sha is not None and (not isinstance(sha, str) or len(sha) != 64):
+                raise BundleError(f"manifest: models.{prec}.sha256 must be 64 hex digits, got {sha!r}")
+            if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
+                raise BundleError(f"manifest: models.{prec}.bytes must be a non-negative int, got {size!r}")
+            models[prec] = ModelEntry(file, sha, size)
+
+        engines: list[EngineEntry] = []
+        engines_in = m.get("engines", [])
+        if not isinstance(engines_in, list):
+            raise BundleError("manifest: 'engines' must be a list")
+        for i, e in enumerate(engines_in):
+            where = f"engines[{i}]."
+            if not isinstance(e, dict):
+                raise BundleError(f"manifest: engines[{i}] must be an object")
+            prec = _req(e, "precision", where, str)
+            if prec not in PRECISIONS:
+                raise BundleError(f"manifest: {where}precision {prec!r} unknown (known: {list(PRECISIONS)})")
+            known = EngineEntry.__dataclass_fields__.keys() - {"extra"}
+            info = EngineEntry(
+                precision=prec,
+                file=_file_name(_req(e, "file", where, str), f"{where}file"),
+                gpu=_req(e, "gpu", where, str),
+                compute_capability=str(_req(e, "compute_capability", where, (str, int, float))),
+                tensorrt=str(_req(e, "tensorrt", where, str)),
+                min_batch=_req(e, "min_batch", where, int),
+                opt_batch=_req(e, "opt_batch", where, int),
+                max_batch=_req(e, "max_batch", where, int),
+                sha256=e.get("sha256") if isinstance(e.get("sha256"), str) else None,
+                extra={k: v for k, v in e.items() if k not in known},
+            )
+            if not 1 <= info.min_batch <= info.opt_batch <= info.max_batch:
+                raise BundleError(f"manifest: {where}batch sizes must satisfy 1 <= min <= opt <= max")
+            engines.append(info)
+
+        return cls(
+            embedding_dim=embedding_dim,
+            domain_handling=domain_handling,
+            preprocess=preprocess,
+            models=models,
+            fingerprint=fingerprint,
+            input_size=input_size,
+            image_input=image_input,
+            domain_input=domain_input,
+            domain_tags=domain_tags,
+            output_name=output_name,
+            metric=metric,
+            normalized=normalized,
+            engines=tuple(engines),
+            extra={k: v for k, v in m.items() if k not in _MANIFEST_KEYS},
+        )
+
+    # ------------------------------------------------------------------------------------- writing
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object stored as ``manifest.json`` (``from_dict(to_dict())`` gives this manifest back)."""
+        inputs: dict[str, Any] = {
+            "image": {"name": self.image_input, "shape": ["batch", 3, *self.input_size], "dtype": "float32"}
+        }
+        if self.domain_conditioned:
+            inputs["domain"] = {
+                "name": self.domain_input or "domain",
+                "shape": ["batch"],
+                "dtype": "int64",
+                **{d: int(self.domain_tags[d]) for d in DOMAINS},
+            }
+        models: dict[str, Any] = {}
+        for prec in PRECISIONS:
+            if prec in self.models:
+                entry = self.models[prec]
+                models[prec] = {"file": entry.file, "sha256": entry.sha256, "bytes": entry.bytes}
+        engines = []
+        for e in self.engines:
+            fields = {k: getattr(e, k) for k in EngineEntry.__dataclass_fields__ if k not in ("extra", "sha256")}
+            if e.sha256 is not None:
+                fields["sha256"] = e.sha256
+            engines.append({**fields, **e.extra})
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "embedding_dim": self.embedding_dim,
+            "metric": self.metric,
+            "normalized": self.normalized,
+            "domain_handling": self.domain_handling,
+            "inputs": inputs,
+            "outputs": {
+                "embedding": {"name": self.output_name, "shape": ["batch", self.embedding_dim], "dtype": "float32"}
+            },
+            "preprocess": {d: self.preprocess[d].to_dict() for d in DOMAINS},
+            "models": models,
+            "engines": engines,
+            "fingerprint": self.fingerprint,
+            **self.extra,
+        }
+
+    @classmethod
+    def create(
+        cls,
+        folder: str | Path,
+        *,
+        models: Mapping[str, str],
+        embedding_dim: int,
+        domain_conditioned: bool,
+        input_size: tuple[int, int],
+        preprocess: Mapping[str, PreprocessSpec | Mapping[str, Any]],
+        engines: Sequence[Mapping[str, Any]] = (),
+        image_input: str = "image",
+        domain_input: str = "domain",
+        output_name: str = "embedding",
+        normalized: bool = True,
+        extra: Mapping[str, Any] | None = None,
+    ) -> BundleManifest:
+        """The manifest of the bundle files in ``folder``: ``models`` maps precision -> file name (fp32 is
+        required: the fingerprint is computed from it); sizes and SHA-256 are read from the files, and the
+        result is validated as :meth:`from_dict` would."""
+        root = Path(folder)
+        if "fp32" not in models:
+            raise BundleError("a bundle needs an fp32 model (its fingerprint is computed from it)")
+        specs = {
+            d: spec if isinstance(spec, PreprocessSpec) else PreprocessSpec.from_dict(spec)
+            for d, spec in preprocess.items()
+        }
+        entries = {
+            prec: ModelEntry(file, sha256_file(root / file), (root / file).stat().st_size)
+            for prec, file in models.items()
+        }
+        draft = cls(
+            embedding_dim=embedding_dim,
+            domain_handling="input" if domain_conditioned else "none",
+            preprocess=specs,
+            models=entries,
+            fingerprint=compute_fingerprint(root / models["fp32"], specs),
+            input_size=input_size,
+            image_input=image_input,
+            domain_input=domain_input if domain_conditioned else None,
+            output_name=output_name,
+            normalized=normalized,
+            extra=dict(extra or {}),
+        )
+        as_dict = draft.to_dict()
+        as_dict["engines"] = [dict(e) for e in engines]
+        return cls.from_dict(as_dict)
+
+
 class Bundle:
     """A validated model bundle. Open with :meth:`Bundle.open`; attributes mirror ``manifest.json``."""
 
     path: Path
     manifest: dict[str, Any]
+    #: The validated manifest.
+    spec: BundleManifest
     embedding_dim: int
     fingerprint: str
     metric: str
@@ -241,125 +544,34 @@ class Bundle:
                 self._verified.add(mf.path)
 
     def _parse(self, m: Mapping[str, Any]) -> None:
-        fmt = m.get("format")
-        if fmt != FORMAT:
-            raise BundleError(f"not a zsbir bundle manifest (format is {fmt!r}, expected {FORMAT!r})")
-        version = m.get("format_version")
-        if version != FORMAT_VERSION:
-            raise BundleError(
-                f"unsupported bundle format_version {version!r}: this zsbir reads version {FORMAT_VERSION}; "
-                "re-export the bundle with this zsbir or upgrade zsbir"
+        spec = BundleManifest.from_dict(m)
+        self.spec = spec
+        self.embedding_dim = spec.embedding_dim
+        self.fingerprint = spec.fingerprint
+        self.metric = spec.metric
+        self.normalized = spec.normalized
+        self.domain_handling = spec.domain_handling
+        self.image_input = spec.image_input
+        self.input_size = spec.input_size
+        self.domain_input = spec.domain_input
+        self.domain_tags = dict(spec.domain_tags)
+        self.output_name = spec.output_name
+        self.preprocess = dict(spec.preprocess)
+        self.models = {prec: ModelFile(prec, self.path / e.file, e.sha256, e.bytes) for prec, e in spec.models.items()}
+        self.engines = [
+            EngineInfo(
+                precision=e.precision,
+                path=self.path / e.file,
+                gpu=e.gpu,
+                compute_capability=e.compute_capability,
+                tensorrt=e.tensorrt,
+                min_batch=e.min_batch,
+                opt_batch=e.opt_batch,
+                max_batch=e.max_batch,
+                sha256=e.sha256,
             )
-        self.embedding_dim = _req(m, "embedding_dim", "", int)
-        if self.embedding_dim <= 0:
-            raise BundleError(f"manifest: 'embedding_dim' must be positive, got {self.embedding_dim}")
-        self.fingerprint = _req(m, "fingerprint", "", str)
-        if not self.fingerprint:
-            raise BundleError("manifest: 'fingerprint' is empty")
-        self.metric = m.get("metric", "ip")
-        if self.metric != "ip":
-            raise BundleError(f"manifest: unsupported metric {self.metric!r} (only 'ip' is supported)")
-        self.normalized = bool(m.get("normalized", True))
-        self.domain_handling = _req(m, "domain_handling", "", str)
-        if self.domain_handling not in ("input", "none"):
-            raise BundleError(f"manifest: 'domain_handling' must be 'input' or 'none', got {self.domain_handling!r}")
-
-        inputs = _req(m, "inputs", "", dict)
-        image = _req(inputs, "image", "inputs.", dict)
-        self.image_input = _req(image, "name", "inputs.image.", str)
-        shape = image.get("shape", ["batch", 3, None, None])
-        if not isinstance(shape, list) or len(shape) != 4 or shape[1] not in (3, "channels"):
-            raise BundleError(f"manifest: inputs.image.shape must be [batch, 3, H, W], got {shape!r}")
-        dtype = image.get("dtype", "float32")
-        if dtype != "float32":
-            raise BundleError(f"manifest: inputs.image.dtype must be 'float32', got {dtype!r}")
-        h, w = (v if isinstance(v, int) and not isinstance(v, bool) else None for v in shape[2:])
-        self.input_size = (h, w)
-
-        self.domain_input = None
-        self.domain_tags = dict(DEFAULT_DOMAIN_TAGS)
-        if self.domain_handling == "input":
-            dom = _req(inputs, "domain", "inputs.", dict)
-            self.domain_input = _req(dom, "name", "inputs.domain.", str)
-            for d in DOMAINS:
-                self.domain_tags[d] = _req(dom, d, "inputs.domain.", int)
-            if dom.get("dtype", "int64") != "int64":
-                raise BundleError(f"manifest: inputs.domain.dtype must be 'int64', got {dom.get('dtype')!r}")
-
-        outputs = _req(m, "outputs", "", dict)
-        emb = _req(outputs, "embedding", "outputs.", dict)
-        self.output_name = _req(emb, "name", "outputs.embedding.", str)
-        oshape = emb.get("shape")
-        odim = oshape[1] if isinstance(oshape, list) and len(oshape) == 2 else None
-        if isinstance(odim, int) and odim != self.embedding_dim:
-            raise BundleError(
-                f"manifest: outputs.embedding.shape[1] = {odim} disagrees with embedding_dim = {self.embedding_dim}"
-            )
-
-        pre = _req(m, "preprocess", "", dict)
-        self.preprocess = {}
-        for d in DOMAINS:
-            spec = _req(pre, d, "preprocess.", dict)
-            try:
-                self.preprocess[d] = PreprocessSpec.from_dict(spec)
-            except ValueError as exc:
-                raise BundleError(f"manifest: preprocess.{d}: {exc}") from None
-            for axis, (want, got) in enumerate(zip(self.input_size, self.preprocess[d].size, strict=True)):
-                if want is not None and want != got:
-                    raise BundleError(
-                        f"manifest: preprocess.{d}.size {list(self.preprocess[d].size)} does not match the "
-                        f"model input {shape[2:]} (axis {axis + 2})"
-                    )
-
-        models = _req(m, "models", "", dict)
-        if not models:
-            raise BundleError("manifest: 'models' lists no model")
-        self.models = {}
-        for prec, entry in models.items():
-            if prec not in PRECISIONS:
-                raise BundleError(f"manifest: unknown precision {prec!r} in 'models' (known: {list(PRECISIONS)})")
-            if not isinstance(entry, dict):
-                raise BundleError(f"manifest: models.{prec} must be an object")
-            file = _req(entry, "file", f"models.{prec}.", str)
-            sha = entry.get("sha256")
-            size = entry.get("bytes")
-            if sha is not None and (not isinstance(sha, str) or len(sha) != 64):
-                raise BundleError(f"manifest: models.{prec}.sha256 must be 64 hex digits, got {sha!r}")
-            if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
-                raise BundleError(f"manifest: models.{prec}.bytes must be a non-negative int, got {size!r}")
-            self.models[prec] = ModelFile(prec, self._inside(file, f"models.{prec}.file"), sha, size)
-
-        self.engines = []
-        engines = m.get("engines", [])
-        if not isinstance(engines, list):
-            raise BundleError("manifest: 'engines' must be a list")
-        for i, e in enumerate(engines):
-            where = f"engines[{i}]."
-            if not isinstance(e, dict):
-                raise BundleError(f"manifest: engines[{i}] must be an object")
-            prec = _req(e, "precision", where, str)
-            if prec not in PRECISIONS:
-                raise BundleError(f"manifest: {where}precision {prec!r} unknown (known: {list(PRECISIONS)})")
-            info = EngineInfo(
-                precision=prec,
-                path=self._inside(_req(e, "file", where, str), f"{where}file"),
-                gpu=_req(e, "gpu", where, str),
-                compute_capability=str(_req(e, "compute_capability", where, (str, int, float))),
-                tensorrt=str(_req(e, "tensorrt", where, str)),
-                min_batch=_req(e, "min_batch", where, int),
-                opt_batch=_req(e, "opt_batch", where, int),
-                max_batch=_req(e, "max_batch", where, int),
-                sha256=e.get("sha256") if isinstance(e.get("sha256"), str) else None,
-            )
-            if not 1 <= info.min_batch <= info.opt_batch <= info.max_batch:
-                raise BundleError(f"manifest: {where}batch sizes must satisfy 1 <= min <= opt <= max")
-            self.engines.append(info)
-
-    def _inside(self, file: str, where: str) -> Path:
-        p = Path(file)
-        if p.is_absolute() or ".." in p.parts or not file:
-            raise BundleError(f"manifest: {where} must be a file name inside the bundle, got {file!r}")
-        return self.path / p
+            for e in spec.engines
+        ]
 
     # ---------------------------------------------------------------------------------------- queries
 

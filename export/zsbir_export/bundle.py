@@ -11,7 +11,6 @@ check failed by how much.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
 import platform
@@ -37,11 +36,9 @@ from zsbir_export.calibration import (
 from zsbir_export.onnx_export import DEFAULT_OPSET, DOMAIN_INPUT, EMBEDDING_OUTPUT, IMAGE_INPUT, Exporter
 from zsbir_export.quantize import CALIB_METHODS, FLOAT_POLICIES, CalibMethod, FloatPolicy, Measure
 from zsbir_export.verify import CheckResult, Tolerances
+from zsbir_infer.bundle import PRECISIONS, BundleManifest, sha256_file
 
-PRECISIONS = ("fp32", "fp16", "int8")
 MODEL_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
-FORMAT = "zsbir-bundle"
-FORMAT_VERSION = 1
 # The INT8 sensitivity fallback stops when the *lower prediction bound* of the top-10 overlap on the holdout
 # (held-out seen classes; see calibration.split_holdout and verify.overlap_estimate) is at least this far
 # above the verification's overlap limit, and the holdout |delta mAP@all| is within its limit. The bound
@@ -50,8 +47,9 @@ FALLBACK_MARGIN = 0.005
 Log = Callable[[str], None]
 
 
-class BundleError(RuntimeError):
-    """Raised for unusable options or inputs (nothing is written)."""
+class ExportOptionsError(RuntimeError):
+    """Unusable export options or inputs (nothing is written). A bundle that is itself bad is
+    :class:`zsbir_infer.bundle.BundleError`."""
 
 
 class VerificationFailed(RuntimeError):
@@ -95,39 +93,41 @@ class ExportOptions:
         """The requested precisions in canonical order, fp32 always included (model.onnx is mandatory)."""
         unknown = [p for p in self.precisions if p not in PRECISIONS]
         if unknown:
-            raise BundleError(f"unknown precision {', '.join(unknown)}; choose from {', '.join(PRECISIONS)}")
+            raise ExportOptionsError(f"unknown precision {', '.join(unknown)}; choose from {', '.join(PRECISIONS)}")
         return [p for p in PRECISIONS if p == "fp32" or p in self.precisions]
 
     def validate(self) -> list[str]:
         """Check the options before any work is done; return the precisions to build."""
         precisions = self.normalized_precisions()
         if "int8" in precisions and self.calib_dir is None:
-            raise BundleError(
+            raise ExportOptionsError(
                 "INT8 needs calibration images: pass --calib DIR (a benchmark folder, or a folder with photo/ and "
                 "sketch/ subfolders)"
             )
         if self.calib_dir is not None and not Path(self.calib_dir).is_dir():
-            raise BundleError(f"calibration folder does not exist: {self.calib_dir}")
+            raise ExportOptionsError(f"calibration folder does not exist: {self.calib_dir}")
         if self.calib_method not in CALIB_METHODS:
-            raise BundleError(f"unknown calibration method {self.calib_method!r}; choose {', '.join(CALIB_METHODS)}")
+            raise ExportOptionsError(
+                f"unknown calibration method {self.calib_method!r}; choose {', '.join(CALIB_METHODS)}"
+            )
         if self.int8_float_policy not in FLOAT_POLICIES:
-            raise BundleError(
+            raise ExportOptionsError(
                 f"unknown INT8 float policy {self.int8_float_policy!r}; choose {', '.join(FLOAT_POLICIES)}"
             )
         if not 0.0 < self.holdout_fraction < 1.0:
-            raise BundleError(f"the holdout fraction must be in (0, 1), got {self.holdout_fraction}")
+            raise ExportOptionsError(f"the holdout fraction must be in (0, 1), got {self.holdout_fraction}")
         if self.holdout_count is not None and self.holdout_count < 1:
-            raise BundleError(f"the holdout image count must be positive, got {self.holdout_count}")
+            raise ExportOptionsError(f"the holdout image count must be positive, got {self.holdout_count}")
         if self.int8_fallback < 0:
-            raise BundleError(
+            raise ExportOptionsError(
                 f"--int8-fallback must be 0 (off) or a positive number of layers, got {self.int8_fallback}"
             )
         if self.calib_count < 2:
-            raise BundleError(f"--calib-count must be at least 2 (one image per domain), got {self.calib_count}")
+            raise ExportOptionsError(f"--calib-count must be at least 2 (one image per domain), got {self.calib_count}")
         if self.verify_count < 1:
-            raise BundleError(f"the verification sample count must be positive, got {self.verify_count}")
+            raise ExportOptionsError(f"the verification sample count must be positive, got {self.verify_count}")
         if not 1 <= self.opt_batch <= self.max_batch:
-            raise BundleError(
+            raise ExportOptionsError(
                 f"batch sizes must satisfy 1 <= --opt-batch <= --max-batch, got {self.opt_batch} and {self.max_batch}"
             )
         if self.trt:
@@ -136,27 +136,8 @@ class ExportOptions:
             try:
                 tensorrt_module()
             except TensorRTUnavailable as exc:
-                raise BundleError(str(exc)) from exc
+                raise ExportOptionsError(str(exc)) from exc
         return precisions
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def fingerprint(model_bytes: bytes, preprocess: Mapping[str, Any]) -> str:
-    """CONTRACTS §6: sha256 of the fp32 model bytes followed by the canonical preprocess JSON, first 16 hex.
-
-    Delegates to the runtime reader's definition so that writer and reader can never disagree.
-    """
-    from zsbir_infer.bundle import compute_fingerprint
-
-    return compute_fingerprint(model_bytes, preprocess)
 
 
 def _versions(exporter: str, opset: int) -> dict[str, Any]:
@@ -182,15 +163,15 @@ def _preprocess_specs(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
 
     specs = config.get("preprocess")
     if not isinstance(specs, Mapping) or not all(d in specs for d in ("photo", "sketch")):
-        raise BundleError("the checkpoint config has no preprocess spec for both 'photo' and 'sketch'")
+        raise ExportOptionsError("the checkpoint config has no preprocess spec for both 'photo' and 'sketch'")
     out: dict[str, dict[str, Any]] = {}
     for domain in ("photo", "sketch"):
         try:
             out[domain] = PreprocessSpec.from_dict(specs[domain]).to_dict()
         except ValueError as exc:
-            raise BundleError(f"the checkpoint's {domain} preprocess spec is invalid: {exc}") from exc
+            raise ExportOptionsError(f"the checkpoint's {domain} preprocess spec is invalid: {exc}") from exc
     if out["photo"]["size"] != out["sketch"]["size"]:
-        raise BundleError(
+        raise ExportOptionsError(
             f"photo and sketch input sizes differ ({out['photo']['size']} vs {out['sketch']['size']}); "
             "one graph needs one input size"
         )
@@ -200,9 +181,9 @@ def _preprocess_specs(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
 def _arch(config: Mapping[str, Any]) -> dict[str, Any]:
     arch = config.get("arch")
     if not isinstance(arch, Mapping):
-        raise BundleError("the checkpoint config has no 'arch' section")
+        raise ExportOptionsError("the checkpoint config has no 'arch' section")
     if not isinstance(arch.get("domain_conditioned", False), bool):
-        raise BundleError("arch.domain_conditioned must be true or false")
+        raise ExportOptionsError("arch.domain_conditioned must be true or false")
     return dict(arch)
 
 
@@ -228,7 +209,7 @@ def _place(tmp: Path, dest: Path, overwrite: bool) -> None:
         os.replace(tmp, dest)
         return
     if not overwrite:
-        raise BundleError(f"{dest} already exists (pass --overwrite to replace it)")
+        raise ExportOptionsError(f"{dest} already exists (pass --overwrite to replace it)")
     others = [p.name for p in dest.iterdir() if not _is_bundle_file(p.name)]
     if not others:
         old = dest.parent / f"{dest.name}.old-{secrets.token_hex(4)}"
@@ -268,16 +249,16 @@ def export_bundle(
     """Export ``model`` (an eval-mode torch module with ``embed(images, tag)``) to the bundle folder ``out``.
 
     ``config`` is the checkpoint config (CONTRACTS §5: ``arch.domain_conditioned``, ``preprocess``);
-    ``source`` is the manifest's ``source`` entry (path, sha256, format, method). Raises :class:`BundleError`
+    ``source`` is the manifest's ``source`` entry (path, sha256, format, method). Raises :class:`ExportOptionsError`
     for bad options or inputs, :class:`VerificationFailed` when a model misses its tolerances.
     """
     say: Log = log or (lambda _msg: None)
     out = Path(out)
     precisions = options.validate()
     if out.exists() and not options.overwrite:
-        raise BundleError(f"{out} already exists (pass --overwrite to replace it)")
+        raise ExportOptionsError(f"{out} already exists (pass --overwrite to replace it)")
     if out.exists() and not out.is_dir():
-        raise BundleError(f"{out} exists and is not a bundle folder")
+        raise ExportOptionsError(f"{out} exists and is not a bundle folder")
     preprocess = _preprocess_specs(config)
     arch = _arch(config)
     conditioned = bool(arch.get("domain_conditioned", False))
@@ -290,7 +271,7 @@ def export_bundle(
         try:
             data = open_source(options.calib_dir)
         except CalibrationError as exc:
-            raise BundleError(str(exc)) from exc
+            raise ExportOptionsError(str(exc)) from exc
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = _new_tmp_dir(out)
@@ -440,6 +421,7 @@ def _build(
         verification,
         options,
         engines=[],
+        retrieval=config.get("retrieval"),
     )
     _write_manifest(tmp, manifest)
     if not verification["passed"]:
@@ -448,7 +430,8 @@ def _build(
         say(f"  {c.describe()}")
 
     if options.trt:
-        manifest["engines"] = _build_engines(tmp, precisions, conditioned, input_size, options, say)
+        engines = _build_engines(tmp, precisions, conditioned, input_size, options, say)
+        manifest = BundleManifest.from_dict({**manifest, "engines": engines}).to_dict()
         _write_manifest(tmp, manifest)
     _place(tmp, out, options.overwrite)
     return ExportResult(out, manifest, checks)
@@ -494,7 +477,7 @@ def _check_disjoint(calib: ImageSet, holdout: ImageSet | None, evaluation: Image
     held = set(holdout.paths)
     for name, other in (("calibration", calib), ("evaluation", evaluation)):
         if other is not None and held & set(other.paths):
-            raise BundleError(f"internal error: the INT8 holdout shares images with the {name} set")
+            raise ExportOptionsError(f"internal error: the INT8 holdout shares images with the {name} set")
 
 
 def _subsample(data: ImageSet, per_domain: int, seed: int) -> ImageSet:
@@ -588,36 +571,38 @@ def _manifest(
     verification: dict[str, Any],
     options: ExportOptions,
     engines: list[dict[str, Any]],
+    retrieval: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    inputs: dict[str, Any] = {
-        "image": {"name": IMAGE_INPUT, "shape": ["batch", 3, input_size[0], input_size[1]], "dtype": "float32"}
-    }
-    if conditioned:
-        inputs["domain"] = {"name": DOMAIN_INPUT, "shape": ["batch"], "dtype": "int64", "photo": 1, "sketch": 0}
-    models = {}
-    for p in precisions:
-        path = folder / MODEL_FILES[p]
-        models[p] = {"file": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size}
-    fp32_bytes = (folder / MODEL_FILES["fp32"]).read_bytes()
-    return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "embedding_dim": embedding_dim,
-        "metric": "ip",
-        "normalized": True,
-        "domain_handling": "input" if conditioned else "none",
-        "inputs": inputs,
-        "outputs": {"embedding": {"name": EMBEDDING_OUTPUT, "shape": ["batch", embedding_dim], "dtype": "float32"}},
-        "preprocess": preprocess,
-        "models": models,
-        "engines": engines,
-        "fingerprint": fingerprint(fp32_bytes, preprocess),
-        "source": dict(source),
-        "calibration": calibration,
-        "verification": verification,
-        "versions": _versions(options.exporter, options.opset),
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    }
+    # The checkpoint's recommended search settings (e.g. {"expand": 10}, chosen on held-out classes) travel
+    # into the manifest, where the runtime reads them (zsbir_infer.expansion.recommended_expand).
+    if retrieval is not None:
+        from zsbir_infer.expansion import recommended_expand
+
+        try:
+            recommended_expand({"retrieval": retrieval})
+        except ValueError as exc:
+            raise ExportOptionsError(f"the checkpoint's retrieval settings are invalid: {exc}") from None
+    manifest = BundleManifest.create(
+        folder,
+        models={p: MODEL_FILES[p] for p in precisions},
+        embedding_dim=embedding_dim,
+        domain_conditioned=conditioned,
+        input_size=input_size,
+        preprocess=preprocess,
+        engines=engines,
+        image_input=IMAGE_INPUT,
+        domain_input=DOMAIN_INPUT,
+        output_name=EMBEDDING_OUTPUT,
+        extra={
+            "source": dict(source),
+            "calibration": calibration,
+            "verification": verification,
+            "versions": _versions(options.exporter, options.opset),
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            **({"retrieval": dict(retrieval)} if retrieval is not None else {}),
+        },
+    )
+    return manifest.to_dict()
 
 
 def _write_manifest(folder: Path, manifest: Mapping[str, Any]) -> None:

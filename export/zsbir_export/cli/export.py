@@ -47,7 +47,7 @@ def export_checkpoint(
 
     Every failure is raised as :class:`click.ClickException` with its message.
     """
-    from zsbir_export.bundle import BundleError, ExportOptions, VerificationFailed, export_bundle
+    from zsbir_export.bundle import ExportOptions, ExportOptionsError, VerificationFailed, export_bundle
     from zsbir_export.verify import Tolerances
 
     options = ExportOptions(
@@ -71,7 +71,7 @@ def export_checkpoint(
     )
     try:
         options.validate()  # fail on bad options (and absent TensorRT) before loading anything
-    except BundleError as exc:
+    except ExportOptionsError as exc:
         raise click.ClickException(str(exc)) from exc
     if output.exists() and not overwrite:
         raise click.ClickException(f"{output} already exists (pass --overwrite to replace it)")
@@ -99,7 +99,7 @@ def export_checkpoint(
     except VerificationFailed as exc:
         raise click.ClickException(str(exc)) from exc
     except (
-        BundleError,
+        ExportOptionsError,
         CalibrationError,
         ExportError,
         Fp16Error,
