@@ -4,4 +4,6 @@ Lives in the repository's ``export/`` folder; its import name is ``zsbir_export`
 named plain ``export`` lands on ``sys.path``.
 """
 
-__version__ = "0.1.0"
+from zsbir_infer import __version__
+
+__all__ = ["__version__"]
