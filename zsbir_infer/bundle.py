@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from zsbir_infer.errors import InputError
 from zsbir_infer.preprocess import PreprocessSpec
 
 __all__ = [
@@ -57,7 +58,7 @@ DEFAULT_DOMAIN_TAGS: dict[str, int] = {"photo": 1, "sketch": 0}
 _CHUNK = 1 << 20
 
 
-class BundleError(ValueError):
+class BundleError(InputError, ValueError):
     """A bundle is missing, malformed, of an unknown version, or its files do not match the manifest."""
 
 

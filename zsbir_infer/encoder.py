@@ -30,6 +30,7 @@ from PIL import Image
 
 from zsbir_infer.backends import BACKENDS, Backend, open_backend
 from zsbir_infer.bundle import PRECISIONS, Bundle, check_domain
+from zsbir_infer.errors import ModelError
 from zsbir_infer.prefetch import prefetch
 from zsbir_infer.preprocess import ImageDecodeError, ImageInput, preprocess_into
 from zsbir_infer.threads import default_threads
@@ -63,7 +64,7 @@ class EmbeddedBatch:
     failures: list[tuple[int, str]]  # (position, reason) of inputs skipped (skip_errors=True only)
 
 
-class EncoderError(RuntimeError):
+class EncoderError(ModelError, RuntimeError):
     """The model produced unusable output (wrong shape, NaN/inf)."""
 
 

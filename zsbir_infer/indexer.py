@@ -58,6 +58,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from zsbir_infer.errors import ZsbirError
 from zsbir_infer.gallery.source import DEFAULT_GALLERY_DIRNAME as _DEFAULT_GALLERY_DIRNAME
 from zsbir_infer.gallery.source import find_gallery
 from zsbir_infer.prefetch import prefetch
@@ -127,7 +128,7 @@ class ModelIdentity(Protocol):
     def embedding_dim(self) -> int: ...
 
 
-class IndexingError(RuntimeError):
+class IndexingError(ZsbirError, RuntimeError):
     """Indexing cannot start or continue (bad root, gallery of another root or model, run in progress)."""
 
 

@@ -70,6 +70,8 @@ from typing import IO, Any, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from zsbir_infer.errors import InputError
+
 __all__ = [
     "DEFAULT_SPEC",
     "DRAFT_MARGIN",
@@ -106,7 +108,7 @@ _EXIF_ORIENTATION = 0x0112
 _OPEN_LOCK = threading.Lock()
 
 
-class ImageDecodeError(ValueError):
+class ImageDecodeError(InputError, ValueError):
     """An input could not be decoded into an image (missing, truncated, corrupt, not an image, too large)."""
 
 

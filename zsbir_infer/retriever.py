@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from zsbir_infer.errors import InputError
 from zsbir_infer.gallery.ann import ANN_MIN_ROWS as _ANN_MIN_ROWS
 
 if TYPE_CHECKING:
@@ -64,7 +65,7 @@ ANN_MIN_ROWS = _ANN_MIN_ROWS
 DEVICES = ("cpu", "cuda")
 
 
-class RetrieverError(ValueError):
+class RetrieverError(InputError, ValueError):
     """Bad arguments, or no gallery to search."""
 
 

@@ -37,6 +37,7 @@ from zsbir_export.onnx_export import DEFAULT_OPSET, DOMAIN_INPUT, EMBEDDING_OUTP
 from zsbir_export.quantize import CALIB_METHODS, FLOAT_POLICIES, CalibMethod, FloatPolicy, Measure
 from zsbir_export.verify import CheckResult, Tolerances
 from zsbir_infer.bundle import PRECISIONS, BundleManifest, sha256_file
+from zsbir_infer.errors import InputError, ModelError
 
 MODEL_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
 # The INT8 sensitivity fallback stops when the *lower prediction bound* of the top-10 overlap on the holdout
@@ -47,12 +48,12 @@ FALLBACK_MARGIN = 0.005
 Log = Callable[[str], None]
 
 
-class ExportOptionsError(RuntimeError):
+class ExportOptionsError(InputError, RuntimeError):
     """Unusable export options or inputs (nothing is written). A bundle that is itself bad is
     :class:`zsbir_infer.bundle.BundleError`."""
 
 
-class VerificationFailed(RuntimeError):
+class VerificationFailed(ModelError, RuntimeError):
     """Raised when an exported model misses its tolerance; ``failed_dir`` holds the rejected attempt."""
 
     def __init__(self, checks: Sequence[CheckResult], failed_dir: Path | None) -> None:

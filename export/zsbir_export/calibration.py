@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from zsbir_infer.errors import InputError
+
 DOMAIN_TAGS: dict[str, int] = {"photo": 1, "sketch": 0}  # CONTRACTS §4
 DOMAINS: tuple[str, str] = ("photo", "sketch")
 HOLDOUT_FRACTION = 0.2
@@ -30,7 +32,7 @@ _HOLDOUT_STREAM = 0x401D  # seeds the holdout choice apart from the calibration 
 _IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 
 
-class CalibrationError(ValueError):
+class CalibrationError(InputError, ValueError):
     """Raised when calibration or verification images are missing or unusable."""
 
 

@@ -48,6 +48,7 @@ from torch import Tensor, nn
 
 from zsbir_export.models.cse_resnet import CSE_DEPTHS, CSEResNetModel
 from zsbir_export.models.factory import EmbeddingModel, build_model
+from zsbir_infer.errors import InputError
 
 __all__ = [
     "FORMAT_NAME",
@@ -80,7 +81,7 @@ _ZIP_MAGIC = b"PK\x03\x04"
 _PICKLE_PROTO = 0x80
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError, ValueError):
     """A file that is not a usable checkpoint; the message says what is wrong."""
 
 

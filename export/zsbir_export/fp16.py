@@ -15,13 +15,15 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from zsbir_infer.errors import ModelError
+
 HEAVY_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 # (op_type, input index) pairs that the ONNX spec requires to stay float32 whatever the data type.
 _FLOAT32_ONLY_INPUTS = frozenset({("Resize", 1), ("Resize", 2), ("Upsample", 1)})
 _FP16_MAX = float(np.finfo(np.float16).max)
 
 
-class Fp16Error(RuntimeError):
+class Fp16Error(ModelError, RuntimeError):
     """Raised when a graph cannot be converted to float16."""
 
 

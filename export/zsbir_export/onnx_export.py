@@ -23,6 +23,8 @@ import onnx
 import torch
 from torch import nn
 
+from zsbir_infer.errors import ModelError
+
 IMAGE_INPUT = "image"
 DOMAIN_INPUT = "domain"
 EMBEDDING_OUTPUT = "embedding"
@@ -31,7 +33,7 @@ Exporter = Literal["dynamo", "torchscript"]
 EXPORTERS: tuple[Exporter, ...] = ("dynamo", "torchscript")
 
 
-class ExportError(RuntimeError):
+class ExportError(ModelError, RuntimeError):
     """Raised when a model cannot be exported to a valid ONNX graph."""
 
 

@@ -46,6 +46,7 @@ import onnx
 
 from zsbir_export.calibration import ImageSet
 from zsbir_export.fp16 import HEAVY_OPS
+from zsbir_infer.errors import ModelError
 
 CalibMethod = Literal["mse", "entropy", "percentile", "minmax"]
 CALIB_METHODS: tuple[CalibMethod, ...] = ("mse", "entropy", "percentile", "minmax")
@@ -80,7 +81,7 @@ class Measure:
         return {"score": float(self.score), "ok": bool(self.ok), **self.details}
 
 
-class QuantizationError(RuntimeError):
+class QuantizationError(ModelError, RuntimeError):
     """Raised when INT8 quantization fails or is asked for something unsupported."""
 
 

@@ -20,19 +20,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from zsbir_infer.errors import ModelError, UnavailableError
+
 INSTALL_HINT = "TensorRT is not installed: pip install 'zsbir[tensorrt]' on a machine with an NVIDIA GPU"
 PLAN_PRECISIONS = ("fp32", "fp16", "int8")
 
 
-class TensorRTUnavailable(RuntimeError):
+class TensorRTUnavailable(UnavailableError, RuntimeError):
     """Raised when TensorRT (or a GPU) is needed but absent."""
 
 
-class EngineBuildError(RuntimeError):
+class EngineBuildError(ModelError, RuntimeError):
     """Raised when parsing or building an engine fails; the message lists the parser's errors."""
 
 
-class PlanMismatchError(RuntimeError):
+class PlanMismatchError(UnavailableError, RuntimeError):
     """Raised when a plan was built for another GPU or TensorRT version than the current ones."""
 
 

@@ -7,11 +7,12 @@ import abc
 import numpy as np
 
 from zsbir_infer import threads as _threads
+from zsbir_infer.errors import UnavailableError
 
 __all__ = ["Backend", "BackendUnavailable", "default_threads"]
 
 
-class BackendUnavailable(RuntimeError):
+class BackendUnavailable(UnavailableError, RuntimeError):
     """The requested backend cannot run here (missing package, no GPU, no matching engine, ...)."""
 
 

@@ -10,11 +10,13 @@ when not.
 from __future__ import annotations
 
 import importlib
+from typing import Any
 
 import click
 
 from zsbir_infer import __version__
 from zsbir_infer.cli import plugins
+from zsbir_infer.errors import ZsbirError
 
 # command name -> (module, one-line help shown by `zsbir --help`)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -48,6 +50,16 @@ class LazyGroup(click.Group):
         if not isinstance(command, click.Command):
             raise click.ClickException(f"internal error: {entry[0]} defines no click command")
         return command
+
+    def invoke(self, ctx: click.Context) -> Any:
+        """Run the subcommand; any :class:`~zsbir_infer.errors.ZsbirError` it lets through becomes its message
+        and exit code (the one place that maps them; commands need not re-list the error classes)."""
+        try:
+            return super().invoke(ctx)
+        except ZsbirError as exc:
+            error = click.ClickException(str(exc) or type(exc).__name__)
+            error.exit_code = exc.exit_code  # type: ignore[misc]
+            raise error from exc
 
     def _build_command(self, name: str) -> click.Command | None:
         if name not in self._build_names():

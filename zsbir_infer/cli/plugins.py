@@ -16,6 +16,8 @@ from __future__ import annotations
 from importlib.metadata import EntryPoint, distributions
 from typing import Any
 
+from zsbir_infer.errors import UnavailableError
+
 __all__ = [
     "BUILDER_GROUP",
     "BUILD_COMMANDS",
@@ -36,7 +38,7 @@ BUILD_COMMANDS: dict[str, str] = {
 }
 
 
-class PluginUnavailable(LookupError):
+class PluginUnavailable(UnavailableError, LookupError):
     """A registered command or build step is absent or cannot be imported here; the message says why."""
 
 

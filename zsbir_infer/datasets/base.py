@@ -7,13 +7,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from zsbir_infer.errors import InputError
+
 Domain = Literal["photo", "sketch"]
 SplitName = Literal["seen", "unseen", "all"]
 DOMAINS: tuple[str, str] = ("photo", "sketch")
 IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 
 
-class BenchmarkError(ValueError):
+class BenchmarkError(InputError, ValueError):
     """A folder is not a benchmark we know, or a file it needs is missing or malformed."""
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from zsbir_infer.errors import InputError
 from zsbir_infer.gallery.codecs import Part
 
 __all__ = ["SEGMENT_DIR", "GalleryError", "Segment", "SegmentDamagedError", "SegmentFiles", "crc_file", "fsync_dir"]
@@ -25,7 +26,7 @@ __all__ = ["SEGMENT_DIR", "GalleryError", "Segment", "SegmentDamagedError", "Seg
 SEGMENT_DIR = "segments"
 
 
-class GalleryError(Exception):
+class GalleryError(InputError):
     """A gallery cannot be created, opened or used as asked."""
 
 

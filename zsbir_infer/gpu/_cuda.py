@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from zsbir_infer.errors import UnavailableError
+
 LIB_ENV = "ZSBIR_KERNELS_LIB"
 DISABLE_ENV = "ZSBIR_DISABLE_GPU"
 ABI_VERSION = 1
@@ -30,7 +32,7 @@ GALLERY_F16 = 0
 GALLERY_I8 = 1
 
 
-class GpuError(RuntimeError):
+class GpuError(UnavailableError, RuntimeError):
     """A CUDA runtime or kernel-library failure (not an input error: those raise ValueError/TypeError)."""
 
 

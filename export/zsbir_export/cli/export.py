@@ -45,9 +45,9 @@ def export_checkpoint(
 ) -> None:
     """Export ``checkpoint`` to the bundle folder ``output`` and print one line about it.
 
-    Every failure is raised as :class:`click.ClickException` with its message.
+    Failures are :class:`~zsbir_infer.errors.ZsbirError` (or :class:`click.ClickException`) with a message.
     """
-    from zsbir_export.bundle import ExportOptions, ExportOptionsError, VerificationFailed, export_bundle
+    from zsbir_export.bundle import ExportOptions, export_bundle
     from zsbir_export.verify import Tolerances
 
     options = ExportOptions(
@@ -69,10 +69,7 @@ def export_checkpoint(
         opset=opset,
         overwrite=overwrite,
     )
-    try:
-        options.validate()  # fail on bad options (and absent TensorRT) before loading anything
-    except ExportOptionsError as exc:
-        raise click.ClickException(str(exc)) from exc
+    options.validate()  # fail on bad options (and absent TensorRT) before loading anything
     if output.exists() and not overwrite:
         raise click.ClickException(f"{output} already exists (pass --overwrite to replace it)")
 
@@ -88,26 +85,9 @@ def export_checkpoint(
         "format": loaded.source_format,
         "method": config.get("method"),
     }
-    from zsbir_export.calibration import CalibrationError
-    from zsbir_export.fp16 import Fp16Error
-    from zsbir_export.onnx_export import ExportError
-    from zsbir_export.quantize import QuantizationError
-    from zsbir_export.tensorrt_build import EngineBuildError, TensorRTUnavailable
-
-    try:
-        result = export_bundle(loaded.model, config, output, options, source=source, log=log)
-    except VerificationFailed as exc:
-        raise click.ClickException(str(exc)) from exc
-    except (
-        ExportOptionsError,
-        CalibrationError,
-        ExportError,
-        Fp16Error,
-        QuantizationError,
-        EngineBuildError,
-        TensorRTUnavailable,
-    ) as exc:
-        raise click.ClickException(str(exc)) from exc
+    # Export's own errors (options, calibration, conversion, verification, TensorRT) are ZsbirErrors: the
+    # zsbir group shows their message and exit code.
+    result = export_bundle(loaded.model, config, output, options, source=source, log=log)
     manifest = result.manifest
     files = ", ".join(m["file"] for m in manifest["models"].values())
     engines = ", ".join(e["file"] for e in manifest["engines"])

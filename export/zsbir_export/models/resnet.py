@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from zsbir_infer.errors import InputError
+
 __all__ = [
     "RESNET_DEPTHS",
     "BasicBlock",
@@ -218,7 +220,7 @@ def resnet50(width: int = 64, num_classes: int | None = 1000) -> ResNet:
     return build_resnet("resnet50", width=width, num_classes=num_classes)
 
 
-class PretrainedLoadError(RuntimeError):
+class PretrainedLoadError(InputError, RuntimeError):
     """A weights file that does not fit the model (or cannot be read)."""
 
 
