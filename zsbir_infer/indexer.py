@@ -44,10 +44,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
-import json
 import os
 import stat as stat_mod
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Generator, Iterator, Sequence
@@ -59,6 +57,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from zsbir_infer.errors import ZsbirError
+from zsbir_infer.fsio import FileLock, atomic_write_json
 from zsbir_infer.gallery.source import DEFAULT_GALLERY_DIRNAME as _DEFAULT_GALLERY_DIRNAME
 from zsbir_infer.gallery.source import find_gallery
 from zsbir_infer.prefetch import prefetch
@@ -411,16 +410,6 @@ class IndexReport:
         return d
 
 
-def _write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def read_indexer_info(gallery: str | os.PathLike[str]) -> dict[str, Any]:
     """The gallery's ``indexer.json`` (the last run's report) merged with what the gallery indexes (``root``,
     ``model``: :func:`zsbir_infer.gallery.source.read_source`, absolute paths where the gallery is now), or
@@ -434,28 +423,22 @@ def read_indexer_info(gallery: str | os.PathLike[str]) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def _run_lock(gallery_dir: Path) -> Iterator[None]:
-    import fcntl
-
+    lock = FileLock(gallery_dir / RUN_LOCK_FILE)
     try:
-        fd = os.open(gallery_dir / RUN_LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        held = lock.acquire(blocking=False)
     except OSError as exc:
         raise IndexingError(
             f"cannot write to gallery {gallery_dir} ({exc.strerror or exc}); queries and 'zsbir info' work on a "
             "read-only gallery, but indexing needs write access: copy it somewhere writable (or fix its permissions)"
         ) from None
+    if not held:
+        raise IndexingError(
+            f"another 'zsbir index' is updating {gallery_dir}; wait for it to finish (or stop it) and rerun"
+        )
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise IndexingError(
-                f"another 'zsbir index' is updating {gallery_dir}; wait for it to finish (or stop it) and rerun"
-            ) from None
-        try:
-            yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
+        yield
     finally:
-        os.close(fd)
+        lock.release()
 
 
 #: What ``Gallery.create`` writes before its manifest (the manifest comes last): a folder holding only these
@@ -478,17 +461,8 @@ _CREATE_LEFTOVERS = frozenset(
 def _creation_lock(gallery_dir: Path) -> Iterator[None]:
     """Serialize the creation of ``gallery_dir`` (and the cleanup of an interrupted one) between processes:
     ``flock`` on its parent folder, which exists before the gallery does and needs no write access."""
-    import fcntl
-
-    fd = os.open(gallery_dir.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
+    with FileLock(gallery_dir.parent, directory=True):
+        yield
 
 
 def _pid_alive(pid: int) -> bool:
@@ -811,7 +785,7 @@ def write_run_report(gallery_dir: Path, report: IndexReport) -> None:
 
     info = read_legacy(gallery_dir)  # the indexer's own file: its last report (and, from older versions, a root)
     info.update({"format": "zsbir-indexer", "version": 1, "last_run": report.to_dict()})
-    _write_json_atomic(gallery_dir / INDEXER_FILE, info)
+    atomic_write_json(gallery_dir / INDEXER_FILE, info)
 
 
 def _run(

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from zsbir_infer.fsio import atomic_write
+
 __all__ = ["THUMB_QUALITY", "THUMB_SIZE", "QueryResult", "render_html", "thumbnail_data_uri", "write_html"]
 
 #: Longest side of a thumbnail, in pixels.
@@ -140,11 +142,4 @@ def write_html(
     path = Path(out)
     text = render_html(results, title=title, subtitle=subtitle, thumb_size=thumb_size)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, text)

@@ -11,7 +11,6 @@ check failed by how much.
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
 import platform
 import secrets
@@ -38,6 +37,7 @@ from zsbir_export.quantize import CALIB_METHODS, FLOAT_POLICIES, CalibMethod, Fl
 from zsbir_export.verify import CheckResult, Tolerances
 from zsbir_infer.bundle import PRECISIONS, BundleManifest, sha256_file
 from zsbir_infer.errors import InputError, ModelError
+from zsbir_infer.fsio import atomic_write_json
 
 MODEL_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
 # The INT8 sensitivity fallback stops when the *lower prediction bound* of the top-10 overlap on the holdout
@@ -607,7 +607,4 @@ def _manifest(
 
 
 def _write_manifest(folder: Path, manifest: Mapping[str, Any]) -> None:
-    path = folder / "manifest.json"
-    tmp = folder / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_json(folder / "manifest.json", manifest, sort_keys=False)

@@ -37,7 +37,6 @@ import json
 import os
 import pickle
 import re
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +48,7 @@ from torch import Tensor, nn
 from zsbir_export.models.cse_resnet import CSE_DEPTHS, CSEResNetModel
 from zsbir_export.models.factory import EmbeddingModel, build_model
 from zsbir_infer.errors import InputError
+from zsbir_infer.fsio import atomic_path
 
 __all__ = [
     "FORMAT_NAME",
@@ -124,14 +124,8 @@ def _sha256(path: Path) -> str:
 
 def _atomic_write(path: Path, write: Any) -> None:
     """Write via ``write(tmp_path)`` into a temporary file beside ``path``, then rename over it."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        write(tmp)
 
 
 # --------------------------------------------------------------------------------------------- save

@@ -25,6 +25,7 @@ from typing import Any
 import click
 
 from zsbir_infer.cli.embed import BACKEND_CHOICES, PRECISION_CHOICES
+from zsbir_infer.fsio import atomic_path
 
 
 def _training_classes(folder: Path) -> set[str]:
@@ -69,12 +70,11 @@ def _render(out: Path, classes: list[str], photos: int, sketches: int, size: int
             return False
         folder.mkdir(parents=True, exist_ok=True)
         img = render_image(config, cls, domain, i)
-        tmp = path.with_name(f".{path.name}.tmp")
-        if domain == "photo":
-            img.save(tmp, format="JPEG", quality=90)
-        else:
-            img.save(tmp, format="PNG")
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            if domain == "photo":
+                img.save(tmp, format="JPEG", quality=90)
+            else:
+                img.save(tmp, format="PNG")
         return True
 
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:

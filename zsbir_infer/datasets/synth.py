@@ -44,6 +44,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from zsbir_infer.fsio import atomic_write
+
 GENERATOR = "zsbir.synth"
 GENERATOR_VERSION = 1
 
@@ -512,9 +514,7 @@ def image_relpath(class_name: str, domain: str, index: int) -> str:
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    atomic_write(path, data)
 
 
 def _encode(img: Image.Image, domain: str, quality: int) -> bytes:

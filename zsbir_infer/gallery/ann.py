@@ -18,12 +18,13 @@ gallery rescores the candidates exactly against the stored vectors (see ``Galler
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from zsbir_infer.fsio import atomic_path, atomic_write_json
 
 __all__ = ["ANN_FILE", "ANN_META", "ANN_MIN_ROWS", "AnnIndex", "builds_ann"]
 
@@ -52,15 +53,6 @@ ANN_FILE = "ann.usearch"
 ANN_META = "ann.json"
 _ANN_FORMAT = "zsbir-gallery-ann"
 _ANN_VERSION = 1
-
-
-def _atomic_write_json(path: Path, obj: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class AnnIndex:
@@ -190,15 +182,12 @@ class AnnIndex:
         if self._index is None:
             raise RuntimeError("no index to save")
         data_path = self.directory / ANN_FILE
-        tmp = data_path.with_name(data_path.name + ".tmp")
-        self._index.save(str(tmp))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        # Invalidate the old description first: a crash between the two renames leaves an index whose
-        # description does not match, which is rebuilt, never trusted.
-        (self.directory / ANN_META).unlink(missing_ok=True)
-        os.replace(tmp, data_path)
-        _atomic_write_json(
+        with atomic_path(data_path) as tmp:
+            self._index.save(str(tmp))
+            # Invalidate the old description first: a crash between the two renames leaves an index whose
+            # description does not match, which is rebuilt, never trusted.
+            (self.directory / ANN_META).unlink(missing_ok=True)
+        atomic_write_json(
             self.directory / ANN_META,
             {
                 "identity": self.identity,

@@ -9,7 +9,6 @@ the next append. This module writes, maps and checks those files; the catalog li
 
 from __future__ import annotations
 
-import contextlib
 import mmap
 import os
 import zlib
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from zsbir_infer.errors import InputError
+from zsbir_infer.fsio import fsync_dir
 from zsbir_infer.gallery.codecs import Part
 
 __all__ = ["SEGMENT_DIR", "GalleryError", "Segment", "SegmentDamagedError", "SegmentFiles", "crc_file", "fsync_dir"]
@@ -52,15 +52,6 @@ class Segment:
     rows: int
     max_norm: float
     checksums: dict[str, int] | None = None  # CRC-32 of the committed bytes of each file (format 2)
-
-
-def fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def crc_file(path: Path, start: int, stop: int, crc: int = 0) -> int:

@@ -41,6 +41,7 @@ from zsbir_export.train.data import (
 from zsbir_export.train.methods import METHODS, Method, StepInput, head_logits
 from zsbir_export.train.teacher import CheckpointTeacher, ImageNetTeacher, Teacher, open_start
 from zsbir_infer.datasets import Sample, SplitData, open_benchmark
+from zsbir_infer.fsio import atomic_path
 
 __all__ = ["METHODS", "TrainConfig", "TrainResult", "evaluate_split", "hold_out_classes", "train"]
 
@@ -254,9 +255,8 @@ def _worker_init(worker_id: int) -> None:
 
 
 def _atomic_torch_save(obj: dict[str, Any], path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def _environment(device: torch.device) -> dict[str, Any]:
