@@ -10,6 +10,7 @@ import sys
 import textwrap
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -163,13 +164,13 @@ def test_crash_between_append_and_commit_leaves_no_trace(tmp_path: Path, monkeyp
     g = Gallery.create(tmp_path / "g", FP, 8, segment_rows=100)
     g.add(_records([f"a{i}" for i in range(60)]), x[:60])
 
-    def crash() -> None:
+    def crash(path: Path) -> None:  # the last step before the metadata commit: vectors appended and fsynced
         raise _Crash
 
-    monkeypatch.setattr(store, "_BEFORE_COMMIT", crash)
+    monkeypatch.setattr(store, "_fsync_dir", crash)
     with pytest.raises(_Crash):
         g.add(_records([f"b{i}" for i in range(70)]), x[60:130])  # spans segment 0 and a new segment 1
-    monkeypatch.setattr(store, "_BEFORE_COMMIT", None)
+    monkeypatch.undo()
     seg = tmp_path / "g" / "segments"
     # The vectors were written (garbage past the committed length) ...
     assert (seg / "000000.f16").stat().st_size == 100 * 8 * 2
@@ -193,7 +194,7 @@ _KILL_SCRIPT = textwrap.dedent(
     """
     import os, sys
     import numpy as np
-    from zsbir_infer.gallery import FileRecord, Gallery, store
+    from zsbir_infer.gallery import FileRecord, Gallery
 
     path, n_ok, n_total = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     x = np.load(sys.argv[4])
@@ -203,8 +204,9 @@ _KILL_SCRIPT = textwrap.dedent(
     batches = [todo[i : i + 40] for i in range(0, len(todo), 40)]
     done = 0
     for b in batches:
-        if done + len(b) > n_ok:
-            store._BEFORE_COMMIT = lambda: os._exit(9)  # killed after the append, before the commit
+        if done + len(b) > n_ok:  # killed after the vectors are appended (and fsynced), before the commit
+            append = g._segfiles.append
+            g._segfiles.append = lambda seg, parts: (append(seg, parts), os._exit(9))
         g.add([FileRecord(f"p{i}.jpg", 1, i) for i in b], x[b])
         done += len(b)
     print("finished", done)
@@ -653,9 +655,11 @@ def test_compact_everything_deleted(tmp_path: Path) -> None:
     g.close()
 
 
-def test_warm_query_on_100k_gallery_is_fast(tmp_path: Path) -> None:
-    # Issue target: a warm query over a 100k x 64 gallery well under 50 ms (typically a few ms here).
-    import time
+def test_warm_query_on_100k_gallery_opens_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A warm query is served from the mapped segments: it opens, maps and reads no file (its speed is
+    measured by benchmarks/, not asserted by a unit test on a shared machine)."""
+    import builtins
+    import mmap
 
     rng = np.random.default_rng(17)
     n = 100_000
@@ -663,13 +667,24 @@ def test_warm_query_on_100k_gallery_is_fast(tmp_path: Path) -> None:
     g = Gallery.create(tmp_path / "g", FP, 64)
     g.add([FileRecord(f"{i}.jpg", 1, 1) for i in range(n)], x)
     q = _unit(rng, 9, 64)
+    expected = [int(np.argmax(x @ q[i])) for i in range(1, 9)]
     g.search(q[0], k=10, exact=True)
-    times = []
-    for i in range(1, 9):
-        t = time.perf_counter()
-        g.search(q[i], k=10, exact=True)
-        times.append(time.perf_counter() - t)
-    assert float(np.median(times)) < 0.05, times
+    opened: list[str] = []
+
+    def counting(real: Any, what: str) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            opened.append(f"{what}{args[:1]}")
+            return real(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(builtins, "open", counting(builtins.open, "open"))
+    monkeypatch.setattr(os, "open", counting(os.open, "os.open"))
+    monkeypatch.setattr(mmap, "mmap", counting(mmap.mmap, "mmap"))
+    got = [g.search(q[i], k=10, exact=True)[0][0].path for i in range(1, 9)]
+    monkeypatch.undo()
+    assert got == [f"{j}.jpg" for j in expected]
+    assert opened == [], opened
     g.close()
 
 

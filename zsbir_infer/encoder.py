@@ -9,8 +9,9 @@
 ``embed`` decodes and preprocesses images on a thread pool (PIL releases the GIL while decoding), a
 few batches ahead of the model, so decoding overlaps inference. Each domain uses the bundle's own
 preprocessing spec; domain-conditioned models also get the domain tag (photo 1, sketch 0).
-``embed_stream`` yields results batch by batch and can skip undecodable files (reporting each with
-its reason), for indexers that write as they go.
+``embed_stream`` is the streaming form behind ``embed``: it yields results batch by batch and can skip
+undecodable files (reporting each with its reason). The indexer does not use it: it decodes straight
+into its own batches (:mod:`zsbir_infer.indexer`).
 """
 
 from __future__ import annotations
@@ -251,7 +252,7 @@ class Encoder:
         batch_size: int | None = None,
         skip_errors: bool = False,
     ) -> Iterator[EmbeddedBatch]:
-        """Embed ``images`` batch by batch, for consumers that write results as they come (galleries).
+        """Embed ``images`` batch by batch (the streaming form of :meth:`embed`, which collects it).
 
         Each :class:`EmbeddedBatch` holds the input positions it embedded, their L2-normalized
         embeddings, and (with ``skip_errors=True``) the inputs that could not be decoded, with the

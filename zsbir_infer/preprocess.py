@@ -15,41 +15,10 @@ Decoding (:func:`load_image`) always yields an 8-bit RGB image: EXIF orientation
 palette / 16-bit / CMYK converted, and any transparency composited over **white** (so a transparent
 sketch becomes black strokes on white paper, which is what sketch models are trained on).
 
-Reduced-size JPEG decoding
---------------------------
-When a JPEG is at least twice the target size, :func:`load_image` (given ``target_size``) lets libjpeg
-decode at 1/2, 1/4 or 1/8 scale (PIL ``Image.draft``): the smallest of these scales that still
-keeps ``DRAFT_MARGIN`` (1) times the target size in each dimension, then the bilinear resize makes up
-the rest (none at all when the reduced image is exactly the target, e.g. a 256 px photo for a 64 px
-model is decoded straight to 64 px). For small files entropy decoding dominates and a 1/4-scale decode
-costs about 60% of a full one; above all it makes the resize after it tiny: with a margin of 2, a
-256 px JPEG bound for 64 px cost about 0.6 ms of CPU, with 1 about 0.35 ms.
-
-The reduced-size decode filters differently from a full decode followed by a bilinear resize (libjpeg
-scales in the DCT domain, a box-like filter, where PIL's bilinear downscaling is a wider triangle), so
-the preprocessed input differs from the full-decode reference. On textured, noisy test photos
-(2000x1500, 1800x1000 and 1024x768 JPEGs to 224x224, where a bilinear downscale remains after the
-draft) the mean absolute difference is 0.004-0.005 and the maximum 0.08-0.12 in pixel/255 units
-(about 1 and 30 grey levels); where the draft lands exactly on the target (512, 256 and 128 px to 64,
-448 to 224) the mean is 0.02-0.034 and the maximum 0.16-0.35, at hard edges. ``tests/test_preprocess.py``
-holds the first case to mean < 0.008 and max < 0.15 and the second to mean < 0.04 and max < 0.4.
-Retrieval does not measurably suffer: with the former default model (fingerprint d738087ed5639023, 64 px) on
-the unseen split of the synthetic benchmark, mAP@all is 0.27660 with full decoding and 0.27659 with
-1/2-scale decoding of its 128 px photos, and on a 256 px rendering of it (1/4 scale) 0.2661 with
-``DRAFT_MARGIN = 2`` and 0.2656 with 1 (paired bootstrap 95% interval of the change over the 500
-queries: -0.0012 to +0.0002; ``benchmarks/results/index_query.md``). With the former
-``DRAFT_MARGIN = 2`` the documented pixel figures were mean 0.002 and max 0.07. Pass ``draft=False``
-for the bit-exact reference path.
-
-Decoding memory
----------------
-A tiny file can hold a huge image (PIL's decompression-bomb limit, ``Image.MAX_IMAGE_PIXELS``, allows
-89 million pixels: a 171 KB PNG of 9400 x 9400 ``LA`` pixels needs about 0.8 GB while it is decoded and
-converted to RGB). Every decode first reserves its estimated size (:func:`decode_bytes_estimate`) in the
-process-wide :data:`DECODE_BUDGET` (1 GiB, ``ZSBIR_DECODE_MEMORY_MB``), so the indexer's decoding threads
-take turns on huge images: decoding holds at most about ``max(budget, largest image)``, whatever
-``--workers`` says (eight workers on such files took 4.6 GB before). A single query image of that size
-still takes its 1.2 GB; lower ``Image.MAX_IMAGE_PIXELS`` to refuse such images altogether.
+Large JPEGs are decoded at a reduced scale (libjpeg's 1/2, 1/4, 1/8; ``draft=False`` for the bit-exact
+full decode), and every decode first reserves its estimated memory in :data:`DECODE_BUDGET`
+(``ZSBIR_DECODE_MEMORY_MB``), so decoding threads take turns on huge images. The measurements behind both
+choices are in ``docs/preprocessing.md``.
 
 Training decodes at full size for augmentation, but the trainer's evaluation path calls
 :func:`load_image` with the same ``target_size`` as the runtime, so its evaluation tensors equal the

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -119,8 +118,3 @@ def read_lines(path: Path) -> list[str]:
 def list_images(folder: Path) -> list[Path]:
     """Image files directly inside ``folder``, sorted by name (hidden and temporary files skipped)."""
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith("."))
-
-
-def unique_sorted(names: Iterable[str]) -> list[str]:
-    """Sorted distinct names."""
-    return sorted(set(names))

@@ -27,6 +27,7 @@ from typing import Any, TypeVar, cast
 
 import numpy as np
 
+from zsbir_infer.fsio import FileLock, atomic_write_json
 from zsbir_infer.gallery import ann as _ann_policy
 from zsbir_infer.gallery.ann import ANN_META, AnnIndex
 from zsbir_infer.gallery.codecs import Codec, make_codec
@@ -82,10 +83,6 @@ def creating_prefix(name: str) -> str:
 
 DEFAULT_SEGMENT_ROWS = 1 << 20
 NORM_TOLERANCE = 0.02
-
-# Test hook: called after the vectors of a batch are appended and fsynced, before the metadata commit.
-# Tests set it to simulate a crash at the worst moment. Never set it in production code.
-_BEFORE_COMMIT: Callable[[], None] | None = None
 
 
 def _rollback(con: sqlite3.Connection) -> None:
@@ -262,14 +259,8 @@ def _check_relpath(relpath: str) -> str:
 
 
 def _write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    # A fixed temporary name: an interrupted creation leaves "manifest.json.tmp" (see _CREATE_LEFTOVERS).
+    atomic_write_json(path, obj, tmp=path.with_name(path.name + ".tmp"))
 
 
 class _WriterLock:
@@ -285,26 +276,14 @@ class _WriterLock:
             yield False
             return
         try:
-            try:
-                import fcntl
-            except ImportError:  # pragma: no cover - not POSIX: only the in-process lock applies
-                yield True
+            lock = FileLock(self.path)
+            if not lock.acquire(blocking):
+                yield False
                 return
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-                except OSError as e:
-                    if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                        yield False
-                        return
-                    raise
-                try:
-                    yield True
-                finally:
-                    fcntl.flock(fd, fcntl.LOCK_UN)
+                yield True
             finally:
-                os.close(fd)
+                lock.release()
         finally:
             self._thread_lock.release()
 
@@ -1034,8 +1013,6 @@ class Gallery:
             sums = [self._segfiles.append(seg, [arr[a:b] for arr in arrays]) for seg, a, b, _ in pieces]
             if any(is_new for *_, is_new in pieces):
                 _fsync_dir(self.path / SEGMENT_DIR)
-            if _BEFORE_COMMIT is not None:
-                _BEFORE_COMMIT()
             ids = list(range(total, total + n))
             now = time.time_ns()
             rows = [

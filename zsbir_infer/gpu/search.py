@@ -24,7 +24,7 @@ from zsbir_infer.gpu import _cpu, _cuda
 from zsbir_infer.gpu._arrays import DeviceArray, Operand, as_operand, stream_handle
 
 Device = Literal["auto", "cuda", "cpu"]
-Path = Literal["auto", "simt", "tensor", "tensor32"]
+KernelPath = Literal["auto", "simt", "tensor", "tensor32"]
 
 MAX_K = 1024
 MAX_DIM = 2048
@@ -286,7 +286,7 @@ def topk_ip(
     scales: Any = None,
     device: Device = "auto",
     stream: Any = None,
-    path: Path = "auto",
+    path: KernelPath = "auto",
     out: Any = None,
 ) -> tuple[Any, Any]:
     """The ``k`` gallery rows with the largest inner product for each query.
@@ -477,7 +477,7 @@ class GpuGallery:
         return sum(b.nbytes for b in self._buffers)
 
     def search(
-        self, queries: Any, k: int, *, path: Path = "auto", stream: Any = None, out: Any = None
+        self, queries: Any, k: int, *, path: KernelPath = "auto", stream: Any = None, out: Any = None
     ) -> tuple[Any, Any]:
         """Inner-product top-k of ``queries`` [Q, D] against the vectors (see :func:`topk_ip`)."""
         if self._vectors is None:
