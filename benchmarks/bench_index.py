@@ -1,7 +1,7 @@
 """Indexing throughput: the full ``zsbir index`` pipeline against the model alone, same backend, same files.
 
 * ``model_only``: the photos are decoded and preprocessed once, up front; then only
-  ``Encoder.embed_arrays`` runs over the pre-decoded arrays (batches of ``--batch-size``): the ceiling.
+  ``Encoder.embed`` runs over the pre-decoded arrays (batches of ``--batch-size``): the ceiling.
 * ``decode_only``: the pipeline's decoding thread pool over the same files, no model: the other bound
   (on a CPU backend decoding and the model share the same cores).
 * ``pipeline``: ``zsbir_infer.indexer.index_folder`` on the same files into a fresh gallery: walk, plan,
@@ -130,7 +130,7 @@ def main() -> None:
     print(f"model {enc.fingerprint} ({enc.describe()}), {len(files)} photos of {args.photo_size}px", flush=True)
     spec = enc.bundle.preprocess_spec("photo")
     arrays = preprocess_batch(files, spec)  # decoded once, outside the timing
-    enc.embed_arrays(arrays[: args.batch_size], "photo")  # warm-up
+    enc.embed(arrays[: args.batch_size], "photo")  # warm-up
     # Warm the page cache and the pipeline code paths once.
     gal = args.cache / "gallery"
     shutil.rmtree(gal, ignore_errors=True)
@@ -138,7 +138,7 @@ def main() -> None:
 
     # Time spent inside the model during the pipeline (the rest is waiting for decoding, committing, ...).
     busy = [0.0]
-    real_embed = enc.embed_arrays
+    real_embed = enc.embed
 
     def timed_embed(batch: Any, domain: str) -> Any:
         t = time.perf_counter()
@@ -160,7 +160,7 @@ def main() -> None:
 
     def model_pass() -> None:
         for s in range(0, len(arrays), args.batch_size):
-            enc.embed_arrays(arrays[s : s + args.batch_size], "photo")
+            enc.embed(arrays[s : s + args.batch_size], "photo")
 
     for rep in range(args.repeats):
         # The decoding bound: the pipeline's thread pool reading and decoding every file, no model.
@@ -173,12 +173,12 @@ def main() -> None:
         model_core_use.append(cpu / wall / cpus)
         shutil.rmtree(gal, ignore_errors=True)
         busy[0] = 0.0
-        enc.embed_arrays = timed_embed  # type: ignore[method-assign]
+        enc.embed = timed_embed  # type: ignore[method-assign]
         c0 = time.process_time()
         report = index_folder(photos_dir, gal, enc, batch_size=args.batch_size, workers=args.workers, build_ann_from=0)
         cpu_pipe.append((time.process_time() - c0) / n)
         pipe_core_use.append(cpu_pipe[-1] * n / report.seconds / cpus)
-        enc.embed_arrays = real_embed  # type: ignore[method-assign]
+        enc.embed = real_embed  # type: ignore[method-assign]
         busy_fracs.append(busy[0] / report.seconds)
         assert report.indexed == n, report.to_dict()
         p = n / report.seconds

@@ -134,8 +134,11 @@ def test_embed_input_validation(bundle_dir: tuple[Path, Any]) -> None:
             enc.embed_arrays(np.zeros((2, 3, 8, 8), np.float32), "photo")
         with pytest.raises(ValueError, match="float"):
             enc.embed_arrays(np.zeros((2, 3, 16, 16), np.uint8), "photo")
-        with pytest.raises(ValueError, match="embed_arrays"):
-            enc.embed(rand_batch(2), "photo")
+        # One verb: a 4-D float array is a preprocessed batch, embedded as embed_arrays does.
+        x = rand_batch(3)
+        np.testing.assert_array_equal(enc.embed(x, "photo"), enc.embed_arrays(x, "photo"))
+        with pytest.raises(ValueError, match="preprocessed batch"):
+            enc.embed(np.zeros((2, 16, 16, 3), np.uint8), "photo")
 
 
 def test_precisions(bundle_dir: tuple[Path, Any]) -> None:

@@ -173,7 +173,8 @@ class Encoder:
         return l2_normalize(out)
 
     def embed_arrays(self, batch: np.ndarray, domain: str) -> np.ndarray:
-        """Embed already-preprocessed images: float ``[N, 3, H, W]`` -> float32 ``[N, D]`` unit rows.
+        """The preprocessed-batch form of :meth:`embed`: float ``[N, 3, H, W]`` -> float32 ``[N, D]`` unit rows
+        (``embed(batch, domain)`` does the same for a 4-D array; this name stays for existing callers).
 
         The caller is responsible for preprocessing (see :func:`zsbir_infer.preprocess.preprocess_batch`
         with ``encoder.bundle.preprocess_spec(domain)``). Batches larger than ``batch_size`` are split.
@@ -181,9 +182,12 @@ class Encoder:
         check_domain(domain)
         arr = np.asarray(batch)
         if arr.ndim != 4 or arr.shape[1] != 3:
-            raise ValueError(f"embed_arrays expects [N, 3, H, W], got shape {list(arr.shape)}")
+            raise ValueError(f"a preprocessed batch must be [N, 3, H, W], got shape {list(arr.shape)}")
         if not np.issubdtype(arr.dtype, np.floating):
-            raise ValueError(f"embed_arrays expects float images (preprocessed), got dtype {arr.dtype}")
+            raise ValueError(
+                f"a 4-D array is a preprocessed batch and must hold float images, got dtype {arr.dtype} "
+                "(pass raw uint8 pixels as a list of HxWxC arrays)"
+            )
         spec = self.bundle.preprocess_spec(domain)
         if arr.shape[2:] != spec.size:
             raise ValueError(
@@ -276,11 +280,12 @@ class Encoder:
         batch_size: int | None = None,
         progress: Callable[[int], Any] | None = None,
     ) -> np.ndarray:
-        """Embed images (paths, open files, bytes, PIL images or uint8 HxWxC arrays) of one domain.
+        """Embed images of one domain: paths, open files, bytes, PIL images or uint8 HxWxC arrays (decoded
+        and preprocessed here), or one already-preprocessed float ``[N, 3, H, W]`` batch.
 
-        Returns float32 ``[N, D]`` L2-normalized rows in input order. A single path or PIL image is
-        accepted as a batch of one. ``progress(k)`` is called after each batch with the number of
-        images just embedded. Undecodable inputs raise
+        Returns float32 ``[N, D]`` L2-normalized rows in input order. A single path, PIL image or pixel
+        array is accepted as a batch of one. :meth:`embed_stream` is the streaming form. ``progress(k)``
+        is called after each batch with the number of images just embedded. Undecodable inputs raise
         :class:`~zsbir_infer.preprocess.ImageDecodeError` naming the file.
         """
         check_domain(domain)
@@ -288,7 +293,10 @@ class Encoder:
             items: Sequence[ImageInput] = [images]  # type: ignore[list-item]
         elif isinstance(images, np.ndarray):
             if images.ndim == 4:
-                raise ValueError("a 4-D array is a preprocessed batch: use embed_arrays(batch, domain)")
+                out = self.embed_arrays(images, domain)
+                if progress is not None:
+                    progress(len(out))
+                return out
             items = [images]
         else:
             items = list(images)

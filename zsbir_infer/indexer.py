@@ -813,7 +813,7 @@ def _run(
             ok = [i for i, (good, _) in enumerate(results) if good]
             vecs = None
             if ok:
-                vecs = encoder.embed_arrays(batch if len(ok) == len(results) else batch[ok], "photo")
+                vecs = encoder.embed(batch if len(ok) == len(results) else batch[ok], "photo")
             commit_results(committer, work.before, part, results, vecs)
             if progress is not None:
                 progress(len(results))

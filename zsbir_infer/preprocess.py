@@ -375,7 +375,7 @@ def to_pil(image: ImageInput, *, target_size: tuple[int, int] | None = None, dra
 
     Paths, files and bytes go through :func:`load_image`; PIL images are converted like decoded files
     (alpha over white, 16-bit scaled); numpy arrays must be uint8 ``HxW``, ``HxWx1``, ``HxWx3`` (RGB) or
-    ``HxWx4`` (RGBA) raw pixels (already-normalized float arrays belong in ``Encoder.embed_arrays``).
+    ``HxWx4`` (RGBA) raw pixels (already-preprocessed float NCHW batches go to ``Encoder.embed`` as one 4-D array).
     """
     if isinstance(image, Image.Image):
         return _to_rgb(image)
@@ -384,7 +384,7 @@ def to_pil(image: ImageInput, *, target_size: tuple[int, int] | None = None, dra
         if arr.dtype != np.uint8:
             raise ValueError(
                 f"pixel arrays must be uint8 HxW/HxWx3/HxWx4, got dtype {arr.dtype}; "
-                "pass preprocessed float32 NCHW batches to embed_arrays instead"
+                "pass a preprocessed float32 NCHW batch to Encoder.embed as one 4-D array instead"
             )
         if arr.ndim == 3 and arr.shape[2] == 1:
             arr = arr[:, :, 0]
