@@ -131,6 +131,53 @@ def test_build_model_round_trip(conditioned: bool) -> None:
     assert out.features.shape == (2, 1280)
 
 
+@pytest.mark.parametrize("conditioned", [False, True])
+def test_flip_average_embeds_each_image_with_its_mirror(conditioned: bool, tmp_path: Path) -> None:
+    from zsbir_export.checkpoints import load_checkpoint, save_checkpoint
+
+    arch = {"backbone": "efficientnet_lite0", "embed_dim": 16, "domain_conditioned": conditioned}
+    model = build_model({**arch, "flip_average": True}).eval()
+    assert model.arch_config()["flip_average"] is True
+    assert "flip_average" not in build_model(arch).arch_config()  # unchanged arch block without it
+    torch.manual_seed(0)
+    with torch.no_grad():  # at init the pooled features hardly depend on left/right; random weights do
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x, tag = torch.randn(3, 3, 48, 40), torch.tensor([0, 1, 0])
+    with torch.no_grad():
+        got = model.embed(x, tag)
+        model.flip_average = False
+        plain, mirrored = model.embed(x, tag), model.embed(x.flip(-1), tag)
+        model.flip_average = True
+    want = torch.nn.functional.normalize(plain + mirrored, dim=1)
+    assert not torch.allclose(plain, mirrored, atol=1e-4)  # the mirror image embeds differently
+    assert torch.allclose(got, want, atol=1e-5)
+    save_checkpoint(model, {"method": "none"}, tmp_path / "ck.json")
+    again = load_checkpoint(tmp_path / "ck.json").model
+    assert again.arch_config()["flip_average"] is True
+    with torch.no_grad():
+        assert torch.allclose(again.embed(x, tag), got, atol=1e-6)
+
+
+def test_flip_average_exports_to_onnx(tmp_path: Path) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    from zsbir_export.onnx_export import export_onnx
+
+    model = build_model({"backbone": "efficientnet_lite0", "embed_dim": 16, "flip_average": True}).eval()
+    export_onnx(model, tmp_path / "m.onnx", domain_conditioned=False, input_size=(64, 64))
+    x = np.random.default_rng(0).standard_normal((3, 3, 64, 64)).astype(np.float32)
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: x})[0]
+    with torch.no_grad():
+        want = model.embed(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_flip_average_is_refused_for_cse_resnets() -> None:
+    with pytest.raises(ValueError, match="flip_average"):
+        build_model({"backbone": "cse_resnet18", "flip_average": True})
+
+
 @needs_weights
 @pytest.mark.skipif(not REAL.is_dir(), reason="needs ../shared/realdata (team data, absent in a fresh clone)")
 def test_packaged_weights_classify_real_photos() -> None:

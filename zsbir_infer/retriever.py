@@ -321,7 +321,21 @@ class Retriever:
             f"queries must be paths, PIL images, pixel arrays or embeddings; got {type(queries).__name__}"
         )
 
-    def search(self, queries: Any, k: int = 10, domain: str = "sketch", exact: bool = False) -> list[list[Hit]]:
+    @property
+    def expand(self) -> int:
+        """The query-expansion ``k`` that :meth:`search` uses by default: the bundle's recommendation
+        (manifest ``retrieval.expand``, see :mod:`zsbir_infer.expansion`), 0 (off) where it names none or
+        where the gallery stores ITQ codes (no vectors to expand with)."""
+        from zsbir_infer.expansion import recommended_expand
+
+        bundle = getattr(self.encoder, "bundle", None)  # (an encoder-like object may carry no bundle)
+        if self.gallery.storage == "itq" or bundle is None:
+            return 0
+        return recommended_expand(bundle.manifest)
+
+    def search(
+        self, queries: Any, k: int = 10, domain: str = "sketch", exact: bool = False, expand: int | None = None
+    ) -> list[list[Hit]]:
         """The ``k`` best photos for each query.
 
         Args:
@@ -331,23 +345,49 @@ class Retriever:
             k: results per query.
             domain: what the query images are (``"sketch"`` or ``"photo"``); ignored for embeddings.
             exact: force the exhaustive search (see the module docstring).
+            expand: query expansion (:mod:`zsbir_infer.expansion`): search once, move each query towards
+                its ``expand`` best photos, search again. ``None``: :attr:`expand` (the bundle's
+                recommendation); ``0``: off. Scores are then similarities to the expanded query.
 
         Returns:
             One list of :class:`Hit` per query, best first (ties: smaller row id first).
         """
+        from zsbir_infer.expansion import check_expand, expand_queries
+
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or int(k) < 1:
             raise RetrieverError(f"k must be a positive integer; got {k!r}")
+        try:
+            n_expand = self.expand if expand is None else check_expand(expand)
+        except ValueError as exc:
+            raise RetrieverError(str(exc)) from None
+        if n_expand and self.gallery.storage == "itq":
+            raise RetrieverError("query expansion needs stored vectors; this gallery stores ITQ codes only")
         q = self.embed(queries, domain)
         if self.device == "cuda" and self.gallery.identity() != self._gpu_identity:
             self.refresh()  # the GPU copy follows new commits and a gallery deleted and created again
-        raw = self._search_gpu(q, int(k)) if self.device == "cuda" else None
-        if raw is None:  # the CPU, or more results than the GPU kernels give (k > gpu.MAX_K)
-            # The exact/ANN policy is the gallery's: ANN where 'zsbir index' saved an index, else exhaustive.
-            found = self.gallery.search(q, int(k), exact=bool(exact), fingerprint=self.fingerprint)
-            raw = [[(h.path, h.score, h.id) for h in row] for row in found]
+        if n_expand:
+            first = self._search_raw(q, n_expand, exact)
+            width = max((len(row) for row in first), default=0)
+            if width:
+                nb = np.zeros((q.shape[0], width, q.shape[1]), dtype=np.float32)
+                sc = np.zeros((q.shape[0], width), dtype=np.float32)
+                for qi, row in enumerate(first):
+                    if row:
+                        nb[qi, : len(row)] = self.gallery.vectors([vid for _, _, vid in row])
+                        sc[qi, : len(row)] = [s for _, s, _ in row]
+                q = expand_queries(q, nb, sc)
+        raw = self._search_raw(q, int(k), exact)
         # The gallery's manifest says where its photos are; it follows a re-pointed or replaced gallery.
         self.root = self.gallery.root
         return [[self._hit(rel, s, i, r + 1) for r, (rel, s, i) in enumerate(row)] for row in raw]
+
+    def _search_raw(self, q: np.ndarray, k: int, exact: bool) -> list[list[tuple[str, float, int]]]:
+        raw = self._search_gpu(q, k) if self.device == "cuda" else None
+        if raw is None:  # the CPU, or more results than the GPU kernels give (k > gpu.MAX_K)
+            # The exact/ANN policy is the gallery's: ANN where 'zsbir index' saved an index, else exhaustive.
+            found = self.gallery.search(q, k, exact=bool(exact), fingerprint=self.fingerprint)
+            raw = [[(h.path, h.score, h.id) for h in row] for row in found]
+        return raw
 
     def _search_gpu(self, q: np.ndarray, k: int) -> list[list[tuple[str, float, int]]] | None:
         from zsbir_infer import gpu

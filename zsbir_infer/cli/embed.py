@@ -21,6 +21,16 @@ PRECISION_CHOICES = ["fp32", "fp16", "int8"]
 BACKEND_CHOICES = ["auto", "tensorrt", "ort-cuda", "ort-cpu"]
 
 
+#: ``--expand K`` of the commands that search (query expansion, :mod:`zsbir_infer.expansion`).
+expand_option = click.option(
+    "--expand",
+    type=click.IntRange(0, 1000),
+    default=None,
+    metavar="K",
+    help="Query expansion with the K best photos (0: off); default: the bundle's recommendation.",
+)
+
+
 def encoder_options(fn: F) -> F:
     """The options every command that embeds images shares: --model, --precision, --backend, batching."""
     opts = [

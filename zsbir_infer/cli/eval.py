@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from zsbir_infer.cli.embed import encoder_options, open_encoder, progress_bar
+from zsbir_infer.cli.embed import encoder_options, expand_option, open_encoder, progress_bar
 
 METRIC_LABELS = {"map_all": "mAP@all", "map_200": "mAP@200", "p_100": "P@100", "p_200": "P@200"}
 
@@ -46,6 +46,7 @@ METRIC_LABELS = {"map_all": "mAP@all", "map_200": "mAP@200", "p_100": "P@100", "
     metavar="NAME",
     help="Split set of a folder benchmark (e.g. 21) or split folder of a real benchmark (zeroshot1/zeroshot0).",
 )
+@expand_option
 @encoder_options
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
@@ -54,6 +55,7 @@ def command(
     split: str,
     protocol: str,
     average: str,
+    expand: int | None,
     zeroshot: str | None,
     model: Path | None,
     precision: str,
@@ -68,6 +70,7 @@ def command(
 
     from zsbir_infer.datasets import BenchmarkError, open_benchmark
     from zsbir_infer.encoder import EncoderError
+    from zsbir_infer.expansion import expand_against, recommended_expand
     from zsbir_infer.metrics import evaluate
     from zsbir_infer.preprocess import ImageDecodeError
 
@@ -95,6 +98,13 @@ def command(
     ql = np.array([s.label for s in part.sketches], dtype=np.int64)
     gl = np.array([s.label for s in part.photos], dtype=np.int64)
     t1 = time.perf_counter()
+    if expand is None:
+        try:
+            expand = recommended_expand(enc.bundle.manifest)
+        except ValueError as exc:
+            raise click.ClickException(str(exc)) from None
+    if expand:
+        q = expand_against(q, g, expand)
     metrics = evaluate(q, ql, g, gl, protocol=protocol, average=average)  # type: ignore[arg-type]
     eval_seconds = time.perf_counter() - t1
     result: dict[str, Any] = {
@@ -104,6 +114,7 @@ def command(
         "split": split,
         "protocol": protocol,
         "average": average,
+        "expand": expand,
         "classes": len(part.classes),
         "queries": int(q.shape[0]),
         "gallery": int(g.shape[0]),

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from zsbir_infer.cli.embed import BACKEND_CHOICES, PRECISION_CHOICES
+from zsbir_infer.cli.embed import BACKEND_CHOICES, PRECISION_CHOICES, expand_option
 
 
 def _shown(path: str) -> str:
@@ -43,6 +43,7 @@ def _shown(path: str) -> str:
 )
 @click.option("-k", "k", type=click.IntRange(1, 10000), default=10, show_default=True, help="Results per sketch.")
 @click.option("--exact", is_flag=True, help="Exhaustive search even for galleries large enough for the ANN index.")
+@expand_option
 @click.option(
     "--domain",
     type=click.Choice(["sketch", "photo"]),
@@ -73,6 +74,7 @@ def command(
     model: Path | None,
     k: int,
     exact: bool,
+    expand: int | None,
     domain: str,
     as_json: bool,
     html_out: Path | None,
@@ -104,7 +106,7 @@ def command(
     except (RetrieverError, GalleryError, BundleError, BackendUnavailable, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     try:
-        results = r.search([str(s) for s in sketches], k=k, domain=domain, exact=exact)
+        results = r.search([str(s) for s in sketches], k=k, domain=domain, exact=exact, expand=expand)
     except (ImageDecodeError, EncoderError, GalleryError, RetrieverError) as exc:
         raise click.ClickException(f"cannot search: {exc}") from None
     finally:

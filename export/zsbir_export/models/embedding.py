@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -37,6 +38,9 @@ class EmbeddingNet(nn.Module):
         imagenet_head: add ``imagenet_fc`` (teacher-class logits from the embedding).
         domain_conditioned: EfficientNet-Lite only: domain gates in the backbone, the tag is an input.
             Otherwise the tag is accepted and ignored.
+        flip_average: ``embed`` returns the normalized mean of the embeddings of each image and its mirror
+            image (test-time flip augmentation, inside the exported graph; twice the compute per image).
+            Training outputs (``forward``) are unaffected, so it can be switched on for a trained model.
     """
 
     def __init__(
@@ -48,12 +52,14 @@ class EmbeddingNet(nn.Module):
         imagenet_head: bool = False,
         imagenet_classes: int = 1000,
         domain_conditioned: bool = False,
+        flip_average: bool = False,
     ) -> None:
         super().__init__()
         if embed_dim is not None and int(embed_dim) < 1:
             raise ValueError(f"embed_dim must be positive or None, got {embed_dim}")
         self.backbone_name = backbone
         self.domain_conditioned = bool(domain_conditioned)
+        self.flip_average = bool(flip_average)
         if backbone in LITE_VARIANTS:
             self.backbone: ResNet | EfficientNetLite = EfficientNetLite(
                 backbone, num_classes=0, domain_conditioned=self.domain_conditioned
@@ -86,12 +92,18 @@ class EmbeddingNet(nn.Module):
         return ModelOutput(code, logits, imagenet, pooled)
 
     def embed(self, x: Tensor, tag: Tensor | None = None) -> Tensor:
-        """L2-normalized embeddings [N, embed_dim]."""
-        return F.normalize(self._code(x, tag)[0], p=2.0, dim=1)
+        """L2-normalized embeddings [N, embed_dim] (with ``flip_average``: of the image and its mirror)."""
+        if not self.flip_average:
+            return F.normalize(self._code(x, tag)[0], p=2.0, dim=1)
+        n = x.shape[0]
+        both = torch.cat([x, x.flip(-1)])  # one backbone call for both views
+        tags = None if tag is None else torch.cat([tag, tag])
+        e = F.normalize(self._code(both, tags)[0], p=2.0, dim=1)
+        return F.normalize(e[:n] + e[n:], p=2.0, dim=1)
 
     def arch_config(self) -> dict[str, Any]:
         """The ``arch`` block of a checkpoint config (CONTRACTS §5) that rebuilds this model."""
-        return {
+        arch: dict[str, Any] = {
             "backbone": self.backbone_name,
             "width": self.backbone.width if isinstance(self.backbone, ResNet) else None,
             "embed_dim": self.embed_dim if self.embedding is not None else None,
@@ -100,3 +112,6 @@ class EmbeddingNet(nn.Module):
             "imagenet_head": self._imagenet_classes > 0,
             "imagenet_classes": self._imagenet_classes or 1000,
         }
+        if self.flip_average:  # only when set, so that existing checkpoints keep their exact arch block
+            arch["flip_average"] = True
+        return arch

@@ -25,6 +25,7 @@ ARCH_KEYS = frozenset(
         "imagenet_head",
         "imagenet_classes",
         "reduction",
+        "flip_average",
     }
 )
 _PLAIN = ("resnet18", "resnet34", "resnet50")
@@ -39,7 +40,8 @@ def build_model(arch_config: Mapping[str, Any]) -> EmbeddingModel:
     true`` its blocks get domain gates and the tag is an input). ``domain_conditioned: true`` with a
     plain ResNet name selects the CSE variant of that depth; ``false`` with a CSE name is an error.
     Defaults: width 64 (ResNets only), embed_dim 64, num_classes 0, imagenet_head false (plain) /
-    true (CSE). ``model.arch_config()`` returns the canonical, complete block.
+    true (CSE), flip_average false (``EmbeddingNet`` only: ``embed`` averages each image with its mirror).
+    ``model.arch_config()`` returns the canonical, complete block.
 
     Raises:
         ValueError: unknown backbone, unknown keys or contradictory settings.
@@ -57,6 +59,8 @@ def build_model(arch_config: Mapping[str, Any]) -> EmbeddingModel:
         backbone = "cse_" + backbone
     if backbone in CSE_DEPTHS and conditioned is False:
         raise ValueError(f"backbone {backbone!r} is domain-conditioned but domain_conditioned is false")
+    if arch_config.get("flip_average") and backbone in CSE_DEPTHS:
+        raise ValueError(f"flip_average is supported by EmbeddingNet backbones, not {backbone!r}")
     width = int(arch_config.get("width") or 64)
     embed_raw = arch_config.get("embed_dim", 64)
     embed_dim = None if embed_raw is None else int(embed_raw)
@@ -80,6 +84,7 @@ def build_model(arch_config: Mapping[str, Any]) -> EmbeddingModel:
             imagenet_head=bool(arch_config.get("imagenet_head", False)),
             imagenet_classes=imagenet_classes,
             domain_conditioned=bool(conditioned),
+            flip_average=bool(arch_config.get("flip_average", False)),
         )
     if backbone in _PLAIN:
         return EmbeddingNet(
@@ -89,5 +94,6 @@ def build_model(arch_config: Mapping[str, Any]) -> EmbeddingModel:
             num_classes=num_classes,
             imagenet_head=bool(arch_config.get("imagenet_head", False)),
             imagenet_classes=imagenet_classes,
+            flip_average=bool(arch_config.get("flip_average", False)),
         )
     raise ValueError(f"unknown backbone {backbone!r}; expected one of {sorted((*_PLAIN, *CSE_DEPTHS, *LITE_VARIANTS))}")

@@ -1,0 +1,151 @@
+"""Choose a trained run's deployment settings on held-out seen classes, then report the choice on unseen.
+
+Three settings that need no training: the input size at test time (a model trained on random crops at
+128 px often does better a little larger), test-time flip averaging (``flip_average``: each image and its
+mirror, inside the exported graph) and query expansion (``zsbir_infer.expansion``: k best photos).
+Every combination is scored on the run's 15 held-out seen classes (mAP@all); the best one is then
+evaluated once on the unseen classes, beside the plain setting. ``--write-checkpoint DIR`` saves the run's
+checkpoint with the chosen settings (preprocess size, arch ``flip_average``, ``retrieval.expand``).
+
+    python benchmarks/select_deploy.py --run runs/real/tursun_doodles_flat
+    python benchmarks/select_deploy.py --run runs/real/tursun_doodles_flat --write-checkpoint zsbir_infer/assets/default
+
+Results: ``benchmarks/results/deploy_selection.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_default import ROOT, machine
+from train_real import REAL, SEED, VAL_CLASSES
+
+RESULTS = ROOT / "benchmarks" / "results"
+SIZES = (128, 160, 192)
+EXPANDS = (0, 5, 10, 15)
+
+
+def _embeddings(model: Any, split: Any, size: int) -> dict[bool, tuple[np.ndarray, np.ndarray]]:
+    """(queries, gallery) embeddings without and with flip averaging, at ``size`` px."""
+    import torch
+    from zsbir_export.train.data import make_spec
+    from zsbir_export.train.loop import _embed_samples
+
+    spec, dev, out = make_spec(size), torch.device("cpu"), {}
+    for flip in (False, True):
+        model.flip_average = flip
+        q = _embed_samples(model, split.sketches, 0, spec, dev, None)
+        g = _embed_samples(model, split.photos, 1, spec, dev, None)
+        out[flip] = (q, g)
+    model.flip_average = False
+    return out
+
+
+def _score(q: np.ndarray, g: np.ndarray, split: Any, expand: int) -> dict[str, float]:
+    from zsbir_infer.expansion import expand_against
+    from zsbir_infer.metrics import evaluate
+
+    ql = np.array([s.label for s in split.sketches])
+    gl = np.array([s.label for s in split.photos])
+    return {k: float(v) for k, v in evaluate(expand_against(q, g, expand), ql, g, gl).items()}
+
+
+def grid(model: Any, split: Any) -> list[dict[str, Any]]:
+    """mAP@all of every (size, flip, expand) setting on ``split``."""
+    rows = []
+    for size in SIZES:
+        emb = _embeddings(model, split, size)
+        for flip, (q, g) in emb.items():
+            for expand in EXPANDS:
+                m = _score(q, g, split, expand)
+                rows.append({"size": size, "flip": flip, "expand": expand, **m})
+                print(f"size {size} flip {flip!s:5} expand {expand:2}: mAP@all {m['map_all']:.4f}", flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", type=Path, required=True, help="a finished zsbir train run folder")
+    ap.add_argument("--data", type=Path, default=REAL / "sketchy")
+    ap.add_argument("--write-checkpoint", type=Path, default=None, metavar="DIR")
+    args = ap.parse_args()
+    import torch
+    from zsbir_export.checkpoints import load_checkpoint, save_checkpoint
+    from zsbir_export.train import hold_out_classes
+    from zsbir_export.train.data import make_spec
+
+    from zsbir_infer.datasets import open_benchmark
+
+    torch.set_num_threads(2)
+    loaded = load_checkpoint(args.run / "checkpoint.json")
+    model = loaded.model.eval()
+    if not hasattr(model, "flip_average"):
+        raise SystemExit(f"{args.run}: flip averaging needs an EmbeddingNet model")
+    zeroshot = loaded.config["train"].get("zeroshot")
+    bench = open_benchmark(args.data, zeroshot=zeroshot)
+    val = hold_out_classes(bench.split("seen"), VAL_CLASSES, SEED)[1]
+    t0 = time.perf_counter()
+    rows = grid(model, val)
+    best = max(rows, key=lambda r: r["map_all"])
+    plain = next(r for r in rows if r["size"] == loaded.config["train"]["size"] and not r["flip"] and not r["expand"])
+    unseen = bench.split("unseen")
+    chosen: dict[str, Any] = {}
+    for name, r in (("plain", plain), ("chosen", best)):
+        q, g = _embeddings(model, unseen, r["size"])[r["flip"]]
+        chosen[name] = {"size": r["size"], "flip": r["flip"], "expand": r["expand"], "val": r["map_all"],
+                        "unseen": _score(q, g, unseen, r["expand"])}  # fmt: skip
+        print(f"{name}: {chosen[name]}", flush=True)
+    result = {"run": str(args.run.relative_to(ROOT) if args.run.is_relative_to(ROOT) else args.run),
+              "machine": machine(), "val_classes": VAL_CLASSES, "seed": SEED, "grid_val": rows, **chosen,
+              "seconds": round(time.perf_counter() - t0, 1),
+              "command": "python benchmarks/select_deploy.py --run " + str(args.run),
+              "created": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "deploy_selection.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [
+        "# Deployment settings chosen on held-out seen classes",
+        "",
+        f"Run `{result['run']}`; grid of test-time input size x flip averaging x query expansion k, scored by "
+        f"mAP@all on its {VAL_CLASSES} held-out seen classes (seed {SEED}); the best setting is then evaluated "
+        "once on the unseen classes beside the plain one. Command: `" + result["command"] + "`. Machine: "
+        f"{result['machine']['cpu']}, {result['machine']['cpu_count']} cores, torch {result['machine']['torch']}.",
+        "",
+        "| size | flip | expand | val mAP@all | val mAP@200 |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {r['size']} | {'yes' if r['flip'] else 'no'} | {r['expand']} | {r['map_all']:.4f} | "
+            f"{r['map_200']:.4f} |"
+            for r in rows
+        ),
+        "",
+        "| setting | size | flip | expand | val mAP@all | unseen mAP@all | unseen mAP@200 | unseen P@100 |",
+        "|---|---|---|---|---|---|---|---|",
+        *(
+            f"| {n} | {c['size']} | {'yes' if c['flip'] else 'no'} | {c['expand']} | {c['val']:.4f} | "
+            f"{c['unseen']['map_all']:.4f} | {c['unseen']['map_200']:.4f} | {c['unseen']['p_100']:.4f} |"
+            for n, c in chosen.items()
+        ),
+    ]
+    (RESULTS / "deploy_selection.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    if args.write_checkpoint is not None:
+        cfg = dict(loaded.config)
+        spec = make_spec(best["size"])
+        cfg["preprocess"] = {"photo": dict(spec), "sketch": dict(spec)}
+        cfg["retrieval"] = {"expand": best["expand"], "chosen_on": f"{VAL_CLASSES} held-out seen classes"}
+        model.flip_average = bool(best["flip"])
+        cfg.pop("arch", None)
+        save_checkpoint(model, cfg, args.write_checkpoint / "checkpoint.json")
+        print(f"wrote {args.write_checkpoint / 'checkpoint.json'} with the chosen settings")
+
+
+if __name__ == "__main__":
+    main()
