@@ -95,11 +95,11 @@ class EmbeddingNet(nn.Module):
         """L2-normalized embeddings [N, embed_dim] (with ``flip_average``: of the image and its mirror)."""
         if not self.flip_average:
             return F.normalize(self._code(x, tag)[0], p=2.0, dim=1)
-        n = x.shape[0]
         both = torch.cat([x, x.flip(-1)])  # one backbone call for both views
         tags = None if tag is None else torch.cat([tag, tag])
         e = F.normalize(self._code(both, tags)[0], p=2.0, dim=1)
-        return F.normalize(e[:n] + e[n:], p=2.0, dim=1)
+        e = e.reshape(2, -1, self.embed_dim)  # [view, N, D]; a constant D keeps the ONNX output shape known
+        return F.normalize(e[0] + e[1], p=2.0, dim=1)
 
     def arch_config(self) -> dict[str, Any]:
         """The ``arch`` block of a checkpoint config (CONTRACTS §5) that rebuilds this model."""
