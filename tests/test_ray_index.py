@@ -318,3 +318,38 @@ def test_kill_9_of_the_driver_then_rerun(tmp_path: Path, bundle: Path) -> None:
         assert all(not g.verify() for g in sg.shards)
     with Gallery.open(tmp_path / "plain") as g:
         assert len(g) == 400
+
+
+def _actor_pids() -> list[int]:
+    """Processes of this test's local Ray that host an embedding actor (by their process title)."""
+    import psutil
+
+    out = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmd = " ".join(proc.info.get("cmdline") or [])
+        if cmd.startswith("ray::MapWorker(MapBatches(_EmbedActor))"):
+            out.append(int(proc.info["pid"]))
+    return out
+
+
+@pytest.mark.slow
+def test_kill_9_of_an_actor_mid_run(tmp_path: Path, bundle: Path) -> None:
+    """An embedding actor killed with SIGKILL mid-run: Ray restarts it and retries its batches; the run ends with
+    every file indexed exactly once, equal to the plain indexer."""
+    root = tmp_path / "photos"
+    write_photos(root, 160)
+    killed: list[int] = []
+    done = {"n": 0}
+
+    def progress(n: int) -> None:
+        done["n"] += n
+        if not killed and done["n"] >= 24:
+            for pid in _actor_pids():
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+
+    rep = index_folder_ray(root, tmp_path / "ray", model=bundle, shards=2, progress=progress, **RAY_KW)
+    assert killed, "no actor process was found to kill"
+    assert rep.indexed == 160 and rep.total_indexed == 160 and not rep.skipped
+    _plain(root, tmp_path / "plain", bundle)
+    _assert_same(tmp_path / "plain", tmp_path / "ray")

@@ -35,6 +35,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -69,7 +70,7 @@ if TYPE_CHECKING:
     from zsbir_infer.gallery import Gallery
     from zsbir_infer.preprocess import PreprocessSpec
 
-__all__ = ["DEFAULT_DECODE_BATCH", "PrepareFn", "index_folder_ray"]
+__all__ = ["DEFAULT_DECODE_BATCH", "PrepareFn", "RayStats", "index_folder_ray"]
 
 log = logging.getLogger("zsbir.ray_index")
 
@@ -85,6 +86,23 @@ LOCAL_OBJECT_STORE = 512 * 1024 * 1024
 PrepareFn = Callable[[WalkEntry, "PreprocessSpec", np.ndarray], tuple[bool, str]]
 
 
+@dataclass
+class RayStats:
+    """Where a Ray run's time went (``index_folder_ray(..., stats=RayStats())`` fills it).
+
+    ``decode_seconds``: read + hash + decode + preprocess time summed over the files (inside the tasks);
+    ``actors``: per actor (``host:pid``): ``[files embedded, seconds inside the model]``, so
+    ``files / seconds`` is one actor's model throughput; ``start_seconds``: connecting to or starting Ray;
+    ``pipeline_seconds``: from building the dataset to its last batch committed.
+    """
+
+    decoded: int = 0
+    decode_seconds: float = 0.0
+    actors: dict[str, list[float]] = field(default_factory=dict)
+    start_seconds: float = 0.0
+    pipeline_seconds: float = 0.0
+
+
 # ------------------------------------------------------------------------------------------ Ray stages
 
 
@@ -94,8 +112,10 @@ def _decode_batch(batch: dict[str, np.ndarray], spec: PreprocessSpec, prepare: P
     n = len(batch["key"])
     pixels = np.zeros((n, 3, spec.height, spec.width), dtype=np.float32)
     ok = np.zeros(n, dtype=bool)
+    seconds = np.zeros(n, dtype=np.float64)
     text: list[str] = []
     for i in range(n):
+        t0 = time.perf_counter()
         relpath = bytes(batch["relpath"][i]).decode("utf-8", "surrogateescape")  # names need not be UTF-8
         entry = WalkEntry(relpath, bytes(batch["path"][i]), 0, 0)
         try:
@@ -103,8 +123,15 @@ def _decode_batch(batch: dict[str, np.ndarray], spec: PreprocessSpec, prepare: P
         except Exception as exc:  # a file the decoding code raises on is skipped, never fails the job
             good, why = False, _reason(SKIP_CORRUPT, f"decoding raised {type(exc).__name__}: {exc}")
         ok[i] = good
+        seconds[i] = time.perf_counter() - t0
         text.append(why)
-    return {"key": batch["key"], "ok": ok, "text": np.array(text, dtype=object), "pixels": pixels}
+    return {
+        "key": batch["key"],
+        "ok": ok,
+        "text": np.array(text, dtype=object),
+        "pixels": pixels,
+        "decode_s": seconds,
+    }
 
 
 class _EmbedActor:
@@ -113,8 +140,11 @@ class _EmbedActor:
     def __init__(
         self, model: str | None, precision: str, backend: str, batch_size: int, threads: int, fingerprint: str
     ) -> None:
+        import socket
+
         from zsbir_infer.encoder import Encoder
 
+        self.actor = f"{socket.gethostname()}:{os.getpid()}"
         self.encoder = Encoder.open(
             model, precision=precision, backend=backend, batch_size=batch_size, workers=1, threads=threads
         )
@@ -128,11 +158,21 @@ class _EmbedActor:
         ok = np.asarray(batch["ok"], dtype=bool)
         n = ok.size
         vec = np.zeros((n, self.encoder.embedding_dim), dtype=np.float32)
+        t0 = time.perf_counter()
         if ok.any():
             px = np.asarray(batch["pixels"])
             vec[ok] = self.encoder.embed_arrays(px if ok.all() else px[ok], "photo")
-        backend = np.array([self.encoder.backend] * n, dtype=object)
-        return {"key": batch["key"], "ok": ok, "text": batch["text"], "vec": vec, "backend": backend}
+        embed_s = np.full(n, (time.perf_counter() - t0) / max(1, int(ok.sum())) if ok.any() else 0.0)
+        return {
+            "key": batch["key"],
+            "ok": ok,
+            "text": batch["text"],
+            "vec": vec,
+            "backend": np.array([self.encoder.backend] * n, dtype=object),
+            "actor": np.array([self.actor] * n, dtype=object),
+            "decode_s": batch["decode_s"],
+            "embed_s": np.where(ok, embed_s, 0.0),
+        }
 
 
 # ------------------------------------------------------------------------------------------ the run
@@ -231,6 +271,7 @@ def index_folder_ray(
     follow_links: bool = False,
     repoint: bool = False,
     prepare: PrepareFn | None = None,
+    stats: RayStats | None = None,
 ) -> IndexReport:
     """Index (or update the index of) the photos below ``root`` into ``gallery`` on Ray Data.
 
@@ -255,6 +296,7 @@ def index_folder_ray(
         progress, on_plan, build_ann_from, commit_files, commit_seconds, follow_links, repoint: as for
             :func:`zsbir_infer.indexer.index_folder`.
         prepare: the per-file read+decode function run in the Ray tasks (default: the plain indexer's).
+        stats: a :class:`RayStats` to fill with where the time went (per-actor model throughput).
 
     Returns:
         An :class:`~zsbir_infer.indexer.IndexReport` (``backend`` is the actors' backend, ``ray:`` prefixed).
@@ -328,6 +370,7 @@ def index_folder_ray(
                         object_store_memory=object_store_memory,
                         progress=progress,
                         prepare=prepare,
+                        stats=stats if stats is not None else RayStats(),
                     )
                 for c in committers:
                     c.flush()
@@ -386,10 +429,14 @@ def _run_ray(
     object_store_memory: int | None,
     progress: Callable[[int], Any] | None,
     prepare: PrepareFn | None,
+    stats: RayStats,
 ) -> None:
     """Decode and embed every candidate of ``works`` on Ray, committing through ``committers`` (same order)."""
     keyed: list[tuple[int, WalkEntry]] = [(s, e) for s, w in enumerate(works) for e in w.candidates]
+    t_start = time.perf_counter()
     started = _start_ray(ray_address, num_cpus, object_store_memory)
+    stats.start_seconds += time.perf_counter() - t_start
+    t_pipe = time.perf_counter()
     try:
         import ray
         import ray.data
@@ -444,6 +491,12 @@ def _run_ray(
                 oks = np.asarray(batch["ok"], dtype=bool)
                 texts, vecs = batch["text"], np.asarray(batch["vec"], dtype=np.float32)
                 backends.update(str(b) for b in batch["backend"])
+                stats.decoded += int(fresh.sum())
+                stats.decode_seconds += float(np.asarray(batch["decode_s"])[fresh].sum())
+                for actor, e_s, ok_row in zip(batch["actor"][fresh], batch["embed_s"][fresh], oks[fresh], strict=True):
+                    acc = stats.actors.setdefault(str(actor), [0.0, 0.0])
+                    acc[0] += float(ok_row)
+                    acc[1] += float(e_s)
                 shard_ids = np.array([keyed[int(k)][0] for k in keys], dtype=np.int64)
                 for s in np.unique(shard_ids[fresh]):
                     rows = np.flatnonzero(fresh & (shard_ids == s))
@@ -468,6 +521,7 @@ def _run_ray(
             )
         if backends:
             report.backend = "ray:" + "+".join(sorted(backends))
+        stats.pipeline_seconds += time.perf_counter() - t_pipe
     finally:
         if started:
             import ray
