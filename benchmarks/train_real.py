@@ -233,6 +233,18 @@ def report(data: Path, work: Path) -> None:
             "DSN 64-bit ITQ codes (Hamming ranking, ITQ fitted on the gallery): unseen mAP@all "
             f"{itq:.4f} (transductive fit: {trans:.4f}).",
         ]
+    sel_path = RESULTS / "deploy_selection.json"
+    if sel_path.is_file():
+        sel = json.loads(sel_path.read_text())
+        c, p = sel["chosen"], sel["plain"]
+        lines += [
+            "",
+            f"Deployed default (`{sel['run']}`, settings chosen on the held-out classes, "
+            "`benchmarks/results/deploy_selection.md`): "
+            f"{c['size']} px at test time, flip averaging {'on' if c['flip'] else 'off'}, query expansion "
+            f"k={c['expand']}: unseen mAP@all {c['unseen']['map_all']:.4f} (val {c['val']:.4f}), against "
+            f"{p['unseen']['map_all']:.4f} for the run as trained ({p['size']} px, no flip, no expansion).",
+        ]
     lines += [
         "",
         "Doodle queries (val): QuickDraw doodles of the 15 held-out seen classes against those classes' Sketchy "

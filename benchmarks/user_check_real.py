@@ -1,0 +1,93 @@
+"""A new user's check on real images: `zsbir index ./photos` then `zsbir query sketch.png`, as commands.
+
+Copies the unseen classes' photos of a Sketchy-layout folder into a scratch folder (outside the project;
+deleted afterwards), indexes it with the embedded default model, queries one real sketch of each unseen
+class (the first in name order) and counts how many of the top 10 photos are of the sketch's class
+(P@10; chance is 1 in the number of classes). Commands and figures go to
+``benchmarks/results/user_check_real.{json,md}`` (class names and figures only, no image data).
+
+    python benchmarks/user_check_real.py [--data ../shared/realdata/sketchy] [--expand K]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_default import ROOT
+from train_real import REAL
+
+RESULTS = ROOT / "benchmarks" / "results"
+ZSBIR = str(Path(sys.executable).parent / "zsbir")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=REAL / "sketchy")
+    ap.add_argument("--expand", type=int, default=None, help="passed to zsbir query (default: the bundle's)")
+    args = ap.parse_args()
+    from zsbir_infer.datasets import open_benchmark
+
+    unseen = open_benchmark(args.data).split("unseen")
+    names = list(unseen.classes)
+    work = Path(tempfile.mkdtemp(prefix="zsbir-usercheck-"))
+    try:
+        photos = work / "photos"
+        for s in unseen.photos:
+            dest = photos / names[s.label] / s.path.name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(s.path, dest)
+        t0 = time.perf_counter()
+        subprocess.run([ZSBIR, "index", str(photos), "-q"], cwd=work, check=True)
+        index_s = time.perf_counter() - t0
+        sketches = {}
+        for s in sorted(unseen.sketches, key=lambda s: str(s.path)):
+            sketches.setdefault(s.label, s.path)
+        cmd = [ZSBIR, "query", *[str(p) for p in sketches.values()], "--json", "-k", "10"]
+        if args.expand is not None:
+            cmd += ["--expand", str(args.expand)]
+        t1 = time.perf_counter()
+        out = subprocess.run(cmd, cwd=work, check=True, capture_output=True, text=True).stdout
+        query_s = time.perf_counter() - t1
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    results = json.loads(out)
+    rows = []
+    for label, res in zip(sketches, results["queries"], strict=True):
+        got = [Path(h["relpath"]).parts[0] for h in res["results"]]
+        rows.append({"class": names[label], "p10": sum(g == names[label] for g in got) / 10, "top10": got})
+    mean = sum(r["p10"] for r in rows) / len(rows)
+    summary = {"data": str(args.data), "classes": len(names), "photos": len(unseen.photos), "mean_p10": mean,
+               "chance": 1 / len(names), "index_seconds": round(index_s, 1), "query_seconds": round(query_s, 2),
+               "expand": args.expand, "rows": rows, "command": " ".join(["python benchmarks/user_check_real.py",
+               *(["--expand", str(args.expand)] if args.expand is not None else [])]),
+               "created": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "user_check_real.json").write_text(json.dumps(summary, indent=2) + "\n")
+    lines = [
+        "# A new user's check on real images (`zsbir index ./photos && zsbir query sketch.png`)",
+        "",
+        f"{len(unseen.photos)} photos of the {len(names)} unseen classes (SAKE split) indexed with the embedded "
+        f"default model in {index_s:.0f} s; one real sketch per class queried in one `zsbir query` "
+        f"({query_s:.1f} s, cold). Command: `{summary['command']}`.",
+        "",
+        f"**Mean P@10 {mean:.2f}** (chance {1 / len(names):.2f}); sketches with at least 6 of 10 right: "
+        f"{sum(r['p10'] >= 0.6 for r in rows)} of {len(rows)}.",
+        "",
+        "| sketch class | P@10 |",
+        "|---|---|",
+        *(f"| {r['class']} | {r['p10']:.1f} |" for r in rows),
+    ]
+    (RESULTS / "user_check_real.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
