@@ -192,6 +192,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--decode-batch", type=int, default=64)
     ap.add_argument("--backend", default="ort-cpu")
+    ap.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPU actors (a GPU machine: e.g. 0.5)")
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "zsbir-bench-index")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/ray_index"))
     ap.add_argument("--bytes-only", type=int, default=0, metavar="ROWS", help="measure bytes per photo and exit")
@@ -226,6 +227,7 @@ def main() -> None:
         "backend": args.backend,
         "batch_size": args.batch_size,
         "decode_batch_size": args.decode_batch,
+        "gpus_per_actor": args.gpus_per_actor,
     }
     rows: list[dict[str, Any]] = []
     check: dict[str, Any] = {}
