@@ -332,7 +332,6 @@ def _actor_pids() -> list[int]:
     return out
 
 
-@pytest.mark.slow
 def test_kill_9_of_an_actor_mid_run(tmp_path: Path, bundle: Path) -> None:
     """An embedding actor killed with SIGKILL mid-run: Ray restarts it and retries its batches; the run ends with
     every file indexed exactly once, equal to the plain indexer."""

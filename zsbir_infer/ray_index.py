@@ -184,9 +184,22 @@ def _last_line(exc: BaseException) -> str:
     return lines[-1] if lines else type(exc).__name__
 
 
+def _ray_initialized() -> bool:
+    try:
+        import ray
+    except ImportError:
+        return False
+    return bool(ray.is_initialized())
+
+
 def _start_ray(address: str | None, num_cpus: int | None, object_store_memory: int | None) -> bool:
     """Connect to Ray (``address``) or start a local one; False when Ray was already initialized here."""
-    import ray
+    try:
+        import ray
+    except ImportError:
+        raise IndexingError(
+            "--engine ray needs Ray Data: pip install 'zsbir[ray]' (or: pip install 'ray[data]>=2.60')"
+        ) from None
 
     if ray.is_initialized():
         return False
@@ -207,7 +220,8 @@ def _quiet_ray_data() -> None:
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
-    logging.getLogger("ray.data").setLevel(logging.ERROR)  # zsbir shows its own progress; errors are raised
+    # zsbir shows its own progress, and a failed job is raised as an IndexingError naming the worker's error.
+    logging.getLogger("ray.data").setLevel(logging.CRITICAL)
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
 
@@ -434,6 +448,11 @@ def _run_ray(
     """Decode and embed every candidate of ``works`` on Ray, committing through ``committers`` (same order)."""
     keyed: list[tuple[int, WalkEntry]] = [(s, e) for s, w in enumerate(works) for e in w.candidates]
     t_start = time.perf_counter()
+    if ray_address is None and not _ray_initialized():
+        # A local run: the actors run here, so a backend that cannot run fails now, with its own message.
+        from zsbir_infer.encoder import Encoder
+
+        Encoder.open(model, precision=precision, backend=backend, batch_size=batch_size, workers=1, threads=1).close()
     started = _start_ray(ray_address, num_cpus, object_store_memory)
     stats.start_seconds += time.perf_counter() - t_start
     t_pipe = time.perf_counter()

@@ -217,6 +217,7 @@ def command(
                 repoint=new_root is not None,
             )
         else:
+            from zsbir_infer.backends import BackendUnavailable
             from zsbir_infer.bundle import BundleError
             from zsbir_infer.ray_index import DEFAULT_DECODE_BATCH, index_folder_ray
 
@@ -242,7 +243,7 @@ def command(
                     follow_links=follow_links,
                     repoint=new_root is not None,
                 )
-            except BundleError as exc:
+            except (BundleError, BackendUnavailable) as exc:
                 raise IndexingError(str(exc)) from None
     except KeyboardInterrupt:
         bar.close()
