@@ -172,6 +172,9 @@ def test_retriever_searches_a_sharded_gallery_as_one(tmp_path: Path, monkeypatch
             [(h.relpath, h.score, h.rank) for h in row] for row in b
         ]
         assert len(r2) == N - 2
+        # query expansion reads the hits' vectors back by their (merged) ids
+        a, b = r1.search(q, k=10, exact=True, expand=5), r2.search(q, k=10, exact=True, expand=5)
+        assert [[(h.relpath, h.score) for h in row] for row in a] == [[(h.relpath, h.score) for h in row] for row in b]
 
 
 def test_merge_shards_into_one_gallery(tmp_path: Path) -> None:
