@@ -741,3 +741,33 @@ def test_two_processes_adding_concurrently(tmp_path: Path) -> None:
         for rel, row in indexed.items():
             i = int(rel.split("/")[1][:-4])
             np.testing.assert_array_equal(stored[row], x[i].astype(np.float16).astype(np.float32))
+
+
+def test_one_hit_type_with_relpath_and_rank(tmp_path: Path) -> None:
+    """Gallery, ShardedGallery and Retriever return the same ``Hit`` class: from a gallery, ``path`` equals
+    ``relpath`` and ``rank`` counts 1, 2, ... in each result list (also after a delete leaves gaps)."""
+    import zsbir_infer
+    from zsbir_infer import retriever
+    from zsbir_infer.gallery import ShardedGallery
+
+    assert zsbir_infer.Hit is retriever.Hit is Hit
+    rng = np.random.default_rng(3)
+    x = _unit(rng, 40, 8)
+    names = [f"d/img{i:03d}.jpg" for i in range(40)]
+    with Gallery.create(tmp_path / "g", FP, 8) as g:
+        g.add(_records(names), x)
+        g.delete(names[::3])
+        for row in g.search(x[:4], k=9, exact=True):
+            assert [h.rank for h in row] == list(range(1, len(row) + 1)) and len(row) == 9
+            assert all(type(h) is Hit and h.path == h.relpath and h.relpath in names for h in row)
+    with ShardedGallery.create(tmp_path / "s", FP, 8, shards=2) as sg:
+        from zsbir_infer.gallery.shards import shard_of
+
+        for s, shard in enumerate(sg.shards):
+            idx = [i for i, n in enumerate(names) if shard_of(n, 2) == s]
+            shard.add(_records([names[i] for i in idx]), x[idx])
+        rows = sg.search(x[:4], k=9, exact=True)
+    for qi, row in enumerate(rows):
+        assert [h.rank for h in row] == list(range(1, 10))
+        assert all(type(h) is Hit and h.path == h.relpath for h in row)
+        assert row[0].relpath == names[qi]  # each vector finds its own file first

@@ -16,6 +16,7 @@ _LAZY: dict[str, str] = {
     "Encoder": "zsbir_infer.encoder",
     "Bundle": "zsbir_infer.bundle",
     "Gallery": "zsbir_infer.gallery",
+    "Hit": "zsbir_infer.gallery",
     "Retriever": "zsbir_infer.retriever",
 }
 

@@ -42,7 +42,6 @@ import os
 import threading
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -51,6 +50,7 @@ import numpy as np
 
 from zsbir_infer.errors import InputError
 from zsbir_infer.gallery.ann import ANN_MIN_ROWS as _ANN_MIN_ROWS
+from zsbir_infer.gallery.store import Hit
 
 if TYPE_CHECKING:
     from zsbir_infer.encoder import Encoder
@@ -67,18 +67,6 @@ DEVICES = ("cpu", "cuda")
 
 class RetrieverError(InputError, ValueError):
     """Bad arguments, or no gallery to search."""
-
-
-@dataclass(frozen=True)
-class Hit:
-    """One result: the photo's ``path`` (absolute when the gallery knows its root), its ``relpath`` below
-    the indexed root, the cosine ``score``, the gallery row ``id`` and the 1-based ``rank``."""
-
-    path: str
-    relpath: str
-    score: float
-    id: int
-    rank: int
 
 
 def resolve_gallery(gallery: str | os.PathLike[str] | None) -> Path:
@@ -386,7 +374,7 @@ class Retriever:
         if raw is None:  # the CPU, or more results than the GPU kernels give (k > gpu.MAX_K)
             # The exact/ANN policy is the gallery's: ANN where 'zsbir index' saved an index, else exhaustive.
             found = self.gallery.search(q, k, exact=bool(exact), fingerprint=self.fingerprint)
-            raw = [[(h.path, h.score, h.id) for h in row] for row in found]
+            raw = [[(h.relpath, h.score, h.id) for h in row] for row in found]
         return raw
 
     def _search_gpu(self, q: np.ndarray, k: int) -> list[list[tuple[str, float, int]]] | None:

@@ -35,6 +35,7 @@ import shutil
 import uuid
 import zlib
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -375,13 +376,9 @@ class ShardedGallery:
         per_shard = [g.search(queries, k, exact, threads=threads) for g in self.shards]
         out: list[list[Hit]] = []
         for qi in range(len(per_shard[0])):
-            merged = [
-                Hit(path=h.path, score=h.score, id=self._gid(i, h.id))
-                for i, res in enumerate(per_shard)
-                for h in res[qi]
-            ]
+            merged = [replace(h, id=self._gid(i, h.id)) for i, res in enumerate(per_shard) for h in res[qi]]
             merged.sort(key=lambda h: (-h.score, h.id))
-            out.append(merged[: int(k)])
+            out.append([replace(h, rank=r + 1) for r, h in enumerate(merged[: int(k)])])
         return out
 
     # ------------------------------------------------------------------ writing

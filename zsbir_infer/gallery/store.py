@@ -180,15 +180,22 @@ class Plan:
 
 @dataclass(frozen=True)
 class Hit:
-    """One search result: the file's path relative to the indexed root, its score and its row id.
+    """One search result, the one result type of zsbir (re-exported by :mod:`zsbir_infer.retriever` and
+    :mod:`zsbir_infer`).
 
+    ``relpath`` is the file's path below the indexed photo folder (``/``-separated). ``path`` is the path to
+    show or open: :meth:`zsbir_infer.Retriever.search` makes it absolute when the gallery knows its photo
+    folder; :meth:`Gallery.search` and :meth:`ShardedGallery.search` leave it equal to ``relpath``.
     ``score`` is the inner product of the query with the stored vector (cosine similarity, vectors being
-    L2-normalized); for Hamming search over ITQ codes it is ``n_bits - 2 * hamming_distance``.
+    L2-normalized); for Hamming search over ITQ codes it is ``n_bits - 2 * hamming_distance``. ``id`` is the
+    gallery row id, ``rank`` the 1-based position in the query's result list.
     """
 
     path: str
+    relpath: str
     score: float
     id: int
+    rank: int
 
 
 @dataclass(frozen=True)
@@ -1586,7 +1593,7 @@ class Gallery:
                 rel_path = paths.get(vid)
                 if rel_path is None:  # deleted by a commit after this search's snapshot
                     continue
-                row.append(Hit(path=rel_path, score=float(scores[qi, j]), id=vid))
+                row.append(Hit(path=rel_path, relpath=rel_path, score=float(scores[qi, j]), id=vid, rank=len(row) + 1))
             out.append(row)
         return out
 
