@@ -488,7 +488,7 @@ def merge_shards(
                         chunk = recs[start : start + MERGE_CHUNK]
                         vecs = shard.vectors([row for _, row in chunk])
                         g.add([FileRecord(r.relpath, r.size, r.mtime_ns, r.sha256) for r, _ in chunk], vecs)
-                    skips: list[tuple[FileStat | FileRecord | str, str]] = list(shard.skipped_records())
+                    skips: list[tuple[FileStat | FileRecord | str, str]] = list(shard._skipped_records())
                     if skips:
                         g.skip_many(skips)
                 source = sg.source

@@ -335,6 +335,19 @@ CREATE TABLE IF NOT EXISTS state (
 class Gallery:
     """An on-disk, incrementally updatable collection of photo embeddings. Use :meth:`create` or :meth:`open`.
 
+    Public surface (what ``zsbir`` commands and library users call; anything with a leading underscore is
+    internal to :mod:`zsbir_infer.gallery`):
+
+    - lifecycle: :meth:`create`, :meth:`open`, :meth:`close` (or ``with``), :meth:`check_model`;
+    - writing (one writer at a time, each call one transaction): :meth:`plan`, :meth:`add`, :meth:`skip` /
+      :meth:`skip_many`, :meth:`delete`, :meth:`compact`, :meth:`build_index`, :meth:`record_source`;
+    - searching and reading: :meth:`search`, :meth:`vectors`, :meth:`indexed`, :meth:`skipped`,
+      :meth:`records`, ``len()``, :meth:`stats`, :attr:`source` / :attr:`root`;
+    - checking: :meth:`verify`, :meth:`repair`, :meth:`load` (reads and checksums every segment now);
+    - for runtime components that keep a copy of the rows (the retriever's GPU copy, ``zsbir serve``):
+      :meth:`stored_rows` (rows as stored, for an upload), :meth:`identity` (changes with every commit and
+      when the folder is replaced) and :meth:`live_count` (``len()`` without a table scan).
+
     Attributes:
         path: the gallery directory.
         manifest: the parsed ``manifest.json``.
@@ -1350,8 +1363,8 @@ class Gallery:
         return [(FileRecord(self._catalog_path(a), int(b), int(c), d), int(v)) for a, b, c, d, v in cur]
 
     @_guarded
-    def skipped_records(self) -> list[tuple[FileStat, str]]:
-        """Every skipped file as a :class:`FileStat` with its reason, sorted by path."""
+    def _skipped_records(self) -> list[tuple[FileStat, str]]:
+        """Every skipped file as a :class:`FileStat` with its reason, sorted by path (for :func:`merge_shards`)."""
         cur = self._con().execute(
             "SELECT relpath, size, mtime_ns, reason FROM files WHERE status = 'skipped' ORDER BY relpath"
         )
