@@ -189,6 +189,35 @@ def test_ensemble_steps_connect(setup: dict[str, Any]) -> None:
         assert (repo / "README.md").read_text().count("zsbir_search") >= 2
 
 
+def test_topk_searches_as_retriever_does_with_the_bundles_expansion(tmp_path: Path) -> None:
+    # A bundle that recommends query expansion: zsbir_topk must rank as Retriever.search with that bundle does.
+    import numpy as np
+    from indexer_support import write_sketch
+
+    from zsbir_infer import Retriever
+    from zsbir_infer.triton.search import open_retriever
+
+    bundle = make_bundle(tmp_path / "bundle", manifest_overrides={"retrieval": {"expand": 4}})[0]
+    write_photos(tmp_path / "photos", 30, sub="x")
+    with Encoder.open(bundle, backend="ort-cpu", threads=1) as enc:
+        index_folder(tmp_path / "photos", tmp_path / ".zsbir", enc, model=str(bundle))
+    repo = write_repository(bundle, tmp_path / "repo", tmp_path / ".zsbir")
+    params = {k: v.string_value for k, v in _configs(repo)["zsbir_topk"].parameters.items()}
+    assert params["zsbir_expand"] == "4"
+    sketches = [str(write_sketch(tmp_path / f"s{i}.png", seed=i)) for i in range(4)]
+    with Retriever.open(tmp_path / ".zsbir", bundle, backend="ort-cpu") as r:
+        want = r.search(sketches, k=6)
+        q = r.embed(sketches)
+        plain = r.search(sketches, k=6, expand=0)
+    topk = open_retriever(tmp_path / ".zsbir", params["zsbir_fingerprint"], expand=int(params["zsbir_expand"]))
+    try:
+        got = topk.search(np.asarray(q), k=6)
+    finally:
+        topk.close()
+    assert [[h.id for h in row] for row in got] == [[h.id for h in row] for row in want]
+    assert [[h.id for h in row] for row in want] != [[h.id for h in row] for row in plain]
+
+
 def test_refusals(setup: dict[str, Any], tmp_path: Path) -> None:
     with pytest.raises(TritonError, match="already exists"):
         write_repository(setup["bundle"], setup["base"] / "std")

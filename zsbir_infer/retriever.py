@@ -125,9 +125,16 @@ class Retriever:
     """A gallery plus the model that embeds queries for it. Create with :meth:`Retriever.open`."""
 
     def __init__(
-        self, gallery: Gallery | ShardedGallery, encoder: Encoder, root: str | None, device: str, owns_encoder: bool
+        self,
+        gallery: Gallery | ShardedGallery,
+        encoder: Encoder,
+        root: str | None,
+        device: str,
+        owns_encoder: bool,
+        expand: int | None = None,
     ) -> None:
-        """Wrap an opened gallery (single or sharded) and encoder; prefer :meth:`open`."""
+        """Wrap an opened gallery (single or sharded) and encoder; prefer :meth:`open`. ``expand``: the
+        query-expansion default (``None``: the encoder's bundle's recommendation)."""
         self.gallery = gallery
         self.encoder = encoder
         self.root = root
@@ -135,6 +142,7 @@ class Retriever:
         self.device = "cpu"
         self.device_note = ""
         self._owns_encoder = owns_encoder
+        self._expand = expand
         self._gpu: Any = None
         self._gpu_ids: np.ndarray | None = None
         self._gpu_lock = threading.Lock()
@@ -312,14 +320,16 @@ class Retriever:
     @property
     def expand(self) -> int:
         """The query-expansion ``k`` that :meth:`search` uses by default: the bundle's recommendation
-        (manifest ``retrieval.expand``, see :mod:`zsbir_infer.expansion`), 0 (off) where it names none or
-        where the gallery stores ITQ codes (no vectors to expand with)."""
+        (manifest ``retrieval.expand``, see :mod:`zsbir_infer.expansion`) unless the constructor was given
+        one; 0 (off) where neither names one or where the gallery stores ITQ codes (no vectors to expand with)."""
         from zsbir_infer.expansion import recommended_expand
 
         bundle = getattr(self.encoder, "bundle", None)  # (an encoder-like object may carry no bundle)
-        if self.gallery.storage == "itq" or bundle is None:
+        if self.gallery.storage == "itq":
             return 0
-        return recommended_expand(bundle.manifest)
+        if self._expand is not None:
+            return self._expand
+        return 0 if bundle is None else recommended_expand(bundle.manifest)
 
     def search(
         self, queries: Any, k: int = 10, domain: str = "sketch", exact: bool = False, expand: int | None = None

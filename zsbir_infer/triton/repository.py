@@ -328,11 +328,12 @@ def write_repository(
 def _check_gallery(gallery: str | os.PathLike[str] | None, b: Bundle) -> Path | None:
     if gallery is None:
         return None
-    from zsbir_infer.gallery import Gallery, GalleryError
+    from zsbir_infer.gallery import GalleryError
+    from zsbir_infer.gallery.shards import open_gallery
 
     path = Path(gallery).resolve()
     try:
-        g = Gallery.open(path, readonly=True)
+        g = open_gallery(path, readonly=True)
     except (GalleryError, OSError) as exc:
         raise TritonError(f"cannot open the gallery {path}: {exc}") from None
     try:
@@ -448,6 +449,8 @@ def _write_preprocess(b: Bundle, tmp: Path, opts: TritonRepositoryOptions, size:
 
 
 def _write_topk(b: Bundle, tmp: Path, opts: TritonRepositoryOptions, gallery: Path | None, dim: int) -> None:
+    from zsbir_infer.expansion import recommended_expand
+
     folder = tmp / TOPK
     _copy_model_py("topk.py", folder / "1")
     inputs = [TensorSpec("EMBEDDING", "TYPE_FP32", (dim,)), TensorSpec("K", "TYPE_INT32", (1,), optional=True)]
@@ -463,6 +466,7 @@ def _write_topk(b: Bundle, tmp: Path, opts: TritonRepositoryOptions, gallery: Pa
         _param("zsbir_gallery", str(gallery) if gallery is not None else ""),
         _param("zsbir_device", opts.search_device),
         _param("zsbir_default_k", opts.default_k),
+        _param("zsbir_expand", recommended_expand(b.manifest)),  # as Retriever.search with this bundle
     ]
     _write(folder / "config.pbtxt", _config(TOPK, ['backend: "python"'], opts.max_batch, inputs, outputs, tail))
 

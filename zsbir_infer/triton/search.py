@@ -33,15 +33,19 @@ class EmbeddingsOnly:
         """Nothing to release."""
 
 
-def open_retriever(gallery: str | os.PathLike[str], fingerprint: str, device: str = "cpu") -> Retriever:
-    """A read-only :class:`Retriever` over ``gallery`` for embeddings of the model ``fingerprint``.
+def open_retriever(
+    gallery: str | os.PathLike[str], fingerprint: str, device: str = "cpu", expand: int = 0
+) -> Retriever:
+    """A read-only :class:`Retriever` over ``gallery`` (single or sharded) for embeddings of the model
+    ``fingerprint``, with the bundle's query expansion ``expand`` (0: off), so that it answers as
+    ``Retriever.search`` with that bundle does.
 
     Raises the gallery's errors (not a gallery, damaged vectors, another model: ``ModelMismatchError``).
     """
     from zsbir_infer.encoder import Encoder
-    from zsbir_infer.gallery import Gallery
+    from zsbir_infer.gallery.shards import open_gallery
 
-    g = Gallery.open(resolve_gallery(gallery), readonly=True)
+    g = open_gallery(resolve_gallery(gallery), readonly=True)
     try:
         g.load()
         g.check_model(fingerprint)
@@ -49,4 +53,4 @@ def open_retriever(gallery: str | os.PathLike[str], fingerprint: str, device: st
         g.close()
         raise
     encoder = cast(Encoder, EmbeddingsOnly(fingerprint, g.dim))
-    return Retriever(g, encoder, g.root, device, owns_encoder=False)
+    return Retriever(g, encoder, g.root, device, owns_encoder=False, expand=expand)

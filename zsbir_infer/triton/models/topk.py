@@ -40,7 +40,12 @@ class TritonPythonModel:
         gallery = params.get("zsbir_gallery") or os.environ.get("ZSBIR_GALLERY", "")
         if not gallery:
             raise ValueError("no gallery: export the repository with --gallery G, or set $ZSBIR_GALLERY on the server")
-        self.retriever = open_retriever(gallery, params["zsbir_fingerprint"], params.get("zsbir_device", "cpu"))
+        self.retriever = open_retriever(
+            gallery,
+            params["zsbir_fingerprint"],
+            params.get("zsbir_device", "cpu"),
+            expand=int(params.get("zsbir_expand") or 0),
+        )
         self.default_k = int(params.get("zsbir_default_k") or 10)
 
     def _k(self, request: Any) -> int:
