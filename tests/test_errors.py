@@ -72,3 +72,25 @@ def test_the_group_maps_errors_to_message_and_exit_code(monkeypatch: pytest.Monk
     assert isinstance(res.exception, SystemExit)  # handled: not the error itself escaping
     res = CliRunner().invoke(cli.main, ["boom", "model"])
     assert res.exit_code == 3 and "Error: the model said no; re-export it" in res.output
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["info", "{tmp}/missing"], "is not a gallery (no manifest.json)"),
+        (["info", "{tmp}/bad"], "is not a zsbir gallery manifest"),
+        (["data", "info", "{tmp}/empty"], "is not a known benchmark layout"),
+        (["eval", "--data", "{tmp}/empty"], "is not a known benchmark layout"),
+        (["query", "--gallery", "{tmp}/bad", "{tmp}/sketch.png"], "is not a zsbir gallery manifest"),
+    ],
+)
+def test_commands_leave_zsbir_errors_to_the_group(tmp_path: Path, args: list[str], expected: str) -> None:
+    """Commands that no longer catch zsbir's errors themselves still end with one 'Error: ...' line, exit 1."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "manifest.json").write_text("{}")
+    (tmp_path / "sketch.png").write_bytes(b"not an image")
+    res = CliRunner().invoke(cli.main, [a.format(tmp=tmp_path) for a in args])
+    assert res.exit_code == 1, res.output
+    assert isinstance(res.exception, SystemExit)
+    assert "Traceback" not in res.output and f"Error: {tmp_path}" in res.output and expected in res.output

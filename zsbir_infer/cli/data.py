@@ -95,12 +95,9 @@ def _names(names: list[str], limit: int = 12) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def info(root: Path, kind: str | None, zeroshot: str | None, extra_sketches: Path | None, as_json: bool) -> None:
     """Describe the benchmark at ROOT: layout, split sets, classes and image counts per split."""
-    from zsbir_infer.datasets import BenchmarkError, open_benchmark
+    from zsbir_infer.datasets import open_benchmark
 
-    try:
-        bench = open_benchmark(root, kind=kind, zeroshot=zeroshot, extra_sketches=extra_sketches)
-    except BenchmarkError as e:
-        raise click.ClickException(str(e)) from e
+    bench = open_benchmark(root, kind=kind, zeroshot=zeroshot, extra_sketches=extra_sketches)
     summary = {
         "root": str(root),
         "kind": bench.kind,

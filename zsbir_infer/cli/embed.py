@@ -69,13 +69,11 @@ def encoder_options(fn: F) -> F:
 
 def open_encoder(model: Path | None, precision: str, backend: str, batch_size: int, workers: int | None) -> Encoder:
     """Open the encoder for a command, turning setup failures into clean CLI errors."""
-    from zsbir_infer.backends import BackendUnavailable
-    from zsbir_infer.bundle import BundleError
     from zsbir_infer.encoder import Encoder
 
     try:
         return Encoder.open(model, precision=precision, backend=backend, batch_size=batch_size, workers=workers)
-    except (BundleError, BackendUnavailable, ValueError) as exc:
+    except ValueError as exc:  # a plain bad argument; zsbir's own errors reach the group's mapping
         raise click.ClickException(str(exc)) from None
 
 

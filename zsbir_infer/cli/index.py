@@ -146,14 +146,12 @@ def command(
     """
     from tqdm import tqdm
 
-    from zsbir_infer.encoder import EncoderError
-    from zsbir_infer.gallery import GalleryError
+    from zsbir_infer.errors import ZsbirError
     from zsbir_infer.gallery.source import read_source
     from zsbir_infer.indexer import (
         DEFAULT_COMMIT_FILES,
         DEFAULT_COMMIT_SECONDS,
         DEFAULT_GALLERY_DIRNAME,
-        IndexingError,
         index_folder,
     )
     from zsbir_infer.retriever import resolve_model
@@ -217,34 +215,29 @@ def command(
                 repoint=new_root is not None,
             )
         else:
-            from zsbir_infer.backends import BackendUnavailable
-            from zsbir_infer.bundle import BundleError
             from zsbir_infer.ray_index import DEFAULT_DECODE_BATCH, index_folder_ray
 
-            try:
-                report = index_folder_ray(
-                    folder,
-                    gdir,
-                    model=model_name,
-                    precision=precision,
-                    backend=backend,
-                    batch_size=batch_size,
-                    decode_batch_size=decode_batch or DEFAULT_DECODE_BATCH,
-                    actors=actors,
-                    cpus_per_actor=cpus_per_actor,
-                    gpus_per_actor=gpus_per_actor,
-                    shards=shards,
-                    storage=storage,
-                    ray_address=ray_address,
-                    progress=bar.update,
-                    on_plan=on_plan,
-                    commit_files=commit_every or DEFAULT_COMMIT_FILES,
-                    commit_seconds=3600.0 if commit_every else DEFAULT_COMMIT_SECONDS,
-                    follow_links=follow_links,
-                    repoint=new_root is not None,
-                )
-            except (BundleError, BackendUnavailable) as exc:
-                raise IndexingError(str(exc)) from None
+            report = index_folder_ray(
+                folder,
+                gdir,
+                model=model_name,
+                precision=precision,
+                backend=backend,
+                batch_size=batch_size,
+                decode_batch_size=decode_batch or DEFAULT_DECODE_BATCH,
+                actors=actors,
+                cpus_per_actor=cpus_per_actor,
+                gpus_per_actor=gpus_per_actor,
+                shards=shards,
+                storage=storage,
+                ray_address=ray_address,
+                progress=bar.update,
+                on_plan=on_plan,
+                commit_files=commit_every or DEFAULT_COMMIT_FILES,
+                commit_seconds=3600.0 if commit_every else DEFAULT_COMMIT_SECONDS,
+                follow_links=follow_links,
+                repoint=new_root is not None,
+            )
     except KeyboardInterrupt:
         bar.close()
         click.echo(f"\ninterrupted: committed batches are kept in {gdir}; rerun the same command to continue", err=True)
@@ -257,7 +250,7 @@ def command(
             f"the disk is full ({exc.strerror}: {exc.filename}); the committed batches are kept in {gdir}: free "
             "some space and rerun the same command to continue"
         ) from None
-    except (IndexingError, GalleryError, EncoderError) as exc:
+    except ZsbirError as exc:  # the central mapping's message, plus the hint below
         bar.close()
         hint = ""
         if recorded and model_arg is None:
@@ -293,19 +286,16 @@ def command(
 
 def _merge(gdir: Path, out: Path, as_json: bool) -> None:
     """``--merge-shards OUT``: compact the sharded gallery ``gdir`` into one gallery at ``out``."""
-    from zsbir_infer.gallery import GalleryError, merge_shards
+    from zsbir_infer.gallery import merge_shards
     from zsbir_infer.gallery.shards import is_sharded
 
     if not is_sharded(gdir):
         raise click.ClickException(f"{gdir} is not a sharded gallery (nothing to merge); name it with -o DIR")
-    try:
-        merge_shards(gdir, out)
-        from zsbir_infer.gallery import Gallery
+    merge_shards(gdir, out)
+    from zsbir_infer.gallery import Gallery
 
-        with Gallery.open(out, readonly=True) as g:
-            st = g.stats()
-    except GalleryError as exc:
-        raise click.ClickException(str(exc)) from None
+    with Gallery.open(out, readonly=True) as g:
+        st = g.stats()
     if as_json:
         click.echo(json.dumps({"merged": str(gdir), "gallery": str(out), "files_indexed": st.files_indexed}, indent=2))
         return

@@ -59,22 +59,19 @@ def _ann_line(st: GalleryStats) -> str:
 def command(gallery: Path | None, as_json: bool, verify: bool) -> None:
     """Describe GALLERY (default: $ZSBIR_GALLERY, else the nearest .zsbir): model fingerprint, file counts, sizes,
     format version. Opening it checks the vectors' checksums; --verify checks everything."""
-    from zsbir_infer.gallery import GalleryError, ShardedGallery, open_gallery
+    from zsbir_infer.gallery import ShardedGallery, open_gallery
     from zsbir_infer.indexer import read_indexer_info
-    from zsbir_infer.retriever import RetrieverError, resolve_gallery
+    from zsbir_infer.retriever import resolve_gallery
 
     problems: list[str] | None = None
     shards: list[GalleryStats] | None = None
-    try:
-        gdir = resolve_gallery(gallery)
-        with open_gallery(gdir, readonly=True) as g:
-            if verify:
-                problems = g.verify(full=True)
-            st = g.stats() if not problems else None
-            if isinstance(g, ShardedGallery) and not problems:
-                shards = g.shard_stats()
-    except (RetrieverError, GalleryError) as exc:
-        raise click.ClickException(str(exc)) from None
+    gdir = resolve_gallery(gallery)  # (its errors and the gallery's reach the group's mapping)
+    with open_gallery(gdir, readonly=True) as g:
+        if verify:
+            problems = g.verify(full=True)
+        st = g.stats() if not problems else None
+        if isinstance(g, ShardedGallery) and not problems:
+            shards = g.shard_stats()
     if problems:
         if as_json:
             click.echo(json.dumps({"path": str(gdir), "verified": False, "problems": problems}, indent=2))

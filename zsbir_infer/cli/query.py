@@ -87,12 +87,8 @@ def command(
     All sketches are embedded in one batch. The gallery is the one `zsbir index` made in this folder
     (or a parent) unless --gallery names another.
     """
-    from zsbir_infer.backends import BackendUnavailable
-    from zsbir_infer.bundle import BundleError
-    from zsbir_infer.encoder import EncoderError
-    from zsbir_infer.gallery import GalleryError
-    from zsbir_infer.preprocess import ImageDecodeError
-    from zsbir_infer.retriever import Retriever, RetrieverError
+    from zsbir_infer.errors import ZsbirError
+    from zsbir_infer.retriever import Retriever
 
     for s in sketches:
         if s.is_dir():
@@ -103,11 +99,11 @@ def command(
             raise click.ClickException(f"sketch not found: {s}")
     try:
         r = Retriever.open(gallery, model, backend=backend, device=device, precision=precision)
-    except (RetrieverError, GalleryError, BundleError, BackendUnavailable, ValueError) as exc:
+    except ValueError as exc:  # a plain bad argument; zsbir's own errors reach the group's mapping
         raise click.ClickException(str(exc)) from None
     try:
         results = r.search([str(s) for s in sketches], k=k, domain=domain, exact=exact, expand=expand)
-    except (ImageDecodeError, EncoderError, GalleryError, RetrieverError) as exc:
+    except ZsbirError as exc:
         raise click.ClickException(f"cannot search: {exc}") from None
     finally:
         r.close()

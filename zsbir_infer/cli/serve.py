@@ -152,10 +152,6 @@ def command(
         raise click.ClickException(
             f"zsbir serve needs the 'serve' extra ({exc.name} is missing): pip install 'zsbir[serve]'"
         ) from None
-    from zsbir_infer.backends import BackendUnavailable
-    from zsbir_infer.bundle import BundleError
-    from zsbir_infer.gallery import GalleryError
-    from zsbir_infer.retriever import RetrieverError
 
     config = ServeConfig(
         token=token,
@@ -168,7 +164,7 @@ def command(
     )
     try:
         app = create_app(gallery, model, backend=backend, device=device, config=config)
-    except (RetrieverError, GalleryError, BundleError, BackendUnavailable, ValueError) as exc:
+    except ValueError as exc:  # a plain bad argument; zsbir's own errors reach the group's mapping
         raise click.ClickException(str(exc)) from None
     r = app.state.retriever
     click.echo(
