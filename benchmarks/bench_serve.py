@@ -29,6 +29,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -105,19 +106,14 @@ def multipart(png: bytes, k: int = 10) -> tuple[bytes, str]:
     return body, f"multipart/form-data; boundary={boundary}"
 
 
-async def load(port: int, sketches: list[bytes], clients: int, seconds: float) -> dict[str, Any]:
-    """``clients`` keep-alive connections, each posting searches in a closed loop for ``seconds``.
+async def closed_loop(
+    port: int, requests: list[bytes], clients: int, seconds: float, check: Callable[[int, bytes], bool]
+) -> dict[str, Any]:
+    """``clients`` keep-alive connections, each sending the raw HTTP/1.1 ``requests`` in turn in a closed loop
+    for ``seconds``; ``check(status, body)`` says whether a response is a correct answer.
 
     The client is a minimal HTTP/1.1 one on asyncio streams: a general-purpose client (httpx) costs more CPU
     per request than the server and, on the same 2 cores, measured itself rather than the server."""
-    requests = []
-    for png in sketches:
-        body, ctype = multipart(png)
-        head = (
-            f"POST /v1/search HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: {ctype}\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n"
-        ).encode()
-        requests.append(head + body)
     latencies: list[float] = []
     errors: list[str] = []
     stop = time.perf_counter() + seconds
@@ -144,8 +140,8 @@ async def load(port: int, sketches: list[bytes], clients: int, seconds: float) -
                     errors.append(f"{type(exc).__name__}: {exc}")
                     return
                 latencies.append(time.perf_counter() - t0)
-                if status != 200 or len(json.loads(payload)["hits"]) != 10:
-                    errors.append(f"{status}: {payload[:120]!r}")
+                if not check(status, payload):
+                    errors.append(f"{status}: {payload[:160]!r}")
         finally:
             writer.close()
 
@@ -165,6 +161,21 @@ async def load(port: int, sketches: list[bytes], clients: int, seconds: float) -
         "p99_ms": round(pct(latencies, 0.99) * 1000, 2),
         "mean_ms": round(statistics.fmean(latencies) * 1000, 2) if latencies else None,
     }
+
+
+async def load(port: int, sketches: list[bytes], clients: int, seconds: float) -> dict[str, Any]:
+    """``clients`` connections posting ``zsbir serve`` searches (multipart sketches) for ``seconds``."""
+    requests = []
+    for png in sketches:
+        body, ctype = multipart(png)
+        head = (
+            f"POST /v1/search HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: {ctype}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        requests.append(head + body)
+    return await closed_loop(
+        port, requests, clients, seconds, lambda status, body: status == 200 and len(json.loads(body)["hits"]) == 10
+    )
 
 
 def library_rate(gallery: Path, sketches: list[bytes], seconds: float) -> dict[str, Any]:

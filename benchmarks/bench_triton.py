@@ -28,7 +28,6 @@ import shlex
 import statistics
 import sys
 import tempfile
-import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -66,61 +65,14 @@ async def load_triton(port: int, sketches: list[bytes], clients: int, seconds: f
             f"Content-Length: {len(body)}\r\n\r\n"
         ).encode()
         requests.append(head + body)
-    latencies: list[float] = []
-    errors: list[str] = []
-    stop = time.perf_counter() + seconds
-    sent = 0
 
-    async def client(i: int) -> None:
-        nonlocal sent
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        j = i
-        try:
-            while time.perf_counter() < stop and sent < MAX_REQUESTS_PER_PHASE:
-                sent += 1
-                req = requests[j % len(requests)]
-                j += clients
-                t0 = time.perf_counter()
-                try:
-                    writer.write(req)
-                    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=60)
-                    lines = head.decode("latin-1").split("\r\n")
-                    status = int(lines[0].split()[1])
-                    length = next(int(x.split(":", 1)[1]) for x in lines if x.lower().startswith("content-length:"))
-                    payload = await asyncio.wait_for(reader.readexactly(length), timeout=60)
-                except Exception as exc:
-                    errors.append(f"{type(exc).__name__}: {exc}")
-                    return
-                latencies.append(time.perf_counter() - t0)
-                ok = False
-                if status == 200:
-                    outs = {o["name"]: o for o in json.loads(payload)["outputs"]}
-                    ok = outs["IDS"]["shape"] == [1, 10] and len(outs["PATHS"]["data"]) == 10
-                if not ok:
-                    errors.append(f"{status}: {payload[:160]!r}")
-        finally:
-            writer.close()
+    def check(status: int, payload: bytes) -> bool:
+        if status != 200:
+            return False
+        outs = {o["name"]: o for o in json.loads(payload)["outputs"]}
+        return bool(outs["IDS"]["shape"] == [1, 10] and len(outs["PATHS"]["data"]) == 10)
 
-    t0 = time.perf_counter()
-    await asyncio.gather(*(client(i) for i in range(clients)))
-    wall = time.perf_counter() - t0
-    return _summary(clients, wall, latencies, errors)
-
-
-def _summary(clients: int, wall: float, latencies: list[float], errors: list[str]) -> dict[str, Any]:
-    pct = bench_serve.pct
-    ok = len(latencies) - len(errors)
-    return {
-        "clients": clients,
-        "seconds": round(wall, 2),
-        "requests": len(latencies),
-        "errors": len(errors),
-        "error_examples": errors[:5],
-        "rps": round(ok / wall, 1),
-        "p50_ms": round(pct(latencies, 0.50) * 1000, 2),
-        "p90_ms": round(pct(latencies, 0.90) * 1000, 2),
-        "p99_ms": round(pct(latencies, 0.99) * 1000, 2),
-    }
+    return await bench_serve.closed_loop(port, requests, clients, seconds, check)
 
 
 def triton_batches(port: int, model: str = "zsbir_encoder") -> tuple[int, int]:
