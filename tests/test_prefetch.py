@@ -134,7 +134,19 @@ def test_the_interpreter_exits_though_a_worker_is_stuck() -> None:
     assert done.returncode == 0 and "interrupted" in done.stdout, done.stderr
 
 
-def test_the_first_ctrl_c_stops_between_groups_and_a_second_interrupts_at_once() -> None:
+@pytest.fixture
+def python_sigint() -> Iterator[None]:
+    """Python's own Ctrl-C handler, whatever this process inherited (a job started in the background by a
+    non-interactive shell inherits SIGINT ignored, and Python then keeps it ignored)."""
+    before = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def test_the_first_ctrl_c_stops_between_groups_and_a_second_interrupts_at_once(python_sigint: None) -> None:
     """In the main thread the first SIGINT only sets the stop flag: the consumer finishes the group it holds,
     the next step raises KeyboardInterrupt; during a pipeline a second SIGINT raises where it lands; the
     default handler is back afterwards."""
@@ -165,7 +177,7 @@ def test_the_first_ctrl_c_stops_between_groups_and_a_second_interrupts_at_once()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
-def test_a_pipeline_in_another_thread_leaves_sigint_alone() -> None:
+def test_a_pipeline_in_another_thread_leaves_sigint_alone(python_sigint: None) -> None:
     seen: list[object] = []
 
     def run() -> None:
