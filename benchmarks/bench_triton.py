@@ -103,7 +103,7 @@ def run_triton(
             gallery,
             TritonRepositoryOptions(encoder="python", instances=instances, max_queue_delay_us=delay_us, max_batch=32),
         )
-        server = TritonServer(repo, port=_free_ports(), log_file=Path(tmp) / "tritonserver.log")
+        server = TritonServer(repo, port=bench_serve.free_ports(3), log_file=Path(tmp) / "tritonserver.log")
         server.start(timeout=180)
         with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/v2", timeout=10) as r:
             version = json.loads(r.read())["version"]
@@ -133,27 +133,6 @@ def run_triton(
         "server_rss_mib_start": rss_start,
         "phases": phases,
     }
-
-
-def _free_ports() -> int:
-    import random
-    import socket
-
-    for _ in range(200):
-        base = random.randrange(20000, 60000)
-        try:
-            socks = []
-            for p in range(base, base + 3):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", p))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free ports")
 
 
 def _tree_rss(server: Any) -> float | None:
