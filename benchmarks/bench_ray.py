@@ -14,7 +14,7 @@ Each repeat runs, interleaved on the same photos into fresh galleries:
 
 Reported: wall seconds and files/s of each, the overhead ratios ``ray / plain`` (medians over repeats of the
 per-repeat ratios), and from :class:`zsbir_infer.ray_index.RayStats`: Ray start-up seconds, decode CPU-seconds
-per photo in the tasks, and each actor's model throughput (files / seconds inside ``Encoder.embed_arrays``),
+per photo in the tasks, and each actor's model throughput (files / seconds inside ``Encoder.embed``),
 which is what ``benchmarks/results/scale_plan.md`` scales out. The first repeat also checks that the ray and
 plain galleries hold the same files and vectors.
 

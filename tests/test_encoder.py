@@ -60,23 +60,43 @@ def rand_batch(n: int, seed: int = 0) -> np.ndarray:
 # ----------------------------------------------------------------------------------------- ORT CPU path
 
 
-def test_embed_arrays_matches_reference(bundle_dir: tuple[Path, Any]) -> None:
+def test_embed_preprocessed_batch_matches_reference(bundle_dir: tuple[Path, Any]) -> None:
     root, w = bundle_dir
     with Encoder.open(root, backend="ort-cpu", batch_size=4, threads=1) as enc:
         assert enc.backend == "ort-cpu" and enc.precision == "fp32"
         assert enc.fingerprint == Bundle.open(root).fingerprint and enc.embedding_dim == 6
         x = rand_batch(11)
         for domain, tag in (("photo", 1), ("sketch", 0)):
-            got = enc.embed_arrays(x, domain)
+            got = enc.embed(x, domain)
             assert got.dtype == np.float32 and got.shape == (11, 6)
             ref = reference_forward(x, w, np.full(11, tag))
             np.testing.assert_allclose(got, ref, atol=2e-5)
             np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-6)
         # The domain input matters for this conditioned model.
-        assert np.abs(enc.embed_arrays(x, "photo") - enc.embed_arrays(x, "sketch")).max() > 1e-3
+        assert np.abs(enc.embed(x, "photo") - enc.embed(x, "sketch")).max() > 1e-3
 
 
-def test_embed_paths_equals_preprocess_then_embed_arrays(bundle_dir: tuple[Path, Any], images: list[Path]) -> None:
+def test_embed_preprocessed_batch_goes_to_the_model_in_chunks(bundle_dir: tuple[Path, Any]) -> None:
+    """A float NCHW batch is not split into images: one model call per ``batch_size`` rows, nothing decoded."""
+    with Encoder.open(bundle_dir[0], backend="ort-cpu", batch_size=4, threads=1) as enc:
+        calls: list[int] = []
+        run = enc._backend.run
+
+        def counting(x: np.ndarray, tags: np.ndarray | None) -> np.ndarray:
+            calls.append(x.shape[0])
+            return run(x, tags)
+
+        enc._backend.run = counting  # type: ignore[method-assign]
+        progress: list[int] = []
+        x = rand_batch(10)
+        got = enc.embed(x, "photo", progress=progress.append)
+        assert calls == [4, 4, 2] and progress == [10]
+        calls.clear()
+        np.testing.assert_array_equal(enc.embed(x, "photo", batch_size=5), got)
+        assert calls == [5, 5]
+
+
+def test_embed_paths_equals_preprocess_then_embed(bundle_dir: tuple[Path, Any], images: list[Path]) -> None:
     root, w = bundle_dir
     with Encoder.open(root, backend="ort-cpu", batch_size=3, workers=3, threads=1) as enc:
         calls: list[int] = []
@@ -127,16 +147,18 @@ def test_embed_stream_skips_bad_files(bundle_dir: tuple[Path, Any], images: list
 def test_embed_input_validation(bundle_dir: tuple[Path, Any]) -> None:
     with Encoder.open(bundle_dir[0], backend="ort-cpu", threads=1) as enc:
         with pytest.raises(ValueError, match="domain"):
-            enc.embed_arrays(rand_batch(2), "drawing")
+            enc.embed(rand_batch(2), "drawing")
         with pytest.raises(ValueError, match=r"\[N, 3, H, W\]"):
-            enc.embed_arrays(np.zeros((2, 16, 16), np.float32), "photo")
+            enc.embed(np.zeros((2, 1, 16, 16), np.float32), "photo")
         with pytest.raises(ValueError, match=r"\(H, W\)"):
-            enc.embed_arrays(np.zeros((2, 3, 8, 8), np.float32), "photo")
+            enc.embed(np.zeros((2, 3, 8, 8), np.float32), "photo")
         with pytest.raises(ValueError, match="float"):
-            enc.embed_arrays(np.zeros((2, 3, 16, 16), np.uint8), "photo")
-        # One verb: a 4-D float array is a preprocessed batch, embedded as embed_arrays does.
+            enc.embed(np.zeros((2, 3, 16, 16), np.uint8), "photo")
+        # One verb: a 4-D float array is a preprocessed batch, the same rows as the images one by one.
         x = rand_batch(3)
-        np.testing.assert_array_equal(enc.embed(x, "photo"), enc.embed_arrays(x, "photo"))
+        np.testing.assert_allclose(
+            enc.embed(x, "photo"), np.concatenate([enc.embed(x[i : i + 1], "photo") for i in range(3)]), atol=1e-6
+        )
         with pytest.raises(ValueError, match="preprocessed batch"):
             enc.embed(np.zeros((2, 16, 16, 3), np.uint8), "photo")
 
@@ -147,9 +169,9 @@ def test_precisions(bundle_dir: tuple[Path, Any]) -> None:
     ref = reference_forward(x, w, np.ones(5))
     with Encoder.open(root, precision="fp16", backend="ort-cpu", threads=1) as enc:
         assert enc.describe().startswith("ort-cpu")
-        np.testing.assert_allclose(enc.embed_arrays(x, "photo"), ref, atol=5e-3)
+        np.testing.assert_allclose(enc.embed(x, "photo"), ref, atol=5e-3)
     with Encoder.open(root, precision="int8", backend="ort-cpu", threads=1) as enc:
-        np.testing.assert_allclose(enc.embed_arrays(x, "photo"), ref, atol=2e-5)
+        np.testing.assert_allclose(enc.embed(x, "photo"), ref, atol=2e-5)
     with pytest.raises(ValueError, match="precision"):
         Encoder.open(root, precision="fp64")
 
@@ -164,15 +186,15 @@ def test_unconditioned_and_unnormalized_model_is_renormalized(tmp_path: Path) ->
     root, w = make_bundle(tmp_path / "b", domain_input=False, normalize=False)
     x = rand_batch(4, seed=5)
     with Encoder.open(root, backend="ort-cpu", threads=1) as enc:
-        got = enc.embed_arrays(x, "photo")
+        got = enc.embed(x, "photo")
         np.testing.assert_allclose(got, reference_forward(x, w, None, normalize=True), atol=2e-5)
-        np.testing.assert_array_equal(got, enc.embed_arrays(x, "sketch"))
+        np.testing.assert_array_equal(got, enc.embed(x, "sketch"))
 
 
 def test_non_finite_output_is_an_error(tmp_path: Path) -> None:
     root, _ = make_bundle(tmp_path / "b", output_scale=float("inf"))
     with Encoder.open(root, backend="ort-cpu", threads=1) as enc, pytest.raises(EncoderError, match="non-finite"):
-        enc.embed_arrays(rand_batch(2), "photo")
+        enc.embed(rand_batch(2), "photo")
 
 
 def test_manifest_model_disagreement(tmp_path: Path) -> None:
@@ -189,7 +211,7 @@ def test_manifest_model_disagreement(tmp_path: Path) -> None:
     m["inputs"]["domain"] = {"name": "domain", "photo": 1, "sketch": 0}
     (root / "manifest.json").write_text(json.dumps(m))
     with Encoder.open(root, backend="ort-cpu") as enc, pytest.raises(EncoderError, match="expected"):
-        enc.embed_arrays(rand_batch(1), "photo")
+        enc.embed(rand_batch(1), "photo")
 
 
 def test_l2_normalize() -> None:
@@ -451,7 +473,7 @@ def test_fake_tensorrt_runs_and_batches(trt_bundle: tuple[Path, Any], monkeypatc
         assert enc.batch_size == 4  # capped by the engine profile
         assert "model.fp16.h100.plan" in enc.describe()
         x = rand_batch(10, seed=9)
-        got = enc.embed_arrays(x, "photo")
+        got = enc.embed(x, "photo")
         np.testing.assert_allclose(got, reference_forward(x, w, np.ones(10)), atol=1e-5)
     assert len(dev.freed) == 3  # image, domain and output buffers
 

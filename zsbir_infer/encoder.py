@@ -9,6 +9,8 @@
 ``embed`` decodes and preprocesses images on a thread pool (PIL releases the GIL while decoding), a
 few batches ahead of the model, so decoding overlaps inference. Each domain uses the bundle's own
 preprocessing spec; domain-conditioned models also get the domain tag (photo 1, sketch 0).
+``embed`` also takes one already-preprocessed float ``[N, 3, H, W]`` batch (what a distributed decoder
+hands over), which goes to the model in chunks of ``batch_size`` without per-image work.
 ``embed_stream`` is the streaming form behind ``embed``: it yields results batch by batch and can skip
 undecodable files (reporting each with its reason). The indexer does not use it: it decodes straight
 into its own batches (:mod:`zsbir_infer.indexer`).
@@ -36,7 +38,7 @@ from zsbir_infer.prefetch import prefetch
 from zsbir_infer.preprocess import ImageDecodeError, ImageInput, preprocess_into
 from zsbir_infer.threads import default_threads
 
-__all__ = ["DEFAULT_BATCH_SIZE", "EmbeddedBatch", "Encoder", "EncoderError", "PreprocessedBatch", "l2_normalize"]
+__all__ = ["DEFAULT_BATCH_SIZE", "EmbeddedBatch", "Encoder", "EncoderError", "l2_normalize"]
 
 log = logging.getLogger("zsbir.encoder")
 
@@ -172,16 +174,10 @@ class Encoder:
             )
         return l2_normalize(out)
 
-    def embed_arrays(self, batch: np.ndarray, domain: str) -> np.ndarray:
-        """The preprocessed-batch form of :meth:`embed`: float ``[N, 3, H, W]`` -> float32 ``[N, D]`` unit rows
-        (``embed(batch, domain)`` does the same for a 4-D array; this name stays for existing callers).
-
-        The caller is responsible for preprocessing (see :func:`zsbir_infer.preprocess.preprocess_batch`
-        with ``encoder.bundle.preprocess_spec(domain)``). Batches larger than ``batch_size`` are split.
-        """
-        check_domain(domain)
-        arr = np.asarray(batch)
-        if arr.ndim != 4 or arr.shape[1] != 3:
+    def _embed_preprocessed(self, arr: np.ndarray, domain: str, batch_size: int | None) -> np.ndarray:
+        """:meth:`embed` of one preprocessed float ``[N, 3, H, W]`` batch: checked once, then run on the model
+        in chunks of ``batch_size`` (no per-image work)."""
+        if arr.shape[1] != 3:
             raise ValueError(f"a preprocessed batch must be [N, 3, H, W], got shape {list(arr.shape)}")
         if not np.issubdtype(arr.dtype, np.floating):
             raise ValueError(
@@ -193,12 +189,20 @@ class Encoder:
             raise ValueError(
                 f"{domain} images must be {list(spec.size)} (H, W) for this model, got {list(arr.shape[2:])}"
             )
+        bs = self._chunk(batch_size)
         out = np.empty((arr.shape[0], self.embedding_dim), dtype=np.float32)
-        for start in range(0, arr.shape[0], self.batch_size):
-            out[start : start + self.batch_size] = self._run(arr[start : start + self.batch_size], domain)
+        for start in range(0, arr.shape[0], bs):
+            out[start : start + bs] = self._run(arr[start : start + bs], domain)
         return out
 
-    def iter_batches(
+    def _chunk(self, batch_size: int | None) -> int:
+        """Images per model call: ``batch_size`` (default the encoder's), capped by the backend's limit."""
+        bs = batch_size or self.batch_size
+        if bs < 1:
+            raise ValueError(f"batch_size must be >= 1, got {bs}")
+        return min(bs, self._backend.max_batch) if self._backend.max_batch else bs
+
+    def _preprocessed_batches(
         self,
         images: Sequence[ImageInput],
         domain: str,
@@ -213,11 +217,7 @@ class Encoder:
         left out of the batch and reported in ``failures``.
         """
         spec = self.bundle.preprocess_spec(domain)
-        bs = batch_size or self.batch_size
-        if bs < 1:
-            raise ValueError(f"batch_size must be >= 1, got {bs}")
-        if self._backend.max_batch:
-            bs = min(bs, self._backend.max_batch)
+        bs = self._chunk(batch_size)
         n = len(images)
         if n == 0:
             return
@@ -263,7 +263,7 @@ class Encoder:
         reason. Decoding of later batches overlaps the inference of the current one.
         """
         check_domain(domain)
-        for batch in self.iter_batches(images, domain, batch_size=batch_size, skip_errors=skip_errors):
+        for batch in self._preprocessed_batches(images, domain, batch_size=batch_size, skip_errors=skip_errors):
             if batch.images.shape[0]:
                 emb = self._run(batch.images, domain)
             else:
@@ -292,8 +292,8 @@ class Encoder:
         if isinstance(images, (str, os.PathLike, bytes, Image.Image)) or hasattr(images, "read"):
             items: Sequence[ImageInput] = [images]  # type: ignore[list-item]
         elif isinstance(images, np.ndarray):
-            if images.ndim == 4:
-                out = self.embed_arrays(images, domain)
+            if images.ndim == 4:  # one preprocessed batch: straight to the model
+                out = self._embed_preprocessed(images, domain, batch_size)
                 if progress is not None:
                     progress(len(out))
                 return out

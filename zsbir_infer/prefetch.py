@@ -1,4 +1,4 @@
-"""Decode-ahead on worker threads, safe under Ctrl-C: the one pipeline behind :meth:`Encoder.iter_batches`
+"""Decode-ahead on worker threads, safe under Ctrl-C: the one pipeline behind :meth:`Encoder.embed_stream`
 and the indexer.
 
     with closing(prefetch(groups, workers=4, in_flight=3, name="zsbir-decode")) as it:

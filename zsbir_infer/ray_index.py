@@ -161,7 +161,7 @@ class _EmbedActor:
         t0 = time.perf_counter()
         if ok.any():
             px = np.asarray(batch["pixels"])
-            vec[ok] = self.encoder.embed_arrays(px if ok.all() else px[ok], "photo")
+            vec[ok] = self.encoder.embed(px if ok.all() else px[ok], "photo")
         embed_s = np.full(n, (time.perf_counter() - t0) / max(1, int(ok.sum())) if ok.any() else 0.0)
         return {
             "key": batch["key"],
