@@ -112,6 +112,13 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "zsbir-bench-index")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/index_query"))
     ap.add_argument("--label", default="", help="stored as section 'index:LABEL' (several models side by side)")
+    ap.add_argument(
+        "--baseline-decoder",
+        choices=["none", "pil"],
+        default="pil",
+        help="also time decode-only and the pipeline with PIL's draft decoder (no libjpeg-turbo N/8 scaling) "
+        "in every repeat, side by side",
+    )
     ap.add_argument("--make-standin", type=Path, default=None, metavar="DIR", help="make a stand-in bundle and exit")
     ap.add_argument("--standin-width", type=int, default=16)
     ap.add_argument("--standin-size", type=int, default=64)
@@ -150,6 +157,7 @@ def main() -> None:
     model_rates, pipe_rates, ratios, embed_phase, decode_rates, busy_fracs = [], [], [], [], [], []
     cpu_model, cpu_decode, cpu_pipe, model_core_use, bounds, effs = [], [], [], [], [], []
     pipe_core_use, cpu_effs = [], []
+    base_decode_rates, base_cpu_decode, base_pipe_rates, base_ratios = [], [], [], []
     cpus = len(os.sched_getaffinity(0))
     entries = list(walk(photos_dir).entries)
     n = len(files)
@@ -161,6 +169,27 @@ def main() -> None:
     def model_pass() -> None:
         for s in range(0, len(arrays), args.batch_size):
             enc.embed(arrays[s : s + args.batch_size], "photo")
+
+    import zsbir_infer.preprocess as preprocess_module
+
+    scaled_decoder = preprocess_module._simplejpeg
+
+    def baseline_phases(m: float) -> None:
+        """Decode-only and the pipeline once more with PIL's draft decoder (the decoder before N/8 scaling)."""
+        preprocess_module._simplejpeg = None
+        try:
+            wall, cpu = _cpu_phase(decode_pass)
+            base_decode_rates.append(n / wall)
+            base_cpu_decode.append(cpu / n)
+            shutil.rmtree(gal, ignore_errors=True)
+            report = index_folder(
+                photos_dir, gal, enc, batch_size=args.batch_size, workers=args.workers, build_ann_from=0
+            )
+            assert report.indexed == n, report.to_dict()
+            base_pipe_rates.append(n / report.seconds)
+            base_ratios.append(base_pipe_rates[-1] / m)
+        finally:
+            preprocess_module._simplejpeg = scaled_decoder
 
     for rep in range(args.repeats):
         # The decoding bound: the pipeline's thread pool reading and decoding every file, no model.
@@ -189,6 +218,14 @@ def main() -> None:
         effs.append(ratios[-1] / bounds[-1])
         cpu_effs.append((cpu_model[-1] + cpu_decode[-1]) / cpu_pipe[-1])
         embed_phase.append(report.files_per_s)
+        if args.baseline_decoder == "pil" and scaled_decoder is not None:
+            baseline_phases(m)
+            print(
+                f"  baseline (PIL draft decoder): decode only {base_decode_rates[-1]:.1f} img/s "
+                f"({base_cpu_decode[-1] * 1e3:.3f} CPU ms/img), pipeline {base_pipe_rates[-1]:.1f} files/s, "
+                f"ratio {base_ratios[-1]:.3f}",
+                flush=True,
+            )
         print(
             f"repeat {rep + 1}: model only {m:.1f} img/s ({cpu_model[-1] * 1e3:.3f} CPU ms/img, "
             f"{model_core_use[-1]:.0%} of {cpus} cores), decode only {decode_rates[-1]:.1f} img/s "
@@ -245,6 +282,20 @@ def main() -> None:
         "median_efficiency": round(statistics.median(effs), 4),
         "median_pipeline_core_use": round(statistics.median(pipe_core_use), 4),
         "median_cpu_efficiency": round(statistics.median(cpu_effs), 4),
+        "decoder": "libjpeg-turbo N/8 scaling (simplejpeg)" if scaled_decoder is not None else "PIL draft",
+        **(
+            {
+                "baseline_decoder": "PIL draft (1/2, 1/4, 1/8), same repeats",
+                "baseline_decode_only_img_per_s": [round(x, 2) for x in base_decode_rates],
+                "baseline_decode_only_cpu_ms_per_img": [round(x * 1e3, 4) for x in base_cpu_decode],
+                "baseline_pipeline_files_per_s": [round(x, 2) for x in base_pipe_rates],
+                "baseline_ratios": [round(x, 4) for x in base_ratios],
+                "median_baseline_ratio": round(statistics.median(base_ratios), 4),
+                "median_baseline_decode_only_cpu_ms_per_img": round(statistics.median(base_cpu_decode) * 1e3, 4),
+            }
+            if base_ratios
+            else {}
+        ),
         "bound_definition": "t_model / (t_model + t_decode), CPU seconds per image of the model-only and "
         "decode-only phases (time.process_time, all threads); efficiency = ratio / bound, per repeat; "
         "cpu_efficiency = (t_model + t_decode) / t_pipeline; core_use = CPU seconds / wall seconds / CPUs. "

@@ -106,6 +106,16 @@ def render_md(doc: dict[str, Any]) -> str:
             "the rest is waiting for decoding, commits and set-up.",
             "",
         ]
+        if idx.get("baseline_ratios"):
+            lines += [
+                f"Decoder: {idx['decoder']}. Baseline in the same repeats, {idx['baseline_decoder']}: "
+                f"pipeline {', '.join(f'{x:.1f}' for x in idx['baseline_pipeline_files_per_s'])} files/s, "
+                f"ratios {', '.join(f'{x:.3f}' for x in idx['baseline_ratios'])} "
+                f"(**median {idx['median_baseline_ratio']:.3f}**); decode-only CPU per image "
+                f"{idx['median_decode_only_cpu_ms_per_img']:.3f} ms against "
+                f"{idx['median_baseline_decode_only_cpu_ms_per_img']:.3f} ms (medians).",
+                "",
+            ]
     q = doc.get("query")
     if q:
         m = q["machine"]

@@ -65,6 +65,8 @@ RECIPES: dict[str, list[str]] = {
     "sake": ["--method", "dsn", "--epochs", "3", "--freeze", "5", "--ablation"],
     "tursun_21": ["--method", "tursun", "--epochs", "3", "--freeze", "5", "--zeroshot", "21"],
     "tursun_ablation_21": ["--method", "tursun", "--epochs", "3", "--freeze", "5", "--zeroshot", "21", "--ablation"],
+    "dsn_21": ["--method", "dsn", "--epochs", "3", "--freeze", "5", "--zeroshot", "21"],
+    "sake_21": ["--method", "dsn", "--epochs", "3", "--freeze", "5", "--zeroshot", "21", "--ablation"],
 }
 LOSSES = {
     ("tursun", False): "CE + quadruplet + knowledge preservation (class-level ImageNet targets)",

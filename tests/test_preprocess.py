@@ -15,6 +15,7 @@ from zsbir_infer.preprocess import (
     ImageDecodeError,
     PreprocessSpec,
     as_spec,
+    jpeg_scale,
     load_image,
     preprocess,
     preprocess_batch,
@@ -276,7 +277,7 @@ def test_exif_rotation_with_draft_uses_swapped_target(tmp_path: Path) -> None:
 
 
 def expected_draft_size(size: tuple[int, int], target: tuple[int, int]) -> tuple[int, int]:
-    """The reduced decode size: the smallest libjpeg scale (1/2, 1/4, 1/8) keeping DRAFT_MARGIN x target."""
+    """PIL's draft size (the fallback path): the smallest scale 1/2, 1/4, 1/8 keeping DRAFT_MARGIN x target."""
     (w, h), (th, tw) = size, target
     fit = min(w // (tw * DRAFT_MARGIN), h // (th * DRAFT_MARGIN))
     s = next(s for s in (8, 4, 2, 1) if fit >= s)
@@ -296,23 +297,49 @@ def test_draft_margin_is_one() -> None:
     assert DRAFT_MARGIN == 1  # the tolerances below and in the module docstring are for this margin
 
 
-@pytest.mark.parametrize("size", [(2000, 1500), (1800, 1000), (1024, 768)])
-def test_draft_jpeg_within_documented_tolerance(size: tuple[int, int]) -> None:
-    """The draft leaves a bilinear downscale to do (the usual case for large photos)."""
+@pytest.mark.parametrize(
+    ("size", "target", "n"),
+    [
+        ((2000, 1500), (224, 224), 2),  # 250 x 188 at 1/8 would not cover 224
+        ((1024, 768), (224, 224), 3),
+        ((256, 256), (160, 160), 5),
+        ((255, 255), (160, 160), 5),  # sides round up: 160 x 160
+        ((400, 300), (224, 224), 6),
+        ((224, 224), (224, 224), 8),
+        ((100, 80), (224, 224), 8),  # smaller than the target: never scaled up
+        ((1600, 800), (100, 200), 1),  # (w, h) stored against a (h, w) target
+    ],
+)
+def test_jpeg_scale_is_the_smallest_covering_eighth(size: tuple[int, int], target: tuple[int, int], n: int) -> None:
+    assert jpeg_scale(size, target) == n
+
+
+@pytest.mark.parametrize(
+    ("size", "expect"), [((2000, 1500), (500, 375)), ((1800, 1000), (450, 250)), ((1024, 768), (384, 288))]
+)
+def test_draft_jpeg_within_documented_tolerance(size: tuple[int, int], expect: tuple[int, int]) -> None:
+    """The scaled decode leaves a bilinear downscale to do (the usual case for large photos)."""
     data = encode(textured(*size, seed=7), "JPEG", quality=90)
     drafted = load_image(data, target_size=(224, 224))
-    assert drafted.size == expected_draft_size(size, (224, 224))
-    assert drafted.size[0] < size[0]  # reduced-size decoding really happened
-    assert min(drafted.size) >= 224
-    assert max(drafted.size) > 224  # ... and left a resize
+    assert drafted.size == expect  # N/8 scales: PIL's draft would stop at 1/4 for 2000 x 1500, 1/2 for 1024
     diff = draft_diff(data, (224, 224))
     assert diff.mean() < 0.008
     assert diff.max() < 0.15
 
 
-@pytest.mark.parametrize(("side", "target"), [(512, 64), (256, 64), (128, 64), (448, 224)])
+@pytest.mark.parametrize(("size", "expect"), [((400, 300), (300, 225)), ((600, 500), (300, 250))])
+def test_mild_reduction_within_documented_tolerance(size: tuple[int, int], expect: tuple[int, int]) -> None:
+    """Images less than twice the target, which PIL's draft would decode at full size, go to 6/8 or 4/8."""
+    data = encode(textured(*size, seed=7), "JPEG", quality=90)
+    assert load_image(data, target_size=(224, 224)).size == expect
+    diff = draft_diff(data, (224, 224))
+    assert diff.mean() < 0.015
+    assert diff.max() < 0.25
+
+
+@pytest.mark.parametrize(("side", "target"), [(512, 64), (256, 64), (128, 64), (448, 224), (256, 160), (256, 96)])
 def test_draft_landing_on_target_within_documented_tolerance(side: int, target: int) -> None:
-    """The draft decodes straight to the target size (e.g. a 256 px photo for a 64 px model): no resize."""
+    """The scaled decode lands on the target size (e.g. a 256 px Sketchy photo for a 160 px model): no resize."""
     data = encode(textured(side, side, seed=7), "JPEG", quality=90)
     assert load_image(data, target_size=(target, target)).size == (target, target)
     diff = draft_diff(data, (target, target))
@@ -320,11 +347,46 @@ def test_draft_landing_on_target_within_documented_tolerance(side: int, target: 
     assert diff.max() < 0.4
 
 
-def test_no_draft_when_target_more_than_half_the_size() -> None:
+def test_scaled_decode_of_grayscale_jpeg_matches_full_decode() -> None:
+    img = textured(512, 384, seed=3).convert("L")
+    data = encode(img, "JPEG", quality=90)
+    got = load_image(data, target_size=(96, 128))
+    assert got.mode == "RGB" and got.size == (128, 96)  # 2/8 of 512 x 384
+    diff = draft_diff(data, (96, 128))
+    assert diff.mean() < 0.04
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_scaled_decode_applies_exif_orientation(tmp_path: Path, orientation: int) -> None:
+    """Rotated photos come out upright from the scaled path, pixel for pixel close to the full decode."""
+    img = textured(800, 400, seed=5)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / f"rot{orientation}.jpg"
+    img.save(path, quality=92, exif=exif)
+    full = load_image(path, draft=False)
+    spec = {"size": [100, 100]}
+    got = load_image(path, target_size=(100, 100))
+    assert got.size == ((100, 200) if orientation in (6, 8) else (200, 100))  # 2/8, upright
+    diff = np.abs(preprocess(path, spec) - preprocess(full, spec)) * STD[:, None, None]
+    assert diff.mean() < 0.04  # a wrong turn would differ by the texture's full contrast
+
+
+def test_fallbacks_use_pils_draft() -> None:
+    """CMYK JPEGs and open file objects take PIL's draft path (1/2, 1/4, 1/8 only)."""
+    cmyk = encode(textured(1024, 768).convert("CMYK"), "JPEG", quality=90)
+    assert load_image(cmyk, target_size=(224, 224)).size == expected_draft_size((1024, 768), (224, 224))
+    data = encode(textured(1024, 768), "JPEG", quality=90)
+    assert load_image(io.BytesIO(data), target_size=(224, 224)).size == (512, 384)
+    assert load_image(data, target_size=(224, 224)).size == (384, 288)
     data = encode(textured(400, 300), "JPEG", quality=90)
-    assert load_image(data, target_size=(224, 224)).size == (400, 300)
-    data = encode(textured(600, 500), "JPEG", quality=90)
-    assert load_image(data, target_size=(224, 224)).size == (300, 250)  # 1/2: still >= 224 both ways
+    assert load_image(io.BytesIO(data), target_size=(224, 224)).size == (400, 300)
+
+
+def test_truncated_jpeg_still_reported_on_the_scaled_path() -> None:
+    data = encode(textured(512, 512), "JPEG", quality=90)
+    with pytest.raises(ImageDecodeError):
+        load_image(data[: len(data) // 2], target_size=(64, 64))
 
 
 def test_no_draft_for_other_formats() -> None:

@@ -15,10 +15,13 @@ Decoding (:func:`load_image`) always yields an 8-bit RGB image: EXIF orientation
 palette / 16-bit / CMYK converted, and any transparency composited over **white** (so a transparent
 sketch becomes black strokes on white paper, which is what sketch models are trained on).
 
-Large JPEGs are decoded at a reduced scale (libjpeg's 1/2, 1/4, 1/8; ``draft=False`` for the bit-exact
-full decode), and every decode first reserves its estimated memory in :data:`DECODE_BUDGET`
-(``ZSBIR_DECODE_MEMORY_MB``), so decoding threads take turns on huge images. The measurements behind both
-choices are in ``docs/preprocessing.md``.
+JPEGs larger than the target are decoded at a reduced scale: with ``simplejpeg`` (libjpeg-turbo, a
+dependency) at the smallest of the scales 1/8, 2/8, ..., 7/8 that keeps the target size in each dimension,
+from paths and bytes of baseline/progressive RGB or grayscale JPEGs; otherwise (CMYK, open file objects,
+data libjpeg-turbo refuses, simplejpeg missing) with PIL's draft mode at 1/2, 1/4 or 1/8. The bilinear
+resize then makes up the rest. ``draft=False`` gives the bit-exact full decode. Every decode first
+reserves its estimated memory in :data:`DECODE_BUDGET` (``ZSBIR_DECODE_MEMORY_MB``), so decoding threads
+take turns on huge images. The measurements behind these choices are in ``docs/preprocessing.md``.
 
 Training decodes at full size for augmentation, but the trainer's evaluation path calls
 :func:`load_image` with the same ``target_size`` as the runtime, so its evaluation tensors equal the
@@ -39,6 +42,11 @@ from typing import IO, Any, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+try:  # libjpeg-turbo with its N/8 DCT scaling; PIL's draft mode (1/2, 1/4, 1/8) stands in without it
+    import simplejpeg as _simplejpeg
+except ImportError:  # pragma: no cover - a declared dependency; absent only on platforms without a wheel
+    _simplejpeg = None
+
 from zsbir_infer.errors import InputError
 
 __all__ = [
@@ -48,6 +56,7 @@ __all__ = [
     "ImageInput",
     "PreprocessSpec",
     "as_spec",
+    "jpeg_scale",
     "load_image",
     "preprocess",
     "preprocess_batch",
@@ -60,6 +69,17 @@ ImageInput = Union[str, "os.PathLike[str]", IO[bytes], bytes, Image.Image, np.nd
 
 #: JPEG reduced-size decoding keeps at least this many times the target size in each dimension.
 DRAFT_MARGIN = 1
+
+#: EXIF orientation -> the transpose that makes the stored pixels upright (as ``ImageOps.exif_transpose``).
+_ORIENT_TRANSPOSE: dict[int, Image.Transpose] = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 _INTERPOLATIONS: dict[str, Image.Resampling] = {
     "nearest": Image.Resampling.NEAREST,
@@ -356,6 +376,12 @@ def load_image(
             th, tw = target_size
             if orientation in (5, 6, 7, 8):  # stored transposed: the target applies to swapped axes
                 th, tw = tw, th
+            if owned:
+                scaled = _scaled_jpeg(fp, im, (th * DRAFT_MARGIN, tw * DRAFT_MARGIN))
+                if scaled is not None:
+                    return (
+                        scaled.transpose(_ORIENT_TRANSPOSE[orientation]) if orientation in _ORIENT_TRANSPOSE else scaled
+                    )
             im.draft(None, (tw * DRAFT_MARGIN, th * DRAFT_MARGIN))
         with DECODE_BUDGET.reserve(decode_bytes_estimate(im)):
             try:
@@ -368,6 +394,43 @@ def load_image(
     finally:
         if owned:
             fp.close()
+
+
+def jpeg_scale(size: tuple[int, int], target: tuple[int, int]) -> int:
+    """The numerator N of the reduced JPEG decode scale N/8 for a stored ``(width, height)`` and a
+    ``(height, width)`` target: the smallest N whose output (libjpeg rounds each side up) still covers
+    the target in both dimensions; 8 (full size) when the image is not larger than the target."""
+    (w, h), (th, tw) = size, target
+    for n in range(1, 8):
+        if -(-w * n // 8) >= tw and -(-h * n // 8) >= th:
+            return n
+    return 8
+
+
+def _scaled_jpeg(fp: IO[bytes], im: Image.Image, target: tuple[int, int]) -> Image.Image | None:
+    """Decode the JPEG ``im`` was opened from at its N/8 scale for ``target`` ((height, width), stored
+    axes) with libjpeg-turbo; ``None`` where PIL's path must do it (no simplejpeg, no reduction, CMYK, or
+    data libjpeg-turbo refuses: PIL then reports or tolerates the damage as it always has)."""
+    if _simplejpeg is None or im.mode not in ("RGB", "L"):
+        return None
+    n = jpeg_scale(im.size, target)
+    if n == 8:
+        return None
+    w, h = im.size
+    out_w, out_h = -(-w * n // 8), -(-h * n // 8)
+    try:
+        fp.seek(0)
+        data = fp.read()
+    except (OSError, ValueError):
+        return None
+    with DECODE_BUDGET.reserve(out_w * out_h * 3 + len(data)):
+        try:
+            arr = _simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=out_h, min_width=out_w)
+        except ValueError:
+            return None
+    if arr.shape[:2] != (out_h, out_w):  # a scale other than the one planned: keep PIL's behaviour
+        return None
+    return Image.fromarray(arr)
 
 
 def to_pil(image: ImageInput, *, target_size: tuple[int, int] | None = None, draft: bool = True) -> Image.Image:
