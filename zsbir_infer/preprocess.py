@@ -418,11 +418,14 @@ def _scaled_jpeg(fp: IO[bytes], im: Image.Image, target: tuple[int, int]) -> Ima
         return None
     w, h = im.size
     out_w, out_h = -(-w * n // 8), -(-h * n // 8)
-    try:
-        fp.seek(0)
-        data = fp.read()
-    except (OSError, ValueError):
-        return None
+    if isinstance(fp, io.BytesIO):
+        data = fp.getvalue()
+    else:
+        try:
+            fp.seek(0)
+            data = fp.read()
+        except (OSError, ValueError):
+            return None
     with DECODE_BUDGET.reserve(out_w * out_h * 3 + len(data)):
         try:
             arr = _simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=out_h, min_width=out_w)
