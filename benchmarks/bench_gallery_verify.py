@@ -1,8 +1,8 @@
 """Gallery format 2 costs (issue 13): checksum verification on open against a cold ``zsbir query``, the full
 ``zsbir info --verify``, and a warm ``Retriever.search`` against ``Gallery.search`` on the same vectors.
 
-* ``verify on open``: the time ``Gallery.open(G, readonly=True).load()`` spends checking the CRC-32 of every
-  segment, in a fresh process (the rest of ``load()``, reading the catalog and mapping the files, was paid
+* ``verify on open``: the time ``Gallery.open(G, readonly=True)._load()`` spends checking the CRC-32 of every
+  segment, in a fresh process (the rest of ``_load()``, reading the catalog and mapping the files, was paid
   by the first search before format 2 too); the target is < 5% of a cold ``zsbir query``.
 * ``cold zsbir query``: wall time of a fresh ``zsbir query SKETCH --gallery G`` process (as bench_query.py).
 * ``full verify``: ``Gallery.verify(full=True)`` (quick_check, checksums, catalog, vector lengths).
@@ -47,7 +47,7 @@ def timed(*a, **k):
 segments.crc_file = timed
 g = Gallery.open(sys.argv[1], readonly=True)
 t1 = time.perf_counter()
-g.load()
+g._load()
 t2 = time.perf_counter()
 print(t1 - t0, t2 - t1, spent[0])
 """
@@ -160,7 +160,7 @@ def main() -> None:
         "| --- | --- | --- |",
         f"| checksum verification on open (CRC-32 of every segment, fresh process) | {res['verify_on_open_ms']:.1f} "
         f"ms ({res['verify_throughput_gb_s']} GB/s) | |",
-        f"| for scale: all of `Gallery.load()` (catalog read, maps, checksums) | {res['load_ms']:.1f} ms | |",
+        f"| for scale: all of `Gallery._load()` (catalog read, maps, checksums) | {res['load_ms']:.1f} ms | |",
         f"| cold `zsbir query` (fresh process, wall) | {res['cold_query_ms']:.0f} ms | |",
         f"| verification / cold query | {100 * res['verify_share_of_cold_query']:.2f} % | < 5 % |",
         f"| `zsbir info --verify` (`Gallery.verify(full=True)`) | {res['full_verify_ms']:.1f} ms | |",

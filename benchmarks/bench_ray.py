@@ -155,13 +155,13 @@ def measure_driver(files: int, out: Path) -> None:
         t_walk = time.perf_counter() - t0
         with Gallery.create(root.with_name(root.name + "-g"), "0123456789abcdef", 64) as g:
             t0 = time.perf_counter()
-            g.plan([FileStat(e.relpath, e.size, e.mtime_ns) for e in listing.entries], retry_skipped=True)
+            g._plan([FileStat(e.relpath, e.size, e.mtime_ns) for e in listing.entries], retry_skipped=True)
             t_plan = time.perf_counter() - t0
             del listing
             tracemalloc.start()  # memory, measured in a second pass (tracemalloc slows the code it traces)
             listing = walk(root)
             heap_walk = tracemalloc.get_traced_memory()[0]
-            g.plan([FileStat(e.relpath, e.size, e.mtime_ns) for e in listing.entries], retry_skipped=True)
+            g._plan([FileStat(e.relpath, e.size, e.mtime_ns) for e in listing.entries], retry_skipped=True)
             peak = tracemalloc.get_traced_memory()[1]
             tracemalloc.stop()
     finally:

@@ -199,7 +199,7 @@ _KILL_SCRIPT = textwrap.dedent(
     path, n_ok, n_total = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     x = np.load(sys.argv[4])
     g = Gallery.open(path)
-    plan = g.plan([(f"p{i}.jpg", 1, i) for i in range(n_total)])
+    plan = g._plan([(f"p{i}.jpg", 1, i) for i in range(n_total)])
     todo = [int(f.relpath[1:-4]) for f in plan.new + plan.changed]
     batches = [todo[i : i + 40] for i in range(0, len(todo), 40)]
     done = 0
@@ -237,7 +237,7 @@ def test_killed_indexer_rerun_indexes_every_file_exactly_once(tmp_path: Path) ->
         assert sorted(i for _, i in indexed) == list(range(n))  # no row wasted: garbage was overwritten
         hits = g.search(x, k=1, exact=True)
         assert [h[0].path for h in hits] == [f"p{i}.jpg" for i in range(n)]
-        assert g.plan([(f"p{i}.jpg", 1, i) for i in range(n)]).unchanged == [f"p{i}.jpg" for i in range(n)]
+        assert g._plan([(f"p{i}.jpg", 1, i) for i in range(n)]).unchanged == [f"p{i}.jpg" for i in range(n)]
 
 
 def test_manifest_written_atomically(tmp_path: Path) -> None:
@@ -257,9 +257,9 @@ def test_plan_skip_delete_change(tmp_path: Path) -> None:
     x = _unit(rng, 10, 8)
     g = Gallery.create(tmp_path / "g", FP, 8)
     g.add([FileRecord("a.jpg", 1, 10), FileRecord("b.jpg", 2, 20), FileRecord("c.jpg", 3, 30)], x[:3])
-    g.skip(FileStat("broken.jpg", 5, 50), "cannot decode: truncated JPEG")
+    g._skip(FileStat("broken.jpg", 5, 50), "cannot decode: truncated JPEG")
     listing = [("a.jpg", 1, 10), ("b.jpg", 2, 21), ("broken.jpg", 5, 50), ("d.jpg", 4, 40)]
-    plan = g.plan(listing)
+    plan = g._plan(listing)
     assert [f.relpath for f in plan.new] == ["d.jpg"]
     assert plan.new[0] == FileStat("d.jpg", 4, 40)
     assert [f.relpath for f in plan.changed] == ["b.jpg"]
@@ -267,7 +267,7 @@ def test_plan_skip_delete_change(tmp_path: Path) -> None:
     assert plan.deleted == ["c.jpg"]
     assert g.skipped() == [("broken.jpg", "cannot decode: truncated JPEG")]
     with pytest.raises(GalleryError, match="twice"):
-        g.plan([("a.jpg", 1, 1), ("a.jpg", 1, 1)])
+        g._plan([("a.jpg", 1, 1), ("a.jpg", 1, 1)])
 
     # Apply the plan.
     assert g.delete(plan.deleted) == 1
@@ -276,7 +276,7 @@ def test_plan_skip_delete_change(tmp_path: Path) -> None:
     st = g.stats()
     assert (st.files_indexed, st.files_skipped, st.files_deleted) == (3, 1, 1)
     assert (st.rows, st.dead_rows) == (5, 2)  # old b and c are tombstones
-    assert g.plan(listing).new == [] and g.plan(listing).changed == [] and g.plan(listing).deleted == []
+    assert g._plan(listing).new == [] and g._plan(listing).changed == [] and g._plan(listing).deleted == []
     hits = g.search(x[:5], k=5, exact=True)
     assert all(h.path != "c.jpg" for row in hits for h in row)
     assert hits[1][0].path != "b.jpg" or hits[1][0].id == 3  # b.jpg now points at its new vector
@@ -285,9 +285,9 @@ def test_plan_skip_delete_change(tmp_path: Path) -> None:
 
     # A skipped file that changes is retried; a deleted file that reappears is new; skipping an indexed
     # file tombstones its vector.
-    plan2 = g.plan([("broken.jpg", 6, 51), ("c.jpg", 3, 30), ("a.jpg", 1, 10), ("b.jpg", 2, 21), ("d.jpg", 4, 40)])
+    plan2 = g._plan([("broken.jpg", 6, 51), ("c.jpg", 3, 30), ("a.jpg", 1, 10), ("b.jpg", 2, 21), ("d.jpg", 4, 40)])
     assert [f.relpath for f in plan2.changed] == ["broken.jpg"] and [f.relpath for f in plan2.new] == ["c.jpg"]
-    g.skip("a.jpg", "unreadable now")
+    g._skip("a.jpg", "unreadable now")
     assert all(h.path != "a.jpg" for h in g.search(x[0], k=5, exact=True)[0])
     g.close()
 
@@ -299,19 +299,19 @@ def test_skip_many_is_one_all_or_nothing_transaction(tmp_path: Path) -> None:
     g.add([FileRecord("a.jpg", 1, 10), FileRecord("b.jpg", 2, 20)], x)
     # One bad entry (empty reason) rejects the whole batch: nothing of it is recorded.
     with pytest.raises(GalleryError, match="reason"):
-        g.skip_many([(FileStat("x.txt", 3, 30), "not an image"), ("a.jpg", "")])
+        g._skip_many([(FileStat("x.txt", 3, 30), "not an image"), ("a.jpg", "")])
     assert g.skipped() == [] and len(g) == 2
-    g.skip_many(
+    g._skip_many(
         [(FileStat("x.txt", 3, 30), "not an image"), ("a.jpg", "unreadable"), (FileStat("z.png", 0, 1), "empty")]
     )
     assert g.skipped() == [("a.jpg", "unreadable"), ("x.txt", "not an image"), ("z.png", "empty")]
     assert len(g) == 1 and all(h.path != "a.jpg" for h in g.search(x, k=2, exact=True)[0])
-    assert sorted(g.plan([("x.txt", 3, 30), ("z.png", 0, 1), ("b.jpg", 2, 20)]).unchanged) == [
+    assert sorted(g._plan([("x.txt", 3, 30), ("z.png", 0, 1), ("b.jpg", 2, 20)]).unchanged) == [
         "b.jpg",
         "x.txt",
         "z.png",
     ]
-    g.skip_many([])  # nothing to do
+    g._skip_many([])  # nothing to do
     g.close()
 
 
@@ -470,11 +470,11 @@ def test_int8_storage(tmp_path: Path) -> None:
     with Gallery.open(tmp_path / "g") as g2:
         np.testing.assert_array_equal(g2.vectors(np.arange(1_500)), stored)
         ids = np.array([1_499, 3, 1_000, 999])  # rows from both segments, in any order
-        rows, scales = g2.stored_rows(ids)  # as on disk: what a GPU gallery uploads
+        rows, scales = g2._stored_rows(ids)  # as on disk: what a GPU gallery uploads
         assert rows.dtype == np.int8 and scales is not None and scales.dtype == np.float32
         np.testing.assert_array_equal(rows.astype(np.float32) * scales[:, None], stored[ids])
         with pytest.raises(GalleryError):
-            g2.stored_rows([1_500])
+            g2._stored_rows([1_500])
 
 
 def test_itq_storage_hamming_search(tmp_path: Path) -> None:

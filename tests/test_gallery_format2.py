@@ -911,7 +911,7 @@ def test_the_gallery_records_what_it_indexes_and_reads_older_galleries(tmp_path:
                                   "model": None, "model_relative": None}  # fmt: skip
     assert "root" not in json.loads((gdir / "indexer.json").read_text())  # the indexer keeps its report only
     with Gallery.open(gdir, readonly=True) as g:
-        assert g.root == str((project / "photos").resolve()) and g.source["model"] is None
+        assert g._root == str((project / "photos").resolve()) and g._source["model"] is None
 
     # A gallery from before the move: no source in its manifest, root and model in indexer.json.
     legacy = {k: v for k, v in manifest.items() if k != "source"}

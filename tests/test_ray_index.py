@@ -132,8 +132,8 @@ def test_equals_the_plain_indexer(tmp_path: Path, bundle: Path, shards: int | No
             assert skipped[f"bad/{rel}"] == code, rel
     with open_gallery(tmp_path / "ray") as g:
         assert isinstance(g, ShardedGallery) == (shards is not None)
-        assert g.root == str(root.resolve())
-        assert g.source["model"] == str(bundle.resolve())
+        assert g._root == str(root.resolve())
+        assert g._source["model"] == str(bundle.resolve())
 
 
 def test_incremental_reruns(tmp_path: Path, bundle: Path) -> None:

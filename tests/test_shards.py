@@ -41,17 +41,13 @@ def _build(tmp: Path, storage: str = "float16") -> tuple[Path, Path]:
     with Gallery.create(single, FP, DIM, storage=storage) as g:
         for start in range(0, N, 64):
             g.add(recs[start : start + 64], v[start : start + 64])
-        g.skip_many([(FileStat("bad.jpg", 3, 4), "corrupt: test")])
+        g._skip_many([(FileStat("bad.jpg", 3, 4), "corrupt: test")])
         g.delete(["d1/p0001.jpg", "d2/p0002.jpg"])
     with ShardedGallery.create(sharded, FP, DIM, storage=storage, shards=SHARDS) as sg:
-        for start in range(0, N, 64):  # one writer per shard: each shard gets its own files
-            for s, shard in enumerate(sg.shards):
-                idx = [i for i in range(start, min(N, start + 64)) if shard_of(recs[i].relpath, SHARDS) == s]
-                if idx:
-                    shard.add([recs[i] for i in idx], v[idx])
-        sg.shards[sg.shard_of("bad.jpg")].skip_many([(FileStat("bad.jpg", 3, 4), "corrupt: test")])
-        for rel in ("d1/p0001.jpg", "d2/p0002.jpg"):
-            sg.shards[sg.shard_of(rel)].delete([rel])
+        for start in range(0, N, 64):  # each file goes to its own shard
+            sg.add(recs[start : start + 64], v[start : start + 64])
+        sg._skip_many([(FileStat("bad.jpg", 3, 4), "corrupt: test")])
+        assert sg.delete(["d1/p0001.jpg", "d2/p0002.jpg", "never.jpg"]) == 2
     return single, sharded
 
 
@@ -64,9 +60,11 @@ def test_exact_search_equals_a_single_gallery(tmp_path: Path, storage: str) -> N
     single, sharded = _build(tmp_path, storage)
     q = _queries()
     with Gallery.open(single) as g, open_gallery(sharded) as sg:
-        assert isinstance(sg, ShardedGallery) and sg.n_shards == SHARDS
+        assert isinstance(sg, ShardedGallery) and len(sg.shards) == SHARDS
         # every shard holds some files, and each file lies in its own shard only
         assert all(len(s) > 50 for s in sg.shards)
+        for i, shard in enumerate(sg.shards):
+            assert {shard_of(p, SHARDS) for p, _ in shard.indexed()} == {i}
         for k in (1, 10, 50, N):
             assert _ranked(sg.search(q, k=k, exact=True)) == _ranked(g.search(q, k=k, exact=True))
         assert len(sg) == len(g) == N - 2
@@ -76,14 +74,40 @@ def test_exact_search_equals_a_single_gallery(tmp_path: Path, storage: str) -> N
         by_path = dict(g.indexed())
         paths, gids = zip(*sg.indexed(), strict=True)
         np.testing.assert_array_equal(sg.vectors(list(gids)), g.vectors([by_path[p] for p in paths]))
-        rows, scales = sg.stored_rows(list(gids))
-        srows, sscales = g.stored_rows([by_path[p] for p in paths])
+        rows, scales = sg._stored_rows(list(gids))
+        srows, sscales = g._stored_rows([by_path[p] for p in paths])
         np.testing.assert_array_equal(rows, srows)
         if storage == "int8":
             assert scales is not None and sscales is not None
             np.testing.assert_array_equal(scales, sscales)
         hit = sg.search(q[:1], k=1, exact=True)[0][0]
         np.testing.assert_array_equal(sg.vectors([hit.id])[0], g.vectors([by_path[hit.path]])[0])
+
+
+def test_sharded_writes_and_repair_as_one_gallery(tmp_path: Path) -> None:
+    """add/delete/repair on a sharded gallery: ids in input order, each file in its shard, damage per shard."""
+    recs, v = _data()
+    with ShardedGallery.create(tmp_path / "s", FP, DIM, shards=SHARDS, segment_rows=16) as sg:
+        ids = sg.add(recs[:100], v[:100])
+        assert len(set(ids)) == 100
+        np.testing.assert_allclose(sg.vectors(ids), v[:100], atol=2e-3)  # float16 rows, in input order
+        assert dict(sg.indexed()) == {r.relpath: i for r, i in zip(recs[:100], ids, strict=True)}
+        with pytest.raises(GalleryError, match="twice"):
+            sg.add([recs[0], recs[0]], v[:2])
+        with pytest.raises(GalleryError, match="vectors"):
+            sg.add(recs[100:102], v[100:101])
+        assert len(sg) == 100  # nothing of a refused batch was written
+        assert sg.delete([r.relpath for r in recs[:10]]) == 10 and len(sg) == 90
+        assert sg.repair() == []
+        shard = shard_of(recs[50].relpath, SHARDS)
+        seg = sorted((tmp_path / "s" / "shards" / f"{shard:03d}" / "segments").glob("*.f16"))[0]
+        data = bytearray(seg.read_bytes())
+        data[0] ^= 0xFF
+        seg.write_bytes(bytes(data))
+    with ShardedGallery.open(tmp_path / "s") as sg:
+        dropped = sg.repair()
+        assert [name for name, _ in dropped] == [f"shards/{shard:03d}/{seg.name}"] and dropped[0][1] > 0
+        assert len(sg) == 90 - dropped[0][1] and sg.verify() == []
 
 
 def test_ann_per_shard_rescored_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -116,11 +140,11 @@ def test_stats_info_and_identity(tmp_path: Path) -> None:
             one.files_deleted,
         )
         assert st.rows - st.dead_rows == one.rows - one.dead_rows
-        assert [s.files_indexed for s in sg.shard_stats()] == [len(s) for s in sg.shards]
-        before = sg.identity()
+        assert [s.files_indexed for s in sg._shard_stats()] == [len(s) for s in sg.shards]
+        before = sg._identity()
     with ShardedGallery.open(sharded) as sg:
-        sg.shards[sg.shard_of("d0/p0007.jpg")].skip("d0/p0007.jpg", "corrupt: later")
-        assert sg.identity() != before  # a commit to any shard changes the identity
+        sg._skip("d0/p0007.jpg", "corrupt: later")
+        assert sg._identity() != before  # a commit to any shard changes the identity
     res = CliRunner().invoke(main, ["info", str(sharded)])
     assert res.exit_code == 0, res.output
     assert "shards       3" in res.output
@@ -180,7 +204,7 @@ def test_retriever_searches_a_sharded_gallery_as_one(tmp_path: Path, monkeypatch
 def test_merge_shards_into_one_gallery(tmp_path: Path) -> None:
     single, sharded = _build(tmp_path)
     with ShardedGallery.open(sharded) as sg:
-        sg.record_source(tmp_path / "photos", None)
+        sg._record_source(tmp_path / "photos", None)
     out = merge_shards(sharded, tmp_path / "merged")
     assert not is_sharded(out)
     q = _queries()
@@ -189,15 +213,23 @@ def test_merge_shards_into_one_gallery(tmp_path: Path) -> None:
         assert _ranked(m.search(q, k=10, exact=True)) == _ranked(g.search(q, k=10, exact=True))
         st = m.stats()
         assert st.dead_rows == 0 and st.files_indexed == N - 2 and st.files_skipped == 1
-        assert m.root == str(tmp_path / "photos")
+        assert m._root == str(tmp_path / "photos")
         # sizes and mtimes are kept: the same listing plans as unchanged (an incremental run embeds nothing)
         recs, _ = _data()
         listing = [
             FileStat(r.relpath, r.size, r.mtime_ns) for r in recs if r.relpath not in ("d1/p0001.jpg", "d2/p0002.jpg")
         ]
-        plan = m.plan([*listing, FileStat("bad.jpg", 3, 4)])
+        plan = m._plan([*listing, FileStat("bad.jpg", 3, 4)])
         assert not plan.new and not plan.changed and not plan.deleted
-        by = {r.relpath: r for r, _ in m.records()}
+        with ShardedGallery.open(sharded) as sg:  # the sharded gallery plans the same listing the same way
+            splan = sg._plan([*listing, FileStat("bad.jpg", 3, 4)])
+            assert not splan.new and not splan.changed and not splan.deleted
+            assert sorted(splan.unchanged) == sorted(plan.unchanged)
+            srecs = sg._records()
+            assert [i for _, i in srecs] == sorted(i for _, i in sg.indexed())  # merged ids, in id order
+            assert {r.relpath: i for r, i in srecs} == dict(sg.indexed())
+        by = {r.relpath: r for r, _ in m._records()}
+        assert by == {r.relpath: r for r, _ in srecs}
         assert by["d0/p0007.jpg"].sha256 == f"{7:064x}"
     with pytest.raises(GalleryError, match="not an empty directory"):
         merge_shards(sharded, out)

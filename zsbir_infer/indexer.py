@@ -17,7 +17,7 @@ What a run does:
    Files with a name that holds a control character (newline, tab, ...) or a backslash are skipped with
    a reason; they are reported by every run and never stored in the gallery. Names that are not valid
    UTF-8 are indexed (stored losslessly as bytes, printed escaped: ``latin\\xe9.jpg``).
-2. **Plan** with :meth:`Gallery.plan`: compare (path, size, mtime) with the gallery. Only new and changed
+2. **Plan** with ``Gallery._plan``: compare (path, size, mtime) with the gallery. Only new and changed
    files are read; files gone from the folder are marked deleted; a file skipped before stays skipped
    until it changes.
 3. **Decode** new and changed images on a thread pool (each file read once, hashed with SHA-256,
@@ -544,7 +544,7 @@ def open_or_create_gallery(
 
     _ensure_gallery(gallery_dir, encoder, storage)
     g = Gallery.open(gallery_dir, fingerprint=encoder.fingerprint, readonly=False)
-    source = g.source
+    source = g._source
     old_root = source.get("root")
     if old_root and Path(old_root) != root and not repoint:
         g.close()
@@ -554,7 +554,7 @@ def open_or_create_gallery(
             f"{gallery_dir}. Else use another gallery (-o DIR), or delete {gallery_dir} to start over"
         )
     # The gallery records what it indexes (the model: the one of its first run, kept from then on).
-    g.record_source(root, source.get("model", model))
+    g._record_source(root, source.get("model", model))
     return g
 
 
@@ -646,7 +646,7 @@ def _check_and_repair(g: Gallery, report: IndexReport) -> None:
             f"upgraded gallery {g.path} from format {g.migrated_from} to {FORMAT_VERSION} (vector checksums added)"
         )
     try:
-        g.load()
+        g._load()
     except SegmentDamagedError as exc:
         report.notes.append(str(exc).split("; its vectors")[0])
         for name, n in g.repair():
@@ -656,7 +656,7 @@ def _check_and_repair(g: Gallery, report: IndexReport) -> None:
 def _skip_many(g: Gallery, items: Sequence[tuple[Any, str]]) -> None:
     """Record several skips in one gallery transaction."""
     if items:
-        g.skip_many(items)
+        g._skip_many(items)
 
 
 class _Committer:
@@ -726,7 +726,7 @@ def plan_gallery(g: Gallery, entries: Sequence[WalkEntry], report: IndexReport) 
     from zsbir_infer.gallery import FileStat
 
     by_rel = {e.relpath: e for e in entries}
-    plan = g.plan([FileStat(e.relpath, e.size, e.mtime_ns) for e in entries], retry_skipped=True)
+    plan = g._plan([FileStat(e.relpath, e.size, e.mtime_ns) for e in entries], retry_skipped=True)
     report.new += len(plan.new)
     report.changed += len(plan.changed)
     report.deleted += g.delete(plan.deleted) if plan.deleted else 0

@@ -242,13 +242,13 @@ def _open_target(
         g = open_or_create_gallery(gdir, root, bundle, storage=storage, model=model, repoint=repoint)
         return g, [g]
     sg = ShardedGallery.open(gdir, fingerprint=bundle.fingerprint, readonly=False)
-    if shards is not None and shards != sg.n_shards:
+    if shards is not None and shards != len(sg.shards):
         sg.close()
         raise IndexingError(
-            f"gallery {gdir} has {sg.n_shards} shards, not {shards}; a file's shard follows from its path and the "
+            f"gallery {gdir} has {len(sg.shards)} shards, not {shards}; a file's shard follows from its path and the "
             "number of shards, which stays as created: leave out --shards (or index into a new folder, -o DIR)"
         )
-    source = sg.source
+    source = sg._source
     old_root = source.get("root")
     if old_root and Path(old_root) != root and not repoint:
         sg.close()
@@ -256,7 +256,7 @@ def _open_target(
             f"gallery {gdir} indexes {old_root}, not {root}; a gallery indexes one folder. If the photos moved to "
             f"{root}, re-point it: zsbir index --engine ray --root {root} -o {gdir}"
         )
-    sg.record_source(root, source.get("model", model))
+    sg._record_source(root, source.get("model", model))
     return sg, list(sg.shards)
 
 

@@ -182,7 +182,7 @@ class Retriever:
         gdir = resolve_gallery(gallery)
         g = open_gallery(gdir, readonly=True)  # a search never writes (read-only volumes work); sharded or not
         try:
-            g.load()  # verifies the vectors' checksums: damage is reported here, not as wrong scores
+            g._load()  # verifies the vectors' checksums: damage is reported here, not as wrong scores
             if isinstance(model, Encoder):
                 enc, owns = model, False
             else:
@@ -195,7 +195,7 @@ class Retriever:
                 )
                 owns = True
             try:
-                g.check_model(enc.fingerprint)
+                g._check_model(enc.fingerprint)
             except Exception:
                 if owns:
                     enc.close()
@@ -203,7 +203,7 @@ class Retriever:
         except Exception:
             g.close()
             raise
-        return cls(g, enc, g.root, device, owns)
+        return cls(g, enc, g._root, device, owns)
 
     # ------------------------------------------------------------------------------------------ GPU
 
@@ -236,11 +236,11 @@ class Retriever:
         from zsbir_infer import gpu
 
         # In row-id order: the kernels break ties by the smaller position, the CPU search by the smaller row id.
-        identity = self.gallery.identity()
+        identity = self.gallery._identity()
         live = sorted(self.gallery.indexed(), key=lambda item: item[1])
         ids = np.array([i for _, i in live], dtype=np.int64)
         # As stored: float16 rows, int8 rows with their per-row scales (the kernels' int8 path), or packed codes.
-        rows, scales = self.gallery.stored_rows(ids) if ids.size else (None, None)
+        rows, scales = self.gallery._stored_rows(ids) if ids.size else (None, None)
         with self._gpu_lock:
             if self._gpu is not None:
                 self._gpu.close()
@@ -361,7 +361,7 @@ class Retriever:
         if n_expand and self.gallery.storage == "itq":
             raise RetrieverError("query expansion needs stored vectors; this gallery stores ITQ codes only")
         q = self.embed(queries, domain)
-        if self.device == "cuda" and self.gallery.identity() != self._gpu_identity:
+        if self.device == "cuda" and self.gallery._identity() != self._gpu_identity:
             self.refresh()  # the GPU copy follows new commits and a gallery deleted and created again
         if n_expand:
             first = self._search_raw(q, n_expand, exact)
@@ -376,7 +376,7 @@ class Retriever:
                 q = expand_queries(q, nb, sc)
         raw = self._search_raw(q, int(k), exact)
         # The gallery's manifest says where its photos are; it follows a re-pointed or replaced gallery.
-        self.root = self.gallery.root
+        self.root = self.gallery._root
         return [[self._hit(rel, s, i, r + 1) for r, (rel, s, i) in enumerate(row)] for row in raw]
 
     def _search_raw(self, q: np.ndarray, k: int, exact: bool) -> list[list[tuple[str, float, int]]]:

@@ -71,7 +71,7 @@ def command(gallery: Path | None, as_json: bool, verify: bool) -> None:
             problems = g.verify(full=True)
         st = g.stats() if not problems else None
         if isinstance(g, ShardedGallery) and not problems:
-            shards = g.shard_stats()
+            shards = g._shard_stats()
     if problems:
         if as_json:
             click.echo(json.dumps({"path": str(gdir), "verified": False, "problems": problems}, indent=2))

@@ -63,22 +63,22 @@ Search: exact (exhaustive inner product; see :mod:`zsbir_infer.gallery.search` f
 kernel and the exact rescoring that makes scores exact), approximate (usearch HNSW, candidates rescored
 exactly) and, for ITQ storage, exhaustive Hamming. Ties: higher score first, then smaller id.
 
-Typical use (the indexing pipeline and ``zsbir index/query/info`` are built on this)::
+Typical use (``zsbir index`` fills a gallery from a photo folder incrementally; a library user can also add
+embeddings of their own)::
 
     from zsbir_infer.gallery import Gallery, FileRecord
 
-    g = Gallery.create("photos.gallery", fingerprint=bundle.fingerprint, dim=64)   # storage="float16"
-    plan = g.plan([(rel, st.st_size, st.st_mtime_ns) for rel, st in listing])    # new/changed/unchanged/deleted
-    g.delete(plan.deleted)
-    for batch in batches(plan.new + plan.changed):
-        ok, vecs = embed(batch)                                                    # L2-normalized (n, 64)
-        g.add([FileRecord(f.relpath, f.size, f.mtime_ns, sha) for f, sha in ok], vecs)
-        for f, why in failures:
-            g.skip(f, why)
-    hits = g.search(sketch_embeddings, k=10, exact=True, fingerprint=bundle.fingerprint)
-    hits[0][0].path, hits[0][0].score, hits[0][0].id
-    g.build_index()      # after indexing: save the ANN index (searches never build or save it)
-    g.stats(); g.compact(); g.close()
+    with Gallery.create("photos.gallery", fingerprint=encoder.fingerprint, dim=64) as g:   # storage="float16"
+        ids = g.add([FileRecord("a.jpg", size, mtime_ns, sha256), ...], vectors)        # L2-normalized (n, 64)
+        g.delete(["old.jpg"])
+        hits = g.search(sketch_embeddings, k=10, fingerprint=encoder.fingerprint)
+        hits[0][0].path, hits[0][0].score, hits[0][0].id
+        g.build_index()      # save the ANN index (searches never build or save it)
+        g.stats(); g.verify(); g.compact()
+
+The public methods are :data:`~zsbir_infer.gallery.store.PUBLIC_API`, the same on :class:`Gallery` and
+:class:`ShardedGallery`; the indexers, the retriever, ``zsbir serve`` and Triton also use the internal
+interface listed in :class:`Gallery`'s docstring (leading underscores: planning, skips, source, identity).
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ Search: each shard is searched (exhaustively, or through its own HNSW index with
 same vectors returns (the same paths and scores; ties: smaller id first, ids being the merged ones below).
 
 Row ids: ``id = row * shards + shard`` (the row id within the shard, interleaved), stable while the shards
-are not compacted; :meth:`ShardedGallery.vectors` and :meth:`ShardedGallery.stored_rows` take them.
+are not compacted; :meth:`ShardedGallery.vectors` takes them and :meth:`ShardedGallery.add` returns them.
 
 :func:`merge_shards` compacts a sharded gallery into one gallery (atomically: built beside the target,
 renamed into place), keeping every file's size, mtime and hash, so ``zsbir index`` continues it incrementally.
@@ -27,14 +27,12 @@ renamed into place), keeping every file's size, mtime and hash, so ``zsbir index
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import os
 import secrets
 import shutil
-import uuid
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
@@ -50,12 +48,18 @@ from zsbir_infer.gallery.store import (
     SHARDED_FORMAT,
     FileRecord,
     FileStat,
+    FolderAppeared,
     Gallery,
     GalleryError,
     GalleryStats,
     Hit,
     ModelMismatchError,
+    Plan,
     _write_json_atomic,
+    build_folder,
+    check_new_folder,
+    new_manifest,
+    require_keys,
 )
 
 __all__ = [
@@ -105,12 +109,14 @@ def is_sharded(path: str | os.PathLike[str]) -> bool:
 
 
 class ShardedGallery:
-    """Several shard galleries of one model, read, searched and described as one gallery.
+    """Several shard galleries of one model, read, written, searched and described as one gallery.
 
-    It offers the reading side of :class:`~zsbir_infer.gallery.Gallery` (``search``, ``stats``, ``indexed``,
-    ``vectors``, ``stored_rows``, ``identity``, ``check_model``, ``load``, ``verify``, ``source``/``root``) with
-    merged row ids (see the module docstring), plus :attr:`shards` (the shard galleries, for writers: one
-    writer per shard). Create with :meth:`create`, open with :meth:`open` or :func:`open_gallery`.
+    It has the public surface of :class:`~zsbir_infer.gallery.Gallery` (:data:`~zsbir_infer.gallery.store.PUBLIC_API`:
+    ``add``, ``delete``, ``search``, ``vectors``, ``indexed``, ``skipped``, ``stats``, ``verify``, ``repair``, ...)
+    and its internal interface (``INTERNAL_API``), with merged row ids (see the module docstring): a write goes to
+    the shard each file belongs to, one transaction per shard. :attr:`shards` holds the shard galleries, for
+    writers that keep one writer per shard (``zsbir index --engine ray``). Create with :meth:`create`, open with
+    :meth:`open` or :func:`open_gallery`.
     """
 
     def __init__(self, path: Path, manifest: dict[str, Any], shards: list[Gallery], readonly: bool) -> None:
@@ -155,42 +161,23 @@ class ShardedGallery:
             raise GalleryError(f"a sharded gallery needs at least 2 shards; got {shards!r} (1 shard: Gallery.create)")
         if storage not in SHARDED_STORAGES:
             raise GalleryError(f"sharded galleries store {' or '.join(SHARDED_STORAGES)} vectors; got {storage!r}")
-        if p.exists() and (not p.is_dir() or any(p.iterdir())):
-            raise GalleryError(f"{p} exists and is not an empty directory; a gallery needs a directory of its own")
-        from zsbir_infer import __version__
-        from zsbir_infer.gallery.store import creating_prefix
+        check_new_folder(p)
+        manifest = new_manifest(
+            SHARDED_FORMAT, SHARDED_VERSION, fingerprint, dim, storage, shards=int(shards), partition=PARTITION
+        )
 
-        manifest: dict[str, Any] = {
-            "format": SHARDED_FORMAT,
-            "format_version": SHARDED_VERSION,
-            "fingerprint": fingerprint,
-            "dim": int(dim),
-            "metric": "ip",
-            "storage": storage,
-            "shards": int(shards),
-            "partition": PARTITION,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "zsbir_version": __version__,
-            "uuid": uuid.uuid4().hex,
-        }
-        parent = p.absolute().parent
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = parent / f"{creating_prefix(p.name)}{os.getpid()}-{secrets.token_hex(4)}"
-        tmp.mkdir()
-        try:
-            (tmp / SHARD_DIR).mkdir()
+        def build(d: Path) -> None:
+            (d / SHARD_DIR).mkdir()
             for i in range(int(shards)):
                 Gallery.create(
-                    tmp / _shard_name(i), fingerprint=fingerprint, dim=dim, storage=storage, segment_rows=segment_rows
+                    d / _shard_name(i), fingerprint=fingerprint, dim=dim, storage=storage, segment_rows=segment_rows
                 ).close()
-            _write_json_atomic(tmp / MANIFEST, manifest)  # last: without it the folder is no gallery
-            try:
-                os.rename(tmp, p)
-            except OSError as e:
-                raise GalleryError(f"cannot create {p}: {e.strerror or e} (did another process create it?)") from None
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            _write_json_atomic(d / MANIFEST, manifest)  # last: without it the folder is no gallery
+
+        try:
+            build_folder(p, build)
+        except FolderAppeared:
+            raise GalleryError(f"cannot create {p}: it appeared meanwhile (did another process create it?)") from None
         return cls.open(p, fingerprint=fingerprint, readonly=False)
 
     @classmethod
@@ -213,9 +200,7 @@ class ShardedGallery:
                 f"{p} has sharded-gallery version {m.get('format_version')}; this zsbir reads version "
                 f"{SHARDED_VERSION}. Upgrade zsbir."
             )
-        for key in ("fingerprint", "dim", "storage", "metric", "shards"):
-            if key not in m:
-                raise GalleryError(f"{p / MANIFEST} lacks the '{key}' entry")
+        require_keys(m, ("fingerprint", "dim", "storage", "metric", "shards"), p / MANIFEST)
         n = int(m["shards"])
         if readonly is None:
             readonly = not os.access(p, os.W_OK)
@@ -234,7 +219,7 @@ class ShardedGallery:
                     )
             sg = cls(p, m, shards, bool(readonly))
             if fingerprint is not None:
-                sg.check_model(fingerprint)
+                sg._check_model(fingerprint)
         except BaseException:
             for g in shards:
                 g.close()
@@ -243,28 +228,23 @@ class ShardedGallery:
 
     # ------------------------------------------------------------------ identity and source
 
-    @property
-    def n_shards(self) -> int:
-        """Number of shards."""
-        return len(self.shards)
-
-    def shard_of(self, relpath: str) -> int:
+    def _shard_of(self, relpath: str) -> int:
         """The shard that holds (or will hold) ``relpath``."""
         return shard_of(relpath, len(self.shards))
 
     @property
-    def source(self) -> dict[str, Any]:
-        """What the gallery indexes (``{"root", "model"}``, as :attr:`Gallery.source`)."""
+    def _source(self) -> dict[str, Any]:
+        """What the gallery indexes (``{"root", "model"}``, as ``Gallery._source``)."""
         m = _read_manifest(self.path) or self.manifest
         return read_source(self.path, m)
 
     @property
-    def root(self) -> str | None:
+    def _root(self) -> str | None:
         """The photo folder this gallery indexes (absolute), or None when unknown."""
-        root = self.source.get("root")
+        root = self._source.get("root")
         return root if isinstance(root, str) else None
 
-    def record_source(self, root: str | os.PathLike[str], model: str | None) -> None:
+    def _record_source(self, root: str | os.PathLike[str], model: str | None) -> None:
         """Record the photo folder and the model bundle in the sharded manifest (atomically)."""
         if self.readonly:
             raise GalleryError(f"gallery {self.path} is open read-only")
@@ -275,15 +255,15 @@ class ShardedGallery:
         self.manifest = {**m, "source": block}
         _write_json_atomic(self.path / MANIFEST, self.manifest)
 
-    def check_model(self, fingerprint: str) -> None:
+    def _check_model(self, fingerprint: str) -> None:
         """Raise :class:`ModelMismatchError` unless ``fingerprint`` is the gallery's."""
         if fingerprint != self.fingerprint:
             raise ModelMismatchError(self.path, self.fingerprint, fingerprint)
 
-    def identity(self) -> tuple[str, int]:
+    def _identity(self) -> tuple[str, int]:
         """``(uuid, generation)``: the uuid of the sharded gallery and of its shards, and the sum of the
         shards' commit counters (it grows with every commit to any shard)."""
-        ids = [g.identity() for g in self.shards]
+        ids = [g._identity() for g in self.shards]
         return ":".join([self.uuid, *(u for u, _ in ids)]), sum(gen for _, gen in ids)
 
     # ------------------------------------------------------------------ ids
@@ -300,10 +280,10 @@ class ShardedGallery:
 
     # ------------------------------------------------------------------ reading
 
-    def load(self) -> None:
+    def _load(self) -> None:
         """Map every shard's vectors and verify their checksums now."""
         for g in self.shards:
-            g.load()
+            g._load()
 
     def verify(self, full: bool = True) -> list[str]:
         """Every shard's problems (see :meth:`Gallery.verify`), each prefixed with the shard's folder."""
@@ -318,9 +298,9 @@ class ShardedGallery:
         """(relpath, reason) of every skipped file, sorted by path."""
         return sorted(item for g in self.shards for item in g.skipped())
 
-    def live_count(self) -> int:
+    def _live_count(self) -> int:
         """Number of searchable rows over all shards."""
-        return sum(g.live_count() for g in self.shards)
+        return sum(g._live_count() for g in self.shards)
 
     def __len__(self) -> int:
         """Number of indexed (searchable) files."""
@@ -340,13 +320,13 @@ class ShardedGallery:
             out[sel] = g.vectors(rows)
         return out
 
-    def stored_rows(self, ids: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """Rows exactly as stored (see :meth:`Gallery.stored_rows`), for merged ids."""
+    def _stored_rows(self, ids: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Rows exactly as stored (see ``Gallery._stored_rows``), for merged ids."""
         n = int(np.asarray(ids).size)
         main: np.ndarray | None = None
         scale: np.ndarray | None = None
         for g, sel, rows in self._per_shard(ids):
-            m, s = g.stored_rows(rows)
+            m, s = g._stored_rows(rows)
             if main is None:
                 main = np.empty((n, *m.shape[1:]), dtype=m.dtype)
                 scale = None if s is None else np.empty((n, *s.shape[1:]), dtype=s.dtype)
@@ -354,7 +334,7 @@ class ShardedGallery:
             if scale is not None and s is not None:
                 scale[sel] = s
         if main is None:
-            return self.shards[0].stored_rows([])
+            return self.shards[0]._stored_rows([])
         return main, scale
 
     def search(
@@ -372,7 +352,7 @@ class ShardedGallery:
         is sorted by score, then by merged id. Hits carry merged ids.
         """
         if fingerprint is not None:
-            self.check_model(fingerprint)
+            self._check_model(fingerprint)
         per_shard = [g.search(queries, k, exact, threads=threads) for g in self.shards]
         out: list[list[Hit]] = []
         for qi in range(len(per_shard[0])):
@@ -382,6 +362,76 @@ class ShardedGallery:
         return out
 
     # ------------------------------------------------------------------ writing
+
+    def _by_shard(self, relpaths: Sequence[str], *, every: bool = False) -> Iterator[tuple[int, np.ndarray]]:
+        """``(shard, positions)`` of the paths each shard holds, in shard order (``every``: empty shards too)."""
+        shard = np.fromiter((self._shard_of(r) for r in relpaths), dtype=np.int64, count=len(relpaths))
+        for i in range(len(self.shards)) if every else np.unique(shard).tolist():
+            pos = np.flatnonzero(shard == i)
+            if every or pos.size:
+                yield int(i), pos
+
+    def _plan(self, files: Iterable[FileStat | tuple[str, int, int]], *, retry_skipped: bool = False) -> Plan:
+        """``Gallery._plan`` over every shard, each planning the files that belong to it."""
+        stats = [f if isinstance(f, FileStat) else FileStat(*f) for f in files]
+        out = Plan()
+        for i, pos in self._by_shard([f.relpath for f in stats], every=True):
+            part = self.shards[i]._plan([stats[j] for j in pos], retry_skipped=retry_skipped)
+            out.new.extend(part.new)
+            out.changed.extend(part.changed)
+            out.unchanged.extend(part.unchanged)
+            out.deleted.extend(part.deleted)
+            out.retry.extend(part.retry)
+        return out
+
+    def _skip(self, file: FileStat | FileRecord | str, reason: str) -> None:
+        """``Gallery._skip`` in the file's shard."""
+        self._skip_many([(file, reason)])
+
+    def _skip_many(self, items: Iterable[tuple[FileStat | FileRecord | str, str]]) -> None:
+        """``Gallery._skip_many``, one transaction per shard."""
+        pairs = list(items)
+        rels = [f if isinstance(f, str) else f.relpath for f, _ in pairs]
+        for i, pos in self._by_shard(rels):
+            self.shards[i]._skip_many([pairs[j] for j in pos])
+
+    def _records(self) -> list[tuple[FileRecord, int]]:
+        """Every indexed file as a :class:`FileRecord` with its merged row id, in merged-id order."""
+        out = [(rec, self._gid(i, row)) for i, g in enumerate(self.shards) for rec, row in g._records()]
+        return sorted(out, key=lambda item: item[1])
+
+    def add(self, records: Sequence[FileRecord], vectors: np.ndarray) -> list[int]:
+        """Add (or replace) files and their embeddings (see :meth:`Gallery.add`), each in the shard its path
+        belongs to; returns the merged row ids, in order. Each shard's part is one atomic batch (a crash can
+        leave some shards' parts committed and not others; a rerun of ``zsbir index`` completes them).
+
+        Raises:
+            GalleryError: on bad records or vectors (checked before any shard is written).
+        """
+        recs = list(records)
+        for r in recs:
+            if not isinstance(r, FileRecord):
+                raise GalleryError(f"records must be FileRecord objects; got {type(r).__name__}")
+        v = np.asarray(vectors)
+        if v.ndim != 2 or v.shape[0] != len(recs):
+            raise GalleryError(f"expected {len(recs)} vectors of dimension {self.dim}; got shape {list(v.shape)}")
+        if len({r.relpath for r in recs}) != len(recs):
+            raise GalleryError("the batch names a file twice")
+        ids = np.empty(len(recs), dtype=np.int64)
+        for i, pos in self._by_shard([r.relpath for r in recs]):
+            rows = self.shards[i].add([recs[j] for j in pos], v[pos])
+            ids[pos] = [self._gid(i, row) for row in rows]
+        return ids.tolist()
+
+    def delete(self, relpaths: Iterable[str]) -> int:
+        """Mark files as deleted in their shards (see :meth:`Gallery.delete`); returns how many were known."""
+        rels = list(relpaths)
+        return sum(self.shards[i].delete([rels[j] for j in pos]) for i, pos in self._by_shard(rels))
+
+    def repair(self) -> list[tuple[str, int]]:
+        """Drop the photos stored in damaged segment files of every shard (see :meth:`Gallery.repair`);
+        ``(shard folder/segment file name, photos dropped)`` for each damaged segment."""
+        return [(f"{_shard_name(i)}/{name}", n) for i, g in enumerate(self.shards) for name, n in g.repair()]
 
     def build_index(self) -> int:
         """Build and save every shard's ANN index; returns the vectors in them."""
@@ -394,14 +444,14 @@ class ShardedGallery:
 
     # ------------------------------------------------------------------ description
 
-    def shard_stats(self) -> list[GalleryStats]:
+    def _shard_stats(self) -> list[GalleryStats]:
         """Each shard's :class:`GalleryStats`, in shard order."""
         return [g.stats() for g in self.shards]
 
     def stats(self) -> GalleryStats:
         """The shards' counts and sizes added up (``ann_state``: ``current`` when every shard's index is current,
         ``missing`` when no shard has one, else ``stale``); :meth:`shard_stats` has them one by one."""
-        parts = self.shard_stats()
+        parts = self._shard_stats()
         states = {s.ann_state for s in parts}
         ann_state = states.pop() if len(states) == 1 else "stale"
         total_bytes = sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
@@ -483,17 +533,17 @@ def merge_shards(
         try:
             with Gallery.create(tmp, fingerprint=sg.fingerprint, dim=sg.dim, storage=sg.storage) as g:
                 for shard in sg.shards:
-                    recs = shard.records()
+                    recs = shard._records()
                     for start in range(0, len(recs), MERGE_CHUNK):
                         chunk = recs[start : start + MERGE_CHUNK]
                         vecs = shard.vectors([row for _, row in chunk])
                         g.add([FileRecord(r.relpath, r.size, r.mtime_ns, r.sha256) for r, _ in chunk], vecs)
                     skips: list[tuple[FileStat | FileRecord | str, str]] = list(shard._skipped_records())
                     if skips:
-                        g.skip_many(skips)
-                source = sg.source
+                        g._skip_many(skips)
+                source = sg._source
                 if source.get("root"):
-                    g.record_source(str(source["root"]), source.get("model"))
+                    g._record_source(str(source["root"]), source.get("model"))
                 if builds_ann(len(g), False, build_ann_from):
                     g.build_index()
             os.rename(tmp, out)

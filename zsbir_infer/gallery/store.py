@@ -85,6 +85,70 @@ DEFAULT_SEGMENT_ROWS = 1 << 20
 NORM_TOLERANCE = 0.02
 
 
+def check_new_folder(p: Path) -> None:
+    """Refuse to create a gallery (single or sharded) at ``p`` unless it is absent or an empty directory."""
+    if p.exists() and (not p.is_dir() or any(p.iterdir())):
+        raise GalleryError(f"{p} exists and is not an empty directory; a gallery needs a directory of its own")
+
+
+def new_manifest(fmt: str, version: int, fingerprint: str, dim: int, storage: str, **fields: Any) -> dict[str, Any]:
+    """The manifest of a new gallery (single or sharded): format, model, storage, ``fields``, creation time,
+    zsbir version and a fresh uuid."""
+    from zsbir_infer import __version__
+
+    return {
+        "format": fmt,
+        "format_version": version,
+        "fingerprint": fingerprint,
+        "dim": int(dim),
+        "metric": "hamming" if storage == "itq" else "ip",
+        "storage": storage,
+        **fields,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "zsbir_version": __version__,
+        "uuid": uuid.uuid4().hex,
+    }
+
+
+def require_keys(manifest: dict[str, Any], keys: Iterable[str], mpath: Path) -> None:
+    """Raise :class:`GalleryError` naming the first of ``keys`` that the manifest at ``mpath`` lacks."""
+    for key in keys:
+        if key not in manifest:
+            raise GalleryError(f"{mpath} lacks the '{key}' entry")
+
+
+class FolderAppeared(Exception):
+    """:func:`build_folder` could not rename its folder into place: something appeared at the target."""
+
+
+def build_folder(p: Path, build: Callable[[Path], None]) -> None:
+    """Make the new gallery folder ``p`` with ``build(folder)``: in a temporary sibling folder, renamed into place,
+    so the gallery appears whole or not at all and two creations at once cannot mix their files (the second
+    rename fails: not empty; :class:`FolderAppeared`). Where ``p`` is a mount point (a volume mounted as the
+    gallery folder) it is built in place, ``build`` writing its manifest last (``zsbir index`` serializes
+    creations with a lock on the parent folder)."""
+    parent = p.absolute().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = parent / f"{creating_prefix(p.name)}{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        build(tmp)
+        try:
+            os.rename(tmp, p)  # replaces p only when it is an empty directory
+        except OSError as e:
+            if e.errno in (errno.EXDEV, errno.EBUSY) and p.is_dir() and not any(p.iterdir()):
+                shutil.rmtree(tmp, ignore_errors=True)
+                build(p)
+                return
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                raise
+            raise FolderAppeared(str(p)) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(parent)
+
+
 def _rollback(con: sqlite3.Connection) -> None:
     """Roll back the open transaction, if any: an interrupt (Ctrl-C) can land after COMMIT has already ended
     it, and a ROLLBACK then would raise and hide the interrupt."""
@@ -159,7 +223,7 @@ class FileRecord:
 
 @dataclass(frozen=True)
 class Plan:
-    """What an indexing run has to do (see :meth:`Gallery.plan`).
+    """What an indexing run has to do (see ``Gallery._plan``).
 
     Attributes:
         new: files the gallery does not know (or knew only as deleted).
@@ -332,21 +396,60 @@ CREATE TABLE IF NOT EXISTS state (
 """
 
 
+#: The public methods of :class:`Gallery` and :class:`~zsbir_infer.gallery.shards.ShardedGallery` (with ``len()``
+#: and ``with``): what library users call.
+PUBLIC_API = (
+    "add",
+    "build_index",
+    "close",
+    "compact",
+    "create",
+    "delete",
+    "indexed",
+    "open",
+    "repair",
+    "search",
+    "skipped",
+    "stats",
+    "vectors",
+    "verify",
+)
+#: The runtime's internal interface to a gallery, single or sharded (see :class:`Gallery`).
+INTERNAL_API = (
+    "_check_model",
+    "_identity",
+    "_live_count",
+    "_load",
+    "_plan",
+    "_record_source",
+    "_records",
+    "_root",
+    "_skip",
+    "_skip_many",
+    "_source",
+    "_stored_rows",
+)
+
+
 class Gallery:
     """An on-disk, incrementally updatable collection of photo embeddings. Use :meth:`create` or :meth:`open`.
 
-    Public surface (what ``zsbir`` commands and library users call; anything with a leading underscore is
-    internal to :mod:`zsbir_infer.gallery`):
+    Public surface (:data:`PUBLIC_API`, what library users call; ``tests/test_public_api.py`` pins it):
 
-    - lifecycle: :meth:`create`, :meth:`open`, :meth:`close` (or ``with``), :meth:`check_model`;
-    - writing (one writer at a time, each call one transaction): :meth:`plan`, :meth:`add`, :meth:`skip` /
-      :meth:`skip_many`, :meth:`delete`, :meth:`compact`, :meth:`build_index`, :meth:`record_source`;
-    - searching and reading: :meth:`search`, :meth:`vectors`, :meth:`indexed`, :meth:`skipped`,
-      :meth:`records`, ``len()``, :meth:`stats`, :attr:`source` / :attr:`root`;
-    - checking: :meth:`verify`, :meth:`repair`, :meth:`load` (reads and checksums every segment now);
-    - for runtime components that keep a copy of the rows (the retriever's GPU copy, ``zsbir serve``):
-      :meth:`stored_rows` (rows as stored, for an upload), :meth:`identity` (changes with every commit and
-      when the folder is replaced) and :meth:`live_count` (``len()`` without a table scan).
+    - lifecycle: :meth:`create`, :meth:`open`, :meth:`close` (or ``with``);
+    - writing (one writer at a time, each call one transaction): :meth:`add`, :meth:`delete`, :meth:`compact`,
+      :meth:`build_index`;
+    - reading: :meth:`search`, :meth:`vectors`, :meth:`indexed`, :meth:`skipped`, ``len()``, :meth:`stats`;
+    - checking: :meth:`verify`, :meth:`repair`.
+
+    The runtime's own bookkeeping goes through methods with a leading underscore (:data:`INTERNAL_API`),
+    which :class:`~zsbir_infer.gallery.shards.ShardedGallery` implements too; they are for the indexers, the
+    retriever, ``zsbir serve`` and Triton, not for library users, and may change without notice:
+    ``_plan`` / ``_skip`` / ``_skip_many`` / ``_records`` (incremental indexing), ``_source`` / ``_root`` /
+    ``_record_source`` (what the gallery indexes), ``_check_model``, ``_load`` (map and checksum every
+    segment now), and, for copies of the rows kept elsewhere (the retriever's GPU copy, ``zsbir serve``),
+    ``_stored_rows`` (rows as stored), ``_identity`` (changes with every commit and when the folder is
+    replaced) and ``_live_count`` (``len()`` without a table scan).
 
     Attributes:
         path: the gallery directory.
@@ -447,7 +550,7 @@ class Gallery:
             self.segment_rows = int(manifest["segment_rows"])
 
     @property
-    def source(self) -> dict[str, Any]:
+    def _source(self) -> dict[str, Any]:
         """What the gallery indexes: ``{"root": ..., "model": ...}``, absolute paths where the gallery is now
         (``model`` None = the embedded default; a key is absent when unknown). Kept in the manifest (older
         galleries: in ``indexer.json``); see :mod:`zsbir_infer.gallery.source`. Follows a rewritten manifest."""
@@ -459,13 +562,13 @@ class Gallery:
         return dict(cached[1])
 
     @property
-    def root(self) -> str | None:
+    def _root(self) -> str | None:
         """The photo folder this gallery indexes (absolute), or None when unknown."""
-        root = self.source.get("root")
+        root = self._source.get("root")
         return root if isinstance(root, str) else None
 
     @_guarded
-    def record_source(self, root: str | os.PathLike[str], model: str | None) -> None:
+    def _record_source(self, root: str | os.PathLike[str], model: str | None) -> None:
         """Record the photo folder and the model bundle (None: the embedded default) in the manifest, relative to
         the gallery when inside or beside it (see :mod:`zsbir_infer.gallery.source`). A writer operation; the
         manifest is replaced atomically and open readers follow it."""
@@ -479,7 +582,7 @@ class Gallery:
             self._manifest_key = _stat_key(self.path / MANIFEST)
             self.manifest = manifest
 
-    def identity(self) -> tuple[str, int]:
+    def _identity(self) -> tuple[str, int]:
         """``(uuid, generation)``: changes with every commit and when the gallery is replaced by another one
         (a copy of the gallery kept elsewhere, like the Retriever's GPU copy, is stale when this changes)."""
         self._check_identity()
@@ -542,24 +645,17 @@ class Gallery:
                     )
                 return g
             raise GalleryError(f"{p} already holds a gallery; open it with Gallery.open or choose another directory")
-        if p.exists() and (not p.is_dir() or any(p.iterdir())):
-            raise GalleryError(f"{p} exists and is not an empty directory; a gallery needs a directory of its own")
-        from zsbir_infer import __version__
-
-        manifest: dict[str, Any] = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "fingerprint": fingerprint,
-            "dim": int(dim),
-            "metric": "hamming" if storage == "itq" else "ip",
-            "normalized": True,
-            "storage": storage,
-            "segment_rows": int(segment_rows),
-            "itq": {"file": ITQ_FILE, "n_bits": int(itq.n_bits)} if storage == "itq" else None,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "zsbir_version": __version__,
-            "uuid": uuid.uuid4().hex,
-        }
+        check_new_folder(p)
+        manifest = new_manifest(
+            FORMAT,
+            FORMAT_VERSION,
+            fingerprint,
+            dim,
+            storage,
+            normalized=True,
+            segment_rows=int(segment_rows),
+            itq={"file": ITQ_FILE, "n_bits": int(itq.n_bits)} if storage == "itq" else None,
+        )
 
         def build(d: Path) -> None:
             (d / SEGMENT_DIR).mkdir()
@@ -576,35 +672,15 @@ class Gallery:
             _write_json_atomic(d / MANIFEST, manifest)  # last: a folder without it is not a gallery yet
             _fsync_dir(d)
 
-        # Built in a temporary sibling folder and renamed into place: the gallery appears whole or not at
-        # all, and two creations at once cannot mix their files (the second rename fails: not empty).
-        parent = p.absolute().parent
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = parent / f"{creating_prefix(p.name)}{os.getpid()}-{secrets.token_hex(4)}"
-        tmp.mkdir()
         try:
-            build(tmp)
-            try:
-                os.rename(tmp, p)  # replaces p only when it is an empty directory
-            except OSError as e:
-                if e.errno in (errno.EXDEV, errno.EBUSY) and p.is_dir() and not any(p.iterdir()):
-                    # p is a mount point (a volume mounted as the gallery folder): build in place, manifest
-                    # last (``zsbir index`` serializes creations with a lock on the parent folder).
-                    shutil.rmtree(tmp, ignore_errors=True)
-                    build(p)
-                    return cls(p, manifest, _token=_CONSTRUCT)
-                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
-                    raise
-                if exist_ok and (p / MANIFEST).exists():  # another process created it first
-                    return cls.create(p, fingerprint, dim, storage, itq=itq, segment_rows=segment_rows, exist_ok=True)
-                raise GalleryError(
-                    f"{p} appeared while this gallery was being created (another process?); open it with "
-                    "Gallery.open or choose another directory"
-                ) from None
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        _fsync_dir(parent)
+            build_folder(p, build)
+        except FolderAppeared:
+            if exist_ok and (p / MANIFEST).exists():  # another process created it first
+                return cls.create(p, fingerprint, dim, storage, itq=itq, segment_rows=segment_rows, exist_ok=True)
+            raise GalleryError(
+                f"{p} appeared while this gallery was being created (another process?); open it with "
+                "Gallery.open or choose another directory"
+            ) from None
         return cls(p, manifest, _token=_CONSTRUCT)
 
     @classmethod
@@ -645,9 +721,7 @@ class Gallery:
                 f"{p} has gallery format version {manifest.get('format_version')}; this zsbir reads versions "
                 f"{', '.join(map(str, READABLE_VERSIONS))}. Upgrade zsbir, or re-index the photos with this version."
             )
-        for key in ("fingerprint", "dim", "storage", "metric", "segment_rows"):
-            if key not in manifest:
-                raise GalleryError(f"{mpath} lacks the '{key}' entry")
+        require_keys(manifest, ("fingerprint", "dim", "storage", "metric", "segment_rows"), mpath)
         if manifest["storage"] not in STORAGES:
             raise GalleryError(f"{mpath}: unknown storage {manifest['storage']!r}")
         if not (p / DATABASE).exists():
@@ -666,7 +740,7 @@ class Gallery:
             if g.format_version < FORMAT_VERSION and not g.readonly:
                 g._upgrade()
             if fingerprint is not None:
-                g.check_model(fingerprint)
+                g._check_model(fingerprint)
         except BaseException:
             g.close()
             raise
@@ -752,7 +826,7 @@ class Gallery:
             with self._state_lock:
                 self._snapshot = None
 
-    def check_model(self, fingerprint: str) -> None:
+    def _check_model(self, fingerprint: str) -> None:
         """Raise :class:`ModelMismatchError` unless ``fingerprint`` is the one the gallery was built with."""
         if fingerprint != self.fingerprint:
             raise ModelMismatchError(self.path, self.fingerprint, fingerprint)
@@ -917,7 +991,7 @@ class Gallery:
     # ------------------------------------------------------------------ incremental bookkeeping
 
     @_guarded
-    def plan(self, files: Iterable[FileStat | tuple[str, int, int]], *, retry_skipped: bool = False) -> Plan:
+    def _plan(self, files: Iterable[FileStat | tuple[str, int, int]], *, retry_skipped: bool = False) -> Plan:
         """Compare a listing of the indexed root with what the gallery recorded.
 
         Args:
@@ -1068,18 +1142,18 @@ class Gallery:
                 raise
         return ids
 
-    def skip(self, file: FileStat | FileRecord | str, reason: str) -> None:
+    def _skip(self, file: FileStat | FileRecord | str, reason: str) -> None:
         """Record that a file was not indexed and why (unreadable, not an image, ...).
 
-        A skipped file has no vector (an earlier vector of the same path becomes a tombstone); :meth:`plan`
+        A skipped file has no vector (an earlier vector of the same path becomes a tombstone); ``_plan``
         reports it as unchanged until its size or mtime change. Pass a :class:`FileStat` for that: a bare
         path records no size/mtime, so the file is planned as changed (retried) on every run.
         """
-        self.skip_many([(file, reason)])
+        self._skip_many([(file, reason)])
 
     @_guarded
-    def skip_many(self, items: Iterable[tuple[FileStat | FileRecord | str, str]]) -> None:
-        """:meth:`skip` for several ``(file, reason)`` pairs, recorded in one transaction (all or none)."""
+    def _skip_many(self, items: Iterable[tuple[FileStat | FileRecord | str, str]]) -> None:
+        """``_skip`` for several ``(file, reason)`` pairs, recorded in one transaction (all or none)."""
         rows = []
         now = time.time_ns()
         for file, reason in items:
@@ -1225,7 +1299,7 @@ class Gallery:
             ) from None
 
     @_guarded
-    def load(self) -> None:
+    def _load(self) -> None:
         """Map the committed vectors and verify their checksums now (else the first search does it).
 
         Raises:
@@ -1354,7 +1428,7 @@ class Gallery:
         return [(self._catalog_path(a), str(b)) for a, b in cur]
 
     @_guarded
-    def records(self) -> list[tuple[FileRecord, int]]:
+    def _records(self) -> list[tuple[FileRecord, int]]:
         """Every indexed file as a :class:`FileRecord` (size, mtime, sha256) with its row id, in row order (what
         copying the gallery's live rows into another gallery needs: :func:`zsbir_infer.gallery.shards.merge_shards`)."""
         cur = self._con().execute(
@@ -1377,7 +1451,7 @@ class Gallery:
         return [(self._catalog_path(a), int(b)) for a, b in cur]
 
     @_guarded
-    def live_count(self) -> int:
+    def _live_count(self) -> int:
         """Number of searchable rows (equal to ``len(self)``), from the cached snapshot: no table scan."""
         return self._snapshot_now().live
 
@@ -1398,7 +1472,7 @@ class Gallery:
         return self._gather(snap, idx)
 
     @_guarded
-    def stored_rows(self, ids: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    def _stored_rows(self, ids: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Rows exactly as stored: ``(rows, scales)`` with float16 rows, int8 rows plus their float32 per-row
         scales, or packed uint8 ITQ codes; ``scales`` is None except for int8 storage."""
         snap = self._snapshot_now()
@@ -1470,7 +1544,7 @@ class Gallery:
             ``k`` when the gallery holds fewer files.
         """
         if fingerprint is not None:
-            self.check_model(fingerprint)
+            self._check_model(fingerprint)
         if not isinstance(k, (int, np.integer)) or int(k) < 1:
             raise GalleryError(f"k must be a positive integer; got {k!r}")
         k = int(k)
@@ -1560,12 +1634,6 @@ class Gallery:
             ann.save()
             self._ann_key = _stat_key(self.path / ANN_META)
             return ann.size
-
-    def ann_state(self) -> str:
-        """``"none"`` (ITQ: no ANN), ``"missing"`` (searches are exhaustive), ``"current"`` (the saved index
-        covers every row) or ``"stale"`` (rows added or deleted since it was saved: searches update it in
-        memory when it covers at least half of the rows, else search exhaustively; ``zsbir index`` saves it)."""
-        return self.stats().ann_state
 
     @_guarded
     def build_index(self) -> int:

@@ -181,7 +181,7 @@ class _Service:
 
     def _rows(self) -> float:
         try:
-            return float(self.r.gallery.live_count())
+            return float(self.r.gallery._live_count())
         except Exception:
             return math.nan
 
@@ -198,7 +198,7 @@ class _Service:
         return rows
 
     def _remember(self, rows: list[list[Any]]) -> None:
-        identity = self.r.gallery.identity()
+        identity = self.r.gallery._identity()
         with self._paths_lock:
             if identity != self._paths_identity:
                 self._paths, self._paths_identity, self._paths_full = {}, identity, False
@@ -208,7 +208,7 @@ class _Service:
 
     def relpath(self, vid: int) -> str | None:
         """The photo of row ``vid`` (checked by the gallery to lie inside the photo folder), or None."""
-        identity = self.r.gallery.identity()
+        identity = self.r.gallery._identity()
         with self._paths_lock:
             if identity != self._paths_identity:
                 self._paths, self._paths_identity, self._paths_full = {}, identity, False
@@ -563,7 +563,7 @@ def create_app(
     @endpoint("readyz", public=True)
     async def readyz(request: Request) -> Response:
         try:
-            n = await anyio.to_thread.run_sync(r.gallery.live_count)
+            n = await anyio.to_thread.run_sync(r.gallery._live_count)
         except Exception as exc:
             return _error(503, "not-ready", f"the gallery cannot be read: {exc}")
         return JSONResponse({"status": "ready", "photos": int(n), "model": r.fingerprint})

@@ -337,7 +337,7 @@ def _check_gallery(gallery: str | os.PathLike[str] | None, b: Bundle) -> Path | 
     except (GalleryError, OSError) as exc:
         raise TritonError(f"cannot open the gallery {path}: {exc}") from None
     try:
-        g.check_model(b.fingerprint)
+        g._check_model(b.fingerprint)
     except Exception as exc:
         raise TritonError(f"{exc}") from None
     finally:

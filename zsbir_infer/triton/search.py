@@ -47,10 +47,10 @@ def open_retriever(
 
     g = open_gallery(resolve_gallery(gallery), readonly=True)
     try:
-        g.load()
-        g.check_model(fingerprint)
+        g._load()
+        g._check_model(fingerprint)
     except Exception:
         g.close()
         raise
     encoder = cast(Encoder, EmbeddingsOnly(fingerprint, g.dim))
-    return Retriever(g, encoder, g.root, device, owns_encoder=False, expand=expand)
+    return Retriever(g, encoder, g._root, device, owns_encoder=False, expand=expand)
