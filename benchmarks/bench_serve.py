@@ -49,23 +49,9 @@ def free_port() -> int:
 
 def free_ports(n: int) -> int:
     """The first of ``n`` consecutive free loopback ports (e.g. Triton's HTTP, gRPC and metrics)."""
-    import random
+    from zsbir_infer.triton.server import free_port_block
 
-    for _ in range(200):
-        base = random.randrange(20000, 60000)
-        socks: list[socket.socket] = []
-        try:
-            for p in range(base, base + n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", p))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError(f"no {n} consecutive free ports")
+    return free_port_block(n)
 
 
 def rss_mib(pid: int) -> float | None:

@@ -9,10 +9,7 @@ only when that fails."""
 
 from __future__ import annotations
 
-import os
-import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -39,29 +36,15 @@ from zsbir_infer.encoder import Encoder
 from zsbir_infer.indexer import index_folder
 from zsbir_infer.triton import TritonError
 from zsbir_infer.triton.repository import TritonRepositoryOptions, write_repository
-from zsbir_infer.triton.server import TritonServer, find_tritonserver, install_model_env, install_tritonserver
+from zsbir_infer.triton.server import (
+    TritonServer,
+    find_tritonserver,
+    free_port_block,
+    install_model_env,
+    install_tritonserver,
+)
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]  # about 30 s for the module
-
-
-def free_ports(n: int = 3) -> int:
-    """A base port P with P .. P+n-1 free on 127.0.0.1."""
-    rng = random.Random(os.getpid() ^ int(time.time()))
-    for _ in range(200):
-        base = rng.randrange(20000, 60000)
-        socks = []
-        try:
-            for p in range(base, base + n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", p))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free ports")
 
 
 def _install() -> Any:
@@ -98,7 +81,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         base / ".zsbir",
         TritonRepositoryOptions(encoder="python", max_queue_delay_us=20_000),
     )
-    server = TritonServer(repo, port=free_ports(), install=install, log_file=base / "tritonserver.log")
+    server = TritonServer(repo, port=free_port_block(), install=install, log_file=base / "tritonserver.log")
     server.start(timeout=180)
     retriever = Retriever.open(base / ".zsbir", backend="ort-cpu")
     try:
@@ -216,7 +199,7 @@ def test_bad_input_is_an_error_and_the_server_stays_up(setup: dict[str, Any]) ->
 
 
 def test_zsbir_serve_engine_triton_stops_cleanly_on_ctrl_c(setup: dict[str, Any]) -> None:
-    port = free_ports()
+    port = free_port_block()
     cmd = [
         str(Path(sys.executable).parent / "zsbir"),
         "serve",

@@ -287,3 +287,20 @@ def test_serve_triton_refuses_onnx_encoder_without_the_backend(setup: dict[str, 
     args = ["serve", "--engine", "triton", "--triton-encoder", "onnx", "--gallery", str(setup["gallery"])]
     r = CliRunner().invoke(main, args)
     assert r.exit_code != 0 and "no ONNX Runtime backend" in r.output and "--triton-encoder python" in r.output
+
+
+def test_free_port_block_is_free_and_consecutive() -> None:
+    import socket
+
+    from zsbir_infer.triton.server import free_port_block
+
+    base = free_port_block(3)
+    socks = [socket.socket() for _ in range(3)]
+    try:
+        for i, s in enumerate(socks):
+            s.bind(("127.0.0.1", base + i))  # all three bind: the block was free
+        with pytest.raises(TritonError, match="no 3 consecutive free ports"):
+            free_port_block(3, "203.0.113.1", tries=2)  # an address of no interface here: nothing binds
+    finally:
+        for s in socks:
+            s.close()

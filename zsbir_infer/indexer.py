@@ -64,7 +64,7 @@ from zsbir_infer.prefetch import prefetch
 
 if TYPE_CHECKING:
     from zsbir_infer.encoder import Encoder
-    from zsbir_infer.gallery import Gallery
+    from zsbir_infer.gallery import Gallery, ShardedGallery
     from zsbir_infer.preprocess import PreprocessSpec
 
 __all__ = [
@@ -544,18 +544,26 @@ def open_or_create_gallery(
 
     _ensure_gallery(gallery_dir, encoder, storage)
     g = Gallery.open(gallery_dir, fingerprint=encoder.fingerprint, readonly=False)
+    claim_source(g, gallery_dir, root, model, repoint, command="zsbir index")
+    return g
+
+
+def claim_source(
+    g: Gallery | ShardedGallery, gallery_dir: Path, root: Path, model: str | None, repoint: bool, *, command: str
+) -> None:
+    """Check that the writable gallery ``g`` indexes ``root`` (or has no root yet, or ``repoint``), then record
+    ``root`` and the model (the one of its first run, kept from then on) as what it indexes. On a mismatch ``g``
+    is closed and :class:`IndexingError` says how to re-point it with ``command``."""
     source = g._source
     old_root = source.get("root")
     if old_root and Path(old_root) != root and not repoint:
         g.close()
         raise IndexingError(
             f"gallery {gallery_dir} indexes {old_root}, not {root}; a gallery indexes one folder. If the photos "
-            f"moved to {root}, re-point the gallery (its embeddings are kept): zsbir index --root {root} -o "
+            f"moved to {root}, re-point the gallery (its embeddings are kept): {command} --root {root} -o "
             f"{gallery_dir}. Else use another gallery (-o DIR), or delete {gallery_dir} to start over"
         )
-    # The gallery records what it indexes (the model: the one of its first run, kept from then on).
     g._record_source(root, source.get("model", model))
-    return g
 
 
 def index_folder(

@@ -57,6 +57,7 @@ from zsbir_infer.indexer import (
     _prepare,
     _reason,
     _run_lock,
+    claim_source,
     commit_results,
     count_listing,
     finish_gallery,
@@ -248,15 +249,7 @@ def _open_target(
             f"gallery {gdir} has {len(sg.shards)} shards, not {shards}; a file's shard follows from its path and the "
             "number of shards, which stays as created: leave out --shards (or index into a new folder, -o DIR)"
         )
-    source = sg._source
-    old_root = source.get("root")
-    if old_root and Path(old_root) != root and not repoint:
-        sg.close()
-        raise IndexingError(
-            f"gallery {gdir} indexes {old_root}, not {root}; a gallery indexes one folder. If the photos moved to "
-            f"{root}, re-point it: zsbir index --engine ray --root {root} -o {gdir}"
-        )
-    sg._record_source(root, source.get("model", model))
+    claim_source(sg, gdir, root, model, repoint, command="zsbir index --engine ray")
     return sg, list(sg.shards)
 
 

@@ -31,6 +31,22 @@ expand_option = click.option(
 )
 
 
+def search_gallery_options(fn: F) -> F:
+    """``--gallery`` and ``--model`` of the commands that search a gallery (``query``, ``serve``)."""
+    fn = click.option(
+        "--model",
+        type=click.Path(path_type=Path),
+        default=None,
+        help="Model bundle (default: the model the gallery was built with; it must be that one).",
+    )(fn)
+    return click.option(
+        "--gallery",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=None,
+        help="Gallery folder (default: $ZSBIR_GALLERY, else the nearest .zsbir here or in a parent folder).",
+    )(fn)
+
+
 def encoder_options(fn: F) -> F:
     """The options every command that embeds images shares: --model, --precision, --backend, batching."""
     opts = [

@@ -137,30 +137,18 @@ def _precisions(_ctx: click.Context, _param: click.Parameter, value: str) -> lis
 @export_options
 def command(
     checkpoint: Path | None,
-    output: Path,
-    precisions: list[str],
-    calib: Path | None,
-    calib_count: int,
-    calib_method: str,
-    int8_fallback: int,
-    int8_float_policy: str,
-    int8_min_overlap: float,
-    int8_max_map_drop: float,
-    trt: bool,
-    opt_batch: int,
-    max_batch: int,
-    trt_opt_level: int,
-    timing_cache: Path | None,
+    output: Path | None,
     use_default: bool,
-    verify_count: int,
     eval_count: int,
-    exporter: str,
-    opset: int,
     overwrite: bool,
     quiet: bool,
-    **triton: Any,
+    **options: Any,
 ) -> None:
-    """Run the export (see the command help)."""
+    """Run the export (see the command help). ``options``: the ``--triton*`` options (``triton_*``, for the
+    repository) and the build options, handed as they are to the ``export`` builder (its keyword arguments are
+    the options' names: ``zsbir_export.cli.export.export_checkpoint``)."""
+    triton = {name: value for name, value in options.items() if name.startswith("triton_")}
+    build = {name: value for name, value in options.items() if name not in triton}
     if use_default and checkpoint is not None:
         raise click.UsageError("give either CHECKPOINT or --default, not both")
     if triton["triton_repo"] is not None and output is None:
@@ -185,28 +173,6 @@ def command(
         export_checkpoint = load_plugin(BUILDER_GROUP, "export")
     except PluginUnavailable as exc:
         raise click.ClickException(f"exporting a checkpoint {exc}") from exc
-    export_checkpoint(
-        checkpoint,
-        output,
-        precisions=precisions,
-        calib=calib,
-        calib_count=calib_count,
-        calib_method=calib_method,
-        int8_fallback=int8_fallback,
-        int8_float_policy=int8_float_policy,
-        int8_min_overlap=int8_min_overlap,
-        int8_max_map_drop=int8_max_map_drop,
-        trt=trt,
-        opt_batch=opt_batch,
-        max_batch=max_batch,
-        trt_opt_level=trt_opt_level,
-        timing_cache=timing_cache,
-        verify_count=verify_count,
-        eval_count=eval_count,
-        exporter=exporter,
-        opset=opset,
-        overwrite=overwrite,
-        quiet=quiet,
-    )
+    export_checkpoint(checkpoint, output, eval_count=eval_count, overwrite=overwrite, quiet=quiet, **build)
     if triton["triton_repo"] is not None:
         write_from_options(output, overwrite=overwrite, quiet=quiet, **triton)

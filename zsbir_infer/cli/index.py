@@ -6,7 +6,9 @@ import errno
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 
@@ -14,6 +16,42 @@ from zsbir_infer.cli.embed import encoder_options, open_encoder
 
 #: Skipped files listed one by one in the text summary (the rest are counted).
 SHOW_SKIPPED = 20
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+#: The options of ``--engine ray``: (name, click.option keywords, help after "With --engine ray: ").
+RAY_OPTIONS: list[tuple[str, dict[str, Any], str]] = [
+    (
+        "--ray-address",
+        {"default": None, "metavar": "auto|HOST:PORT"},
+        "the Ray cluster to run on (default: start a local Ray for this run).",
+    ),
+    (
+        "--shards",
+        {"type": click.IntRange(1), "default": None},
+        "a new gallery of N shards (one writer each; read as one gallery). Default 1.",
+    ),
+    ("--actors", {"type": click.IntRange(1), "default": None}, "model actors (default: from the CPUs/GPUs)."),
+    (
+        "--cpus-per-actor",
+        {"type": click.FloatRange(0.0, min_open=True), "default": 1.0, "show_default": True},
+        "CPUs per model actor (its ONNX Runtime threads).",
+    ),
+    (
+        "--gpus-per-actor",
+        {"type": click.FloatRange(0.0), "default": 0.0, "show_default": True},
+        "GPUs per model actor (0: CPU actors; 0.5: two actors per GPU).",
+    ),
+    ("--decode-batch", {"type": click.IntRange(1), "default": None}, "files per decoding task (default 64)."),
+]
+
+
+def ray_options(f: F) -> F:
+    """Add :data:`RAY_OPTIONS` to a click command."""
+    for name, kwargs, text in reversed(RAY_OPTIONS):
+        f = click.option(name, help=f"With --engine ray: {text}", **kwargs)(f)
+    return f
 
 
 @click.command(
@@ -66,44 +104,7 @@ SHOW_SKIPPED = 20
     help="plain: this process (decoding threads + the model). ray: a Ray Data pipeline (decoding tasks, a pool "
     "of model actors), on a local Ray started for the run or on --ray-address.",
 )
-@click.option(
-    "--ray-address",
-    default=None,
-    metavar="auto|HOST:PORT",
-    help="With --engine ray: the Ray cluster to run on (default: start a local Ray for this run).",
-)
-@click.option(
-    "--shards",
-    type=click.IntRange(1),
-    default=None,
-    help="With --engine ray: a new gallery of N shards (one writer each; read as one gallery). Default 1.",
-)
-@click.option(
-    "--actors",
-    type=click.IntRange(1),
-    default=None,
-    help="With --engine ray: model actors (default: from the CPUs/GPUs).",
-)
-@click.option(
-    "--cpus-per-actor",
-    type=click.FloatRange(0.0, min_open=True),
-    default=1.0,
-    show_default=True,
-    help="With --engine ray: CPUs per model actor (its ONNX Runtime threads).",
-)
-@click.option(
-    "--gpus-per-actor",
-    type=click.FloatRange(0.0),
-    default=0.0,
-    show_default=True,
-    help="With --engine ray: GPUs per model actor (0: CPU actors; 0.5: two actors per GPU).",
-)
-@click.option(
-    "--decode-batch",
-    type=click.IntRange(1),
-    default=None,
-    help="With --engine ray: files per decoding task (default 64).",
-)
+@ray_options
 @click.option(
     "--merge-shards",
     "merge_into",
@@ -198,45 +199,34 @@ def command(
         bar.reset(total=n)
 
     try:
+        common: dict[str, Any] = {
+            "model": model_name,
+            "batch_size": batch_size,
+            "storage": storage,
+            "progress": bar.update,
+            "on_plan": on_plan,
+            "commit_files": commit_every or DEFAULT_COMMIT_FILES,
+            "commit_seconds": 3600.0 if commit_every else DEFAULT_COMMIT_SECONDS,
+            "follow_links": follow_links,
+            "repoint": new_root is not None,
+        }
         if enc is not None:
-            report = index_folder(
-                folder,
-                gdir,
-                enc,
-                model=model_name,
-                batch_size=batch_size,
-                workers=workers,
-                storage=storage,
-                progress=bar.update,
-                on_plan=on_plan,
-                commit_files=commit_every or DEFAULT_COMMIT_FILES,
-                commit_seconds=3600.0 if commit_every else DEFAULT_COMMIT_SECONDS,
-                follow_links=follow_links,
-                repoint=new_root is not None,
-            )
+            report = index_folder(folder, gdir, enc, workers=workers, **common)
         else:
             from zsbir_infer.ray_index import DEFAULT_DECODE_BATCH, index_folder_ray
 
             report = index_folder_ray(
                 folder,
                 gdir,
-                model=model_name,
                 precision=precision,
                 backend=backend,
-                batch_size=batch_size,
                 decode_batch_size=decode_batch or DEFAULT_DECODE_BATCH,
                 actors=actors,
                 cpus_per_actor=cpus_per_actor,
                 gpus_per_actor=gpus_per_actor,
                 shards=shards,
-                storage=storage,
                 ray_address=ray_address,
-                progress=bar.update,
-                on_plan=on_plan,
-                commit_files=commit_every or DEFAULT_COMMIT_FILES,
-                commit_seconds=3600.0 if commit_every else DEFAULT_COMMIT_SECONDS,
-                follow_links=follow_links,
-                repoint=new_root is not None,
+                **common,
             )
     except KeyboardInterrupt:
         bar.close()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from zsbir_infer.cli.embed import BACKEND_CHOICES, PRECISION_CHOICES, expand_option
+from zsbir_infer.cli.embed import BACKEND_CHOICES, PRECISION_CHOICES, expand_option, search_gallery_options
 
 
 def _shown(path: str) -> str:
@@ -29,18 +29,7 @@ def _shown(path: str) -> str:
     epilog="Example: zsbir query sketch.png -k 5 --html results.html",
 )
 @click.argument("sketches", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option(
-    "--gallery",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Gallery folder (default: $ZSBIR_GALLERY, else the nearest .zsbir here or in a parent folder).",
-)
-@click.option(
-    "--model",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Model bundle (default: the model the gallery was built with; it must be that one).",
-)
+@search_gallery_options
 @click.option("-k", "k", type=click.IntRange(1, 10000), default=10, show_default=True, help="Results per sketch.")
 @click.option("--exact", is_flag=True, help="Exhaustive search even for galleries large enough for the ANN index.")
 @expand_option

@@ -8,7 +8,8 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from zsbir_infer.cli.embed import BACKEND_CHOICES
+from zsbir_infer.cli.embed import BACKEND_CHOICES, search_gallery_options
+from zsbir_infer.triton.cli import serve_options
 
 
 @click.command(
@@ -16,18 +17,7 @@ from zsbir_infer.cli.embed import BACKEND_CHOICES
     context_settings={"help_option_names": ["-h", "--help"]},
     epilog="Example: zsbir serve   (then open http://127.0.0.1:8000/ and draw)",
 )
-@click.option(
-    "--gallery",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Gallery folder (default: $ZSBIR_GALLERY, else the nearest .zsbir here or in a parent folder).",
-)
-@click.option(
-    "--model",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Model bundle (default: the model the gallery was built with; it must be that one).",
-)
+@search_gallery_options
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (non-loopback needs --token).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
@@ -71,26 +61,7 @@ from zsbir_infer.cli.embed import BACKEND_CHOICES
     help="zsbir: this HTTP service and the sketch pad; triton: NVIDIA Triton Inference Server on a model repository "
     "exported for the gallery (HTTP on PORT, gRPC on PORT+1, metrics on PORT+2; model zsbir_search).",
 )
-@click.option(
-    "--triton-encoder",
-    type=click.Choice(["auto", "onnx", "python"]),
-    default="auto",
-    show_default=True,
-    help="--engine triton: the encoder model (auto: onnx where the server has the ONNX Runtime backend, else python).",
-)
-@click.option(
-    "--triton-instances",
-    type=click.IntRange(1, 64),
-    default=1,
-    show_default=True,
-    help="--engine triton: instances (processes) of the Python-backend models.",
-)
-@click.option(
-    "--triton-repository",
-    type=click.Path(file_okay=False, exists=True, path_type=Path),
-    default=None,
-    help="--engine triton: serve this repository (from `zsbir export --triton`) instead of exporting one.",
-)
+@serve_options
 def command(
     gallery: Path | None,
     model: Path | None,

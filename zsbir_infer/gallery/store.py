@@ -149,6 +149,19 @@ def build_folder(p: Path, build: Callable[[Path], None]) -> None:
     _fsync_dir(parent)
 
 
+@contextlib.contextmanager
+def _transaction(con: sqlite3.Connection) -> Iterator[None]:
+    """One write transaction (``BEGIN IMMEDIATE``: the database lock is taken at once), committed when the block
+    ends, rolled back when it raises (a Ctrl-C included)."""
+    con.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        con.execute("COMMIT")
+    except BaseException:
+        _rollback(con)
+        raise
+
+
 def _rollback(con: sqlite3.Connection) -> None:
     """Roll back the open transaction, if any: an interrupt (Ctrl-C) can land after COMMIT has already ended
     it, and a ROLLBACK then would raise and hide the interrupt."""
@@ -806,18 +819,13 @@ class Gallery:
                     suffix: crc_file(self._segfiles.path(sg.seg, suffix), 0, self._segfiles.nbytes(sg.rows, i))
                     for i, (suffix, _, _) in enumerate(self._row_bytes)
                 }
-            con.execute("BEGIN IMMEDIATE")
-            try:
+            with _transaction(con):
                 if "checksums" not in cols:
                     con.execute("ALTER TABLE segments ADD COLUMN checksums TEXT")
                 con.executemany(
                     "UPDATE segments SET checksums = ? WHERE seg = ?",
                     [(json.dumps(v, sort_keys=True), seg) for seg, v in sums.items()],
                 )
-                con.execute("COMMIT")
-            except BaseException:
-                _rollback(con)
-                raise
             manifest = {**self.manifest, "format_version": FORMAT_VERSION, "uuid": self.uuid or uuid.uuid4().hex}
             _write_json_atomic(self.path / MANIFEST, manifest)
             self._manifest_key = _stat_key(self.path / MANIFEST)
@@ -1113,8 +1121,7 @@ class Gallery:
                 (_to_db(r.relpath), int(r.size), int(r.mtime_ns), r.sha256, i, now)
                 for r, i in zip(recs, ids, strict=True)
             ]
-            con.execute("BEGIN IMMEDIATE")
-            try:
+            with _transaction(con):
                 for (seg, a, b, is_new), crcs in zip(pieces, sums, strict=True):
                     if is_new:
                         con.execute(
@@ -1136,10 +1143,6 @@ class Gallery:
                     rows,
                 )
                 con.execute("UPDATE state SET value = value + 1 WHERE key = 'generation'")
-                con.execute("COMMIT")
-            except BaseException:
-                _rollback(con)
-                raise
         return ids
 
     def _skip(self, file: FileStat | FileRecord | str, reason: str) -> None:
@@ -1170,8 +1173,7 @@ class Gallery:
             return
         with self._writer().hold():
             con = self._con()
-            con.execute("BEGIN IMMEDIATE")
-            try:
+            with _transaction(con):
                 con.executemany(
                     "INSERT INTO files(relpath, size, mtime_ns, sha256, status, reason, vec, updated_ns) "
                     "VALUES (?, ?, ?, ?, 'skipped', ?, NULL, ?) "
@@ -1181,10 +1183,6 @@ class Gallery:
                     rows,
                 )
                 con.execute("UPDATE state SET value = value + 1 WHERE key = 'generation'")
-                con.execute("COMMIT")
-            except BaseException:
-                _rollback(con)
-                raise
 
     @_guarded
     def delete(self, relpaths: Iterable[str]) -> int:
@@ -1198,8 +1196,7 @@ class Gallery:
             return 0
         with self._writer().hold():
             con = self._con()
-            con.execute("BEGIN IMMEDIATE")
-            try:
+            with _transaction(con):
                 n = 0
                 now = time.time_ns()
                 for i in range(0, len(rels), 500):
@@ -1213,10 +1210,6 @@ class Gallery:
                     n += cur.rowcount
                 if n:
                     con.execute("UPDATE state SET value = value + 1 WHERE key = 'generation'")
-                con.execute("COMMIT")
-            except BaseException:
-                _rollback(con)
-                raise
         return n
 
     @_guarded
@@ -1259,8 +1252,7 @@ class Gallery:
             new_segments.append(Segment(next_seg, start, ids.size, self.codec.stored_max_norm(parts), crcs))
             next_seg += 1
         _fsync_dir(self.path / SEGMENT_DIR)
-        con.execute("BEGIN IMMEDIATE")
-        try:
+        with _transaction(con):
             con.execute("DELETE FROM segments")
             con.executemany(
                 "INSERT INTO segments(seg, base, rows, max_norm, checksums) VALUES (?, ?, ?, ?, ?)",
@@ -1275,10 +1267,6 @@ class Gallery:
             con.execute(
                 "INSERT INTO state(key, value) VALUES ('layout', 1) ON CONFLICT(key) DO UPDATE SET value = value + 1"
             )
-            con.execute("COMMIT")
-        except BaseException:
-            _rollback(con)
-            raise
         (self.path / ANN_META).unlink(missing_ok=True)  # it describes the old layout
         self._segfiles.remove_stray({sg.seg for sg in new_segments})
         return int(total - live.size)
@@ -1385,8 +1373,7 @@ class Gallery:
             if not damaged:
                 return []
             out = []
-            con.execute("BEGIN IMMEDIATE")
-            try:
+            with _transaction(con):
                 now = time.time_ns()
                 for sg, err in damaged:
                     cur = con.execute(
@@ -1396,10 +1383,6 @@ class Gallery:
                     )
                     out.append((err.file.name, int(cur.rowcount)))
                 con.execute("UPDATE state SET value = value + 1 WHERE key = 'generation'")
-                con.execute("COMMIT")
-            except BaseException:
-                _rollback(con)
-                raise
             self._compact_locked(con, self._load_snapshot(con, None, verify=False))
             with self._state_lock:
                 self._snapshot = None

@@ -1,8 +1,9 @@
 """The ``--triton`` options of ``zsbir export`` and the ``--engine triton`` part of ``zsbir serve``.
 
-Kept apart from the commands so that they stay a few lines there: :func:`export_options` adds the options,
-:func:`existing_bundle` says whether the export source already is a bundle (then no torch is needed),
-:func:`write_from_options` writes the repository, and :func:`serve_triton` runs ``tritonserver`` for a gallery.
+Kept apart from the commands so that they stay a few lines there: :func:`export_options` and
+:func:`serve_options` add the options, :func:`existing_bundle` says whether the export source already is a
+bundle (then no torch is needed), :func:`write_from_options` writes the repository, and :func:`serve_triton`
+runs ``tritonserver`` for a gallery.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any, TypeVar
 
 import click
 
-__all__ = ["existing_bundle", "export_options", "serve_triton", "write_from_options"]
+__all__ = ["existing_bundle", "export_options", "serve_options", "serve_triton", "write_from_options"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -84,6 +85,36 @@ def export_options(f: F) -> F:
             default="cpu",
             show_default=True,
             help="Where zsbir_topk searches (cuda: the fused top-k kernels, CPU fallback where they cannot run).",
+        ),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def serve_options(f: F) -> F:
+    """Add the ``--triton-*`` options of ``zsbir serve --engine triton`` to a click command."""
+    options = [
+        click.option(
+            "--triton-encoder",
+            type=click.Choice(["auto", "onnx", "python"]),
+            default="auto",
+            show_default=True,
+            help="--engine triton: the encoder model (auto: onnx where the server has the ONNX Runtime backend, else "
+            "python).",
+        ),
+        click.option(
+            "--triton-instances",
+            type=click.IntRange(1, 64),
+            default=1,
+            show_default=True,
+            help="--engine triton: instances (processes) of the Python-backend models.",
+        ),
+        click.option(
+            "--triton-repository",
+            type=click.Path(file_okay=False, exists=True, path_type=Path),
+            default=None,
+            help="--engine triton: serve this repository (from `zsbir export --triton`) instead of exporting one.",
         ),
     ]
     for option in reversed(options):

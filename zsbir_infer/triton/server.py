@@ -51,6 +51,7 @@ __all__ = [
     "TritonServer",
     "cache_dir",
     "find_tritonserver",
+    "free_port_block",
     "install_model_env",
     "install_tritonserver",
     "model_env_dir",
@@ -287,8 +288,36 @@ def _libpython_dir() -> str | None:
     return None
 
 
+def free_port_block(n: int = 3, host: str = "127.0.0.1", *, tries: int = 200) -> int:
+    """A port P such that P .. P+n-1 are free on ``host`` now (a :class:`TritonServer` takes three: HTTP, gRPC,
+    metrics). Another process may still take one before the server binds it.
+
+    Raises:
+        TritonError: no such block was found in ``tries`` random picks between 20000 and 60000.
+    """
+    import random
+    import socket
+
+    for _ in range(tries):
+        base = random.randrange(20000, 60000 - n)
+        socks: list[socket.socket] = []
+        try:
+            for port in range(base, base + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind((host, port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise TritonError(f"no {n} consecutive free ports on {host}")
+
+
 class TritonServer:
-    """A ``tritonserver`` process on ``repository``: HTTP on ``port``, gRPC on ``port + 1``, metrics on ``port + 2``.
+    """A ``tritonserver`` process on ``repository``: HTTP on ``port``, gRPC on ``port + 1``, metrics on ``port + 2``
+    (:func:`free_port_block` finds three free ones).
 
     ::
 
