@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from zsbir_infer.gallery import Gallery
 
 
 def write_photos(folder: Path, n: int, *, seed: int = 0, size: tuple[int, int] = (24, 32), sub: str = "") -> list[str]:
@@ -79,3 +83,50 @@ def write_bad_inputs(folder: Path) -> dict[str, str]:
     (folder / "ok.jpg").write_bytes(data)
     os.symlink("ok.jpg", folder / "ok_link.jpg")
     return expected
+
+
+def gallery_state(gdir: Path) -> dict[str, np.ndarray]:
+    """Every indexed file's vector by path, checking that each has exactly one live row."""
+    with Gallery.open(gdir) as g:
+        rows = g.indexed()
+        vecs = g.vectors([i for _, i in rows])
+        st = g.stats()
+        assert st.rows - st.dead_rows == st.files_indexed == len(rows)
+        return {rel: vecs[j] for j, (rel, _) in enumerate(rows)}
+
+
+def index_argv(root: Path, gallery: Path, bundle: Path, *extra: str) -> list[str]:
+    """``zsbir index ROOT -o GALLERY --model BUNDLE`` in a fresh interpreter, small batches committed every 4
+    files, quiet, JSON summary, plus ``extra`` options."""
+    return [
+        sys.executable,
+        "-c",
+        "from zsbir_infer.cli import main; main()",
+        "index",
+        str(root),
+        "-o",
+        str(gallery),
+        "--model",
+        str(bundle),
+        "--batch-size",
+        "4",
+        "--commit-every",
+        "4",
+        *extra,
+        "-q",
+        "--json",
+    ]
+
+
+def deny_reading(monkeypatch: Any, suffix: bytes) -> None:
+    """Make the indexer's file reads of paths ending with ``suffix`` fail with EACCES (as an unreadable file)."""
+    from zsbir_infer import indexer
+
+    real = indexer._read_file
+
+    def deny(path: bytes) -> bytes:
+        if path.endswith(suffix):
+            raise PermissionError(13, "Permission denied")
+        return real(path)
+
+    monkeypatch.setattr(indexer, "_read_file", deny)

@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("onnx")
 
-from indexer_support import write_photos
+from indexer_support import deny_reading, gallery_state, write_photos
 from tiny_bundle import make_bundle
 
 from zsbir_infer import indexer
@@ -32,15 +32,6 @@ def enc(bundle: Path) -> Any:
     e = Encoder.open(bundle, backend="ort-cpu", batch_size=4, workers=2, threads=1)
     yield e
     e.close()
-
-
-def _files(gdir: Path) -> dict[str, np.ndarray]:
-    with Gallery.open(gdir) as g:
-        rows = g.indexed()
-        vecs = g.vectors([i for _, i in rows])
-        st = g.stats()
-        assert st.rows - st.dead_rows == st.files_indexed == len(rows)
-        return {rel: vecs[j] for j, (rel, _) in enumerate(rows)}
 
 
 # ------------------------------------------------------------------ 1. two first-time runs at once
@@ -91,7 +82,7 @@ def test_two_first_time_runs_at_once_never_break_the_gallery(
             assert sorted(outcome) in (["busy", "ok"], ["ok", "ok"]), outcome
             # The gallery is whole: a rerun works and every photo is in it exactly once.
             index_folder(tmp_path / "photos", gdir, encs[0])
-            assert len(_files(gdir)) == 3
+            assert len(gallery_state(gdir)) == 3
             leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(f".g{trial}")]
             assert leftovers == []
     finally:
@@ -122,7 +113,7 @@ def test_two_first_time_index_processes_at_once(tmp_path: Path, bundle: Path) ->
         assert any(code == 0 for code, _ in outs), outs
         for code, err in outs:
             assert code == 0 or "another 'zsbir index'" in err, err
-        assert len(_files(gdir)) == 4
+        assert len(gallery_state(gdir)) == 4
 
 
 # ------------------------------------------------------------------ 2. a gallery nobody may write to
@@ -374,7 +365,7 @@ def test_damaged_segment_is_an_error_and_index_re_embeds_only_its_rows(tmp_path:
     index_folder(photos, gdir, enc)
     write_photos(photos, 3, seed=1, sub="more")
     index_folder(photos, gdir, enc)
-    before = _files(gdir)
+    before = gallery_state(gdir)
     assert len(before) == 12 and (gdir / "segments" / "000001.f16").exists()
     seg0 = gdir / "segments" / "000000.f16"
     _flip(seg0, enc.embedding_dim * 2 * 3 + 1)  # row 3
@@ -390,7 +381,7 @@ def test_damaged_segment_is_an_error_and_index_re_embeds_only_its_rows(tmp_path:
     report = index_folder(photos, gdir, enc)
     assert any("the 9 photos stored in segments/000000.f16 are embedded again" in n for n in report.notes), report
     assert report.indexed == 9 and report.unchanged == 3
-    after = _files(gdir)
+    after = gallery_state(gdir)
     assert after.keys() == before.keys()
     for rel, v in before.items():
         np.testing.assert_allclose(after[rel], v, atol=2e-3)
@@ -444,7 +435,7 @@ def test_format_1_gallery_opens_read_only_and_is_upgraded_by_index(tmp_path: Pat
     write_photos(photos, 5)
     gdir = tmp_path / "g"
     index_folder(photos, gdir, enc)
-    before = _files(gdir)
+    before = gallery_state(gdir)
     _downgrade_to_format_1(gdir)
     with Gallery.open(gdir, readonly=True) as g:
         assert g.format_version == 1 and g.uuid == "" and len(g) == 5
@@ -455,7 +446,7 @@ def test_format_1_gallery_opens_read_only_and_is_upgraded_by_index(tmp_path: Pat
     assert report.indexed == 0 and any("from format 1 to 2" in n for n in report.notes)
     m = json.loads((gdir / "manifest.json").read_text())
     assert m["format_version"] == 2 and len(m["uuid"]) == 32
-    assert _files(gdir).keys() == before.keys()
+    assert gallery_state(gdir).keys() == before.keys()
     # The checksums written by the upgrade hold: damage is now detected.
     _flip(gdir / "segments" / "000000.f16", 3)
     with Gallery.open(gdir) as g:
@@ -472,19 +463,13 @@ def test_a_file_unreadable_once_is_retried(tmp_path: Path, enc: Encoder, monkeyp
     write_photos(photos, 4)
     (photos / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     (photos / "notes.txt").write_text("x")
-    real = indexer._read_file
-
-    def deny(path: bytes) -> bytes:
-        if path.endswith(b"p0_001.jpg"):
-            raise PermissionError(13, "Permission denied")
-        return real(path)
-
-    monkeypatch.setattr(indexer, "_read_file", deny)
-    first = index_folder(photos, tmp_path / "g", enc)
+    with monkeypatch.context() as mp:
+        deny_reading(mp, b"p0_001.jpg")
+        first = index_folder(photos, tmp_path / "g", enc)
     assert dict(first.skipped)["p0_001.jpg"].startswith("unreadable") and first.indexed == 3
-    monkeypatch.setattr(indexer, "_read_file", real)  # chmod 644
+    # chmod 644: the file reads again
     second = index_folder(photos, tmp_path / "g", enc)
-    assert second.indexed == 1 and "p0_001.jpg" in _files(tmp_path / "g")
+    assert second.indexed == 1 and "p0_001.jpg" in gallery_state(tmp_path / "g")
     # Files that fail again for the same reason are not reported (nor written) again.
     assert second.skipped == [] and second.unchanged == 3 + 2
     with Gallery.open(tmp_path / "g") as g:
@@ -507,10 +492,10 @@ def test_links_out_of_the_photo_folder_are_not_followed_by_default(tmp_path: Pat
     skipped = dict(report.skipped)
     for name in ("x", "linked_dir", "linked_file.jpg"):
         assert skipped[name].startswith("outside-root: ") and "--follow-links" in skipped[name], skipped
-    assert sorted(_files(tmp_path / "g")) == ["inside_link.png", "p0_000.png", "p0_001.jpg"]
+    assert sorted(gallery_state(tmp_path / "g")) == ["inside_link.png", "p0_000.png", "p0_001.jpg"]
     os.unlink(photos / "x")
     report = index_folder(photos, tmp_path / "g2", enc, follow_links=True)
-    assert sorted(_files(tmp_path / "g2")) == sorted(
+    assert sorted(gallery_state(tmp_path / "g2")) == sorted(
         ["inside_link.png", "p0_000.png", "p0_001.jpg", "linked_file.jpg"]
         + [f"linked_dir/{n}" for n in ("p0_000.png", "p0_001.jpg", "p0_002.jpg")]
     )
@@ -665,7 +650,7 @@ def test_full_disk_is_a_clear_error_and_the_rerun_continues(
         index_folder(photos, gdir, enc)
     monkeypatch.setattr(Gallery, "_connect", real_connect)
     index_folder(photos, gdir, enc)
-    assert len(_files(gdir)) == 306
+    assert len(gallery_state(gdir)) == 306
 
 
 def test_query_input_errors_are_clear(tmp_path: Path, bundle: Path, enc: Encoder) -> None:
@@ -816,7 +801,7 @@ def test_non_utf8_file_names_are_indexed_losslessly_and_shown_escaped(
     report = index_folder(photos, gdir, enc)
     rel = os.fsdecode(b"caf\xe9/r\xe9sum\xe9.jpg")
     assert report.indexed == 3 and report.skipped == []
-    assert rel in _files(gdir)
+    assert rel in gallery_state(gdir)
     assert index_folder(photos, gdir, enc).unchanged == 3  # found again under the same (lossless) name
     q = enc.embed([photos / "p0_001.jpg"], "photo")
     with Retriever.open(gdir, model=enc) as r:

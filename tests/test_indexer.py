@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("onnx")
 
-from indexer_support import write_bad_inputs, write_photos
+from indexer_support import deny_reading, gallery_state, write_bad_inputs, write_photos
 from tiny_bundle import make_bundle, make_weights
 
 from zsbir_infer import indexer
@@ -37,16 +37,6 @@ def enc(bundle: Path) -> Any:
     e = Encoder.open(bundle, backend="ort-cpu", batch_size=4, workers=2, threads=1)
     yield e
     e.close()
-
-
-def gallery_state(gdir: Path) -> dict[str, np.ndarray]:
-    with Gallery.open(gdir) as g:
-        rows = g.indexed()
-        vecs = g.vectors([i for _, i in rows])
-        st = g.stats()
-        # Every indexed file has exactly one live row.
-        assert st.rows - st.dead_rows == st.files_indexed == len(rows)
-        return {rel: vecs[j] for j, (rel, _) in enumerate(rows)}
 
 
 # --------------------------------------------------------------------------------------------- walk
@@ -117,14 +107,7 @@ def test_index_matches_encoder_and_skips_bad_inputs(tmp_path: Path, enc: Encoder
 
 def test_unreadable_files_are_skipped(tmp_path: Path, enc: Encoder, monkeypatch: pytest.MonkeyPatch) -> None:
     write_photos(tmp_path / "p", 4)
-    real = indexer._read_file
-
-    def deny(path: bytes) -> bytes:
-        if path.endswith(b"p0_001.jpg"):
-            raise PermissionError(13, "Permission denied")
-        return real(path)
-
-    monkeypatch.setattr(indexer, "_read_file", deny)
+    deny_reading(monkeypatch, b"p0_001.jpg")
     report = index_folder(tmp_path / "p", tmp_path / "g", enc)
     assert report.skipped == [("p0_001.jpg", "unreadable: cannot read: Permission denied")]
     assert report.indexed == 3

@@ -20,7 +20,7 @@ import pytest
 
 pytest.importorskip("onnx")
 
-from indexer_support import write_photos
+from indexer_support import index_argv, write_photos
 from tiny_bundle import make_bundle
 
 from zsbir_infer.gallery import Gallery
@@ -30,25 +30,7 @@ KILLS = 5
 
 
 def _cmd(root: Path, gallery: Path, bundle: Path) -> list[str]:
-    return [
-        sys.executable,
-        "-c",
-        "from zsbir_infer.cli import main; main()",
-        "index",
-        str(root),
-        "-o",
-        str(gallery),
-        "--model",
-        str(bundle),
-        "--batch-size",
-        "4",
-        "--commit-every",
-        "4",
-        "--workers",
-        "2",
-        "-q",
-        "--json",
-    ]
+    return index_argv(root, gallery, bundle, "--workers", "2")
 
 
 def _env() -> dict[str, str]:

@@ -13,7 +13,6 @@ import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +26,7 @@ pytest.importorskip("ray", reason="the ray extra (pip install 'zsbir[ray]') is n
 
 import ray
 from click.testing import CliRunner
-from indexer_support import write_bad_inputs, write_photos
+from indexer_support import index_argv, write_bad_inputs, write_photos
 from tiny_bundle import make_bundle, make_weights
 
 from zsbir_infer.cli import main
@@ -38,6 +37,8 @@ from zsbir_infer.ray_index import index_folder_ray
 
 TESTS = Path(__file__).resolve().parent
 #: Small batches so that a few dozen photos make several decoding tasks, model batches and commits.
+#: The options of a `zsbir index --engine ray` subprocess run (with index_argv).
+RAY_ARGS = ("--engine", "ray", "--shards", "2", "--decode-batch", "4")
 RAY_KW: dict[str, Any] = {"backend": "ort-cpu", "batch_size": 4, "decode_batch_size": 8, "commit_files": 8}
 
 
@@ -252,32 +253,6 @@ def _committed(gdir: Path) -> int:
     return total
 
 
-def _cli(root: Path, gdir: Path, bundle: Path) -> list[str]:
-    return [
-        sys.executable,
-        "-c",
-        "from zsbir_infer.cli import main; main()",
-        "index",
-        str(root),
-        "-o",
-        str(gdir),
-        "--model",
-        str(bundle),
-        "--engine",
-        "ray",
-        "--shards",
-        "2",
-        "--batch-size",
-        "4",
-        "--decode-batch",
-        "4",
-        "--commit-every",
-        "4",
-        "-q",
-        "--json",
-    ]
-
-
 @pytest.mark.slow
 def test_kill_9_of_the_driver_then_rerun(tmp_path: Path, bundle: Path) -> None:
     root = tmp_path / "photos"
@@ -289,7 +264,11 @@ def test_kill_9_of_the_driver_then_rerun(tmp_path: Path, bundle: Path) -> None:
     # Its own session: the Ray processes the driver started are in its process group, and the two Ray agents
     # that outlive a SIGKILLed driver are cleaned up with it.
     proc = subprocess.Popen(
-        _cli(root, gdir, bundle), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+        index_argv(root, gdir, bundle, *RAY_ARGS),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
     )
     try:
         deadline = time.monotonic() + 240
@@ -307,7 +286,9 @@ def test_kill_9_of_the_driver_then_rerun(tmp_path: Path, bundle: Path) -> None:
     assert 40 <= killed_at < 400
     vecs, _ = _state(gdir)  # the gallery opens, every committed file once
     assert len(vecs) == killed_at
-    final = subprocess.run(_cli(root, gdir, bundle), env=env, capture_output=True, text=True, timeout=300)
+    final = subprocess.run(
+        index_argv(root, gdir, bundle, *RAY_ARGS), env=env, capture_output=True, text=True, timeout=300
+    )
     assert final.returncode == 0, final.stderr[-3000:]
     rep = json.loads(final.stdout)
     assert rep["indexed"] == 400 - killed_at  # only what was not committed is embedded again
