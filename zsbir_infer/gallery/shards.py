@@ -450,7 +450,7 @@ class ShardedGallery:
 
     def stats(self) -> GalleryStats:
         """The shards' counts and sizes added up (``ann_state``: ``current`` when every shard's index is current,
-        ``missing`` when no shard has one, else ``stale``); :meth:`shard_stats` has them one by one."""
+        ``missing`` when no shard has one, else ``stale``); ``_shard_stats`` has them one by one."""
         parts = self._shard_stats()
         states = {s.ann_state for s in parts}
         ann_state = states.pop() if len(states) == 1 else "stale"
