@@ -14,13 +14,18 @@ from zsbir_infer.gallery import Gallery
 
 
 def write_photos(folder: Path, n: int, *, seed: int = 0, size: tuple[int, int] = (24, 32), sub: str = "") -> list[str]:
-    """``n`` random JPEG/PNG photos under ``folder/sub``; returns their paths relative to ``folder``."""
+    """``n`` random JPEG/PNG photos under ``folder/sub``; returns their paths relative to ``folder``.
+
+    The pixels are random colours in 4 x 4 blocks, not per-pixel noise: reduced-size JPEG decoding (a DCT-domain
+    low-pass, as any downscale) averages per-pixel noise to nearly the same grey in every photo, so the tiny
+    test models would embed them all alike and rankings would hang on ties."""
     rng = np.random.default_rng(seed)
     d = folder / sub if sub else folder
     d.mkdir(parents=True, exist_ok=True)
     rels = []
     for i in range(n):
-        arr = rng.integers(0, 256, (size[0], size[1], 3), dtype=np.uint8)
+        blocks = rng.integers(0, 256, (-(-size[0] // 4), -(-size[1] // 4), 3), dtype=np.uint8)
+        arr = np.ascontiguousarray(blocks.repeat(4, axis=0).repeat(4, axis=1)[: size[0], : size[1]])
         name = f"p{seed}_{i:03d}.{'png' if i % 3 == 0 else 'jpg'}"
         Image.fromarray(arr).save(d / name)
         rels.append(f"{sub}/{name}" if sub else name)
