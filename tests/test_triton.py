@@ -146,6 +146,11 @@ def test_search_over_grpc_equals_retriever(setup: dict[str, Any]) -> None:
     expected = setup["retriever"].search(photo, k=4, domain="photo")
     _assert_same(r, expected)
     assert expected[0][0].relpath == setup["rels"][3]  # a photo finds itself first
+    # a JPEG photo: the models' own packages decode it as the library does (reduced-scale libjpeg-turbo)
+    jpeg = next(rel for rel in setup["rels"] if rel.endswith(".jpg"))
+    data = (setup["base"] / "photos" / jpeg).read_bytes()
+    r = c.infer("zsbir_search", _inputs(grpc, [data], k=4, domain="photo"))
+    _assert_same(r, setup["retriever"].search(data, k=4, domain="photo"))
     # more results than photos: all of them
     r = c.infer("zsbir_search", _inputs(grpc, [pngs[0]], k=100))
     _assert_same(r, setup["retriever"].search(pngs[0], k=100))

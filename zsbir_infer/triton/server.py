@@ -213,7 +213,10 @@ MODEL_ENV_REQUIREMENTS: tuple[str, ...] = (
     "onnxruntime>=1.17",
     "usearch>=2.9",
     "numkong>=7.8",
+    "simplejpeg>=1.7",
 )
+#: The import names of :data:`MODEL_ENV_REQUIREMENTS`: a folder missing one of them is installed again.
+MODEL_ENV_PACKAGES: tuple[str, ...] = ("numpy", "PIL", "onnxruntime", "usearch", "numkong", "simplejpeg")
 
 
 def model_env_dir() -> Path:
@@ -225,9 +228,12 @@ def install_model_env(*, log: Callable[[str], Any] | None = None) -> Path:
     """``pip install --target`` :data:`MODEL_ENV_REQUIREMENTS` into :func:`model_env_dir` (once); returns it."""
     say = log or (lambda _m: None)
     dst = model_env_dir()
-    if (dst / "numpy").is_dir():
+    missing = [p for p in MODEL_ENV_PACKAGES if not (dst / p).is_dir()]
+    if not missing:
         say(f"the models' packages are already in {dst}")
         return dst
+    if dst.exists():
+        say(f"{dst} lacks {', '.join(missing)}: installing the models' packages again")
     dst.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="zsbir-triton-env-", dir=dst.parent) as tmp:
         out = Path(tmp) / "env"
@@ -239,10 +245,13 @@ def install_model_env(*, log: Callable[[str], Any] | None = None) -> Path:
                 "could not install the Triton models' packages (pip said: "
                 f"{(done.stderr or done.stdout).strip()[-500:]})"
             )
+        old = Path(tmp) / "old"
+        if dst.exists():
+            dst.rename(old)  # removed with the temporary folder
         try:
             out.rename(dst)
         except OSError:
-            if not (dst / "numpy").is_dir():
+            if not all((dst / p).is_dir() for p in MODEL_ENV_PACKAGES):  # another process put a full one there
                 raise
     return dst
 
