@@ -15,8 +15,10 @@ Nothing here imports torch, onnx or tritonclient.
 
 from __future__ import annotations
 
+from zsbir_infer.errors import UnavailableError
+
 __all__ = ["TritonError"]
 
 
-class TritonError(ValueError):
+class TritonError(UnavailableError, ValueError):
     """A Triton repository cannot be written, or the server cannot be found or started (the message says why)."""
