@@ -379,9 +379,8 @@ def load_image(
             if owned:
                 scaled = _scaled_jpeg(fp, im, (th * DRAFT_MARGIN, tw * DRAFT_MARGIN))
                 if scaled is not None:
-                    return (
-                        scaled.transpose(_ORIENT_TRANSPOSE[orientation]) if orientation in _ORIENT_TRANSPOSE else scaled
-                    )
+                    turn = _ORIENT_TRANSPOSE.get(orientation)
+                    return scaled if turn is None else scaled.transpose(turn)
             im.draft(None, (tw * DRAFT_MARGIN, th * DRAFT_MARGIN))
         with DECODE_BUDGET.reserve(decode_bytes_estimate(im)):
             try:
