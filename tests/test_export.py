@@ -281,6 +281,39 @@ def test_int8_qdq_structure(tmp_path: Path) -> None:
     assert compare(ref, got)["min_cosine"] > 0.99
 
 
+def test_int8_calibration_refuses_what_would_not_fit_in_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ORT's calibrators keep every batch's activations: a calibration set that would not fit is refused up
+    front with the count that fits (instead of the kernel's OOM killer after minutes of work)."""
+    import zsbir_export.quantize as quantize_module
+    from zsbir_export.quantize import CalibrationMemoryError
+
+    export_onnx(
+        tiny(True), tmp_path / "m.onnx", domain_conditioned=True, input_size=(SIZE, SIZE), exporter="torchscript"
+    )
+    rng = np.random.default_rng(1)
+    calib = ImageSet(
+        rng.standard_normal((16, 3, SIZE, SIZE)).astype(np.float32),
+        (np.arange(16) % 2).astype(np.int64),
+        np.full(16, -1, dtype=np.int64),
+    )
+    seen: dict[str, float] = {}
+    real_check = quantize_module.check_calibration_memory
+
+    def spy(calibrator: object, probe: object, n_images: int, batch_size: int) -> None:
+        seen["n"] = n_images
+        real_check(calibrator, probe, n_images, batch_size)
+
+    monkeypatch.setattr(quantize_module, "check_calibration_memory", spy)
+    monkeypatch.setattr(quantize_module, "available_memory", lambda: 64 * 2**20)  # plenty for 16 tiny images
+    quantize_int8(tmp_path / "m.onnx", tmp_path / "q.onnx", calib, method="mse", batch_size=4, float_policy="none")
+    assert seen["n"] == 16 and (tmp_path / "q.onnx").is_file()
+    monkeypatch.setattr(quantize_module, "available_memory", lambda: 64 * 2**10)  # 64 KiB: nothing fits
+    with pytest.raises(CalibrationMemoryError, match=r"GiB of activations .* --calib-count \d+"):
+        quantize_int8(tmp_path / "m.onnx", tmp_path / "q2.onnx", calib, method="mse", batch_size=4, float_policy="none")
+    assert not (tmp_path / "q2.onnx").exists()
+    assert quantize_module.available_memory() is None or quantize_module.available_memory() > 0
+
+
 def test_int8_calibration_methods_ranges(tmp_path: Path) -> None:
     """minmax: the image input's scale is max|x| / 127 (computed by hand); percentile and entropy clip
     below that, and entropy is a real KL search (not silently the full range)."""
