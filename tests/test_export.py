@@ -238,6 +238,16 @@ def test_fp16_converter_rejects_out_of_range_weights() -> None:
 # ----------------------------------------------------------------------------------------------- INT8
 
 
+def _tiny_int8_inputs(tmp_path: Path, n: int, *, seed: int) -> ImageSet:
+    """A tiny domain-conditioned model exported to ``tmp_path/m.onnx`` and ``n`` random calibration images."""
+    export_onnx(
+        tiny(True), tmp_path / "m.onnx", domain_conditioned=True, input_size=(SIZE, SIZE), exporter="torchscript"
+    )
+    rng = np.random.default_rng(seed)
+    images = rng.standard_normal((n, 3, SIZE, SIZE)).astype(np.float32)
+    return ImageSet(images, (np.arange(n) % 2).astype(np.int64), np.full(n, -1, dtype=np.int64))
+
+
 def test_int8_qdq_structure(tmp_path: Path) -> None:
     model = tiny(True)
     export_onnx(model, tmp_path / "m.onnx", domain_conditioned=True, input_size=(SIZE, SIZE), exporter="torchscript")
@@ -287,15 +297,7 @@ def test_int8_calibration_refuses_what_would_not_fit_in_memory(tmp_path: Path, m
     import zsbir_export.quantize as quantize_module
     from zsbir_export.quantize import CalibrationMemoryError
 
-    export_onnx(
-        tiny(True), tmp_path / "m.onnx", domain_conditioned=True, input_size=(SIZE, SIZE), exporter="torchscript"
-    )
-    rng = np.random.default_rng(1)
-    calib = ImageSet(
-        rng.standard_normal((16, 3, SIZE, SIZE)).astype(np.float32),
-        (np.arange(16) % 2).astype(np.int64),
-        np.full(16, -1, dtype=np.int64),
-    )
+    calib = _tiny_int8_inputs(tmp_path, 16, seed=1)
     seen: dict[str, float] = {}
     real_check = quantize_module.check_calibration_memory
 
@@ -346,15 +348,7 @@ def test_int8_calibration_methods_ranges(tmp_path: Path) -> None:
 
 
 def test_int8_sensitivity_fallback(tmp_path: Path) -> None:
-    export_onnx(
-        tiny(True), tmp_path / "m.onnx", domain_conditioned=True, input_size=(SIZE, SIZE), exporter="torchscript"
-    )
-    rng = np.random.default_rng(6)
-    calib = ImageSet(
-        rng.standard_normal((24, 3, SIZE, SIZE)).astype(np.float32),
-        (np.arange(24) % 2).astype(np.int64),
-        np.full(24, -1, dtype=np.int64),
-    )
+    calib = _tiny_int8_inputs(tmp_path, 24, seed=6)
     # reachable target: nothing falls back
     easy = quantize_int8(
         tmp_path / "m.onnx", tmp_path / "a.onnx", calib, max_float_layers=3, target_overlap=0.0, float_policy="none"
