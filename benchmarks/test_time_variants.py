@@ -36,12 +36,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_real import REAL, SEED, VAL_CLASSES
 
+from zsbir_infer.encoder import l2_normalize
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
 
 def precision_at(q: np.ndarray, g: np.ndarray, ql: np.ndarray, gl: np.ndarray, k: int = 10) -> float:
@@ -55,7 +53,7 @@ def dba(g: np.ndarray, k: int) -> np.ndarray:
     s = g @ g.T
     idx = np.argsort(-s, axis=1, kind="stable")[:, :k]
     w = np.clip(np.take_along_axis(s, idx, axis=1), 0.0, None)
-    return _unit(np.einsum("nk,nkd->nd", w, g[idx]))
+    return l2_normalize(np.einsum("nk,nkd->nd", w, g[idx]))
 
 
 def main() -> None:
@@ -98,7 +96,7 @@ def main() -> None:
             print(f"{name:34s} expand {k:2d}: mAP@all {r['map_all']:.4f}  P@10 {r['p_10']:.3f}", flush=True)
 
     score("as shipped", vq, vg)
-    score("domain centering (training means)", _unit(vq - tq.mean(0)), _unit(vg - tg.mean(0)))
+    score("domain centering (training means)", l2_normalize(vq - tq.mean(0)), l2_normalize(vg - tg.mean(0)))
     for k in (2, 5, 8):
         score(f"DBA k={k}", vq, dba(vg, k))
 
