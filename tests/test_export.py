@@ -291,26 +291,64 @@ def test_int8_qdq_structure(tmp_path: Path) -> None:
     assert compare(ref, got)["min_cosine"] > 0.99
 
 
-def test_int8_calibration_refuses_what_would_not_fit_in_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """ORT's calibrators keep every batch's activations: a calibration set that would not fit is refused up
-    front with the count that fits (instead of the kernel's OOM killer after minutes of work)."""
+def _calibration_cache(
+    tmp_path: Path, calib: ImageSet, method: str, name: str, monkeypatch: pytest.MonkeyPatch, memory: int | None
+) -> tuple[dict[str, tuple[float, float]], list[int], int]:
+    """The ranges one calibration of ``m.onnx`` writes with ``memory`` bytes available, its chunk sizes and
+    the activation bytes of one batch of 4 (measured as the calibration's own probe does)."""
+    import zsbir_export.quantize as quantize_module
+    from onnxruntime.quantization.calibrate import load_tensors_data
+
+    chunks: list[int] = []
+    per_batch: list[int] = []
+    real_chunk = quantize_module.calibration_chunk
+
+    def spy(calibrator: Any, probe: Any, n_images: int, batch_size: int) -> int:
+        per_batch.append(sum(int(o.nbytes) for o in calibrator.infer_session.run(None, probe.get_next())))
+        chunks.append(real_chunk(calibrator, probe, n_images, batch_size))
+        return chunks[-1]
+
+    monkeypatch.setattr(quantize_module, "calibration_chunk", spy)
+    monkeypatch.setattr(quantize_module, "available_memory", lambda: memory)
+    work = tmp_path / name
+    work.mkdir()
+    quantize_module._calibrate(tmp_path / "m.onnx", work / "cache", calib, method, 4, work)  # type: ignore[arg-type]
+    data = load_tensors_data(work / "cache")
+    ranges = {k: (float(np.ravel(v.range_value)[0]), float(np.ravel(v.range_value)[-1])) for k, v in data.data.items()}
+    return ranges, chunks, per_batch[0]
+
+
+def test_int8_calibration_streams_what_would_not_fit_in_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ORT's calibrators keep every batch's activations until the end of a collect call: a calibration set
+    whose activations would not fit is collected in chunks that fit (the 192 px default's 256 images were
+    killed by the OOM killer in one call). min-max ranges are exactly those of one call; mse thresholds stay
+    close (the histogram keeps the first chunk's bin width); a batch that cannot fit is refused up front."""
     import zsbir_export.quantize as quantize_module
     from zsbir_export.quantize import CalibrationMemoryError
 
-    calib = _tiny_int8_inputs(tmp_path, 16, seed=1)
-    seen: dict[str, float] = {}
-    real_check = quantize_module.check_calibration_memory
-
-    def spy(calibrator: object, probe: object, n_images: int, batch_size: int) -> None:
-        seen["n"] = n_images
-        real_check(calibrator, probe, n_images, batch_size)
-
-    monkeypatch.setattr(quantize_module, "check_calibration_memory", spy)
-    monkeypatch.setattr(quantize_module, "available_memory", lambda: 64 * 2**20)  # plenty for 16 tiny images
+    calib = _tiny_int8_inputs(tmp_path, 32, seed=1)
+    calib.images[7, 0, 3, 3] = 6.0  # the largest value in a later chunk: the histogram must grow to cover it
+    # Budgets with room for 2 batches of 4, not 3, measured per method (min-max keeps only reductions).
+    one, chunks, per_batch = _calibration_cache(tmp_path, calib, "minmax", "one", monkeypatch, 2**40)
+    assert chunks == [32]
+    budget = int(2.5 * per_batch / quantize_module.CALIB_MEMORY_SHARE)
+    streamed, chunks, _ = _calibration_cache(tmp_path, calib, "minmax", "streamed", monkeypatch, budget)
+    assert chunks == [8]  # 4 collect calls of 2 batches
+    assert streamed.keys() == one.keys() and streamed == one
+    assert max(hi for _, hi in one.values()) >= 6.0  # the later chunk's outlier is in the image input's range
+    mse_one, _, per_batch = _calibration_cache(tmp_path, calib, "mse", "mse_one", monkeypatch, 2**40)
+    budget = int(2.5 * per_batch / quantize_module.CALIB_MEMORY_SHARE)
+    mse_streamed, chunks, _ = _calibration_cache(tmp_path, calib, "mse", "mse_streamed", monkeypatch, budget)
+    assert chunks == [8] and mse_streamed.keys() == mse_one.keys()
+    for name, (_, hi) in mse_one.items():
+        assert mse_streamed[name][1] == pytest.approx(hi, rel=0.05, abs=1e-6), name
+    # quantize_int8 end to end with the small budget, then with no room for one batch.
+    monkeypatch.undo()
+    monkeypatch.setattr(quantize_module, "available_memory", lambda: budget)
     quantize_int8(tmp_path / "m.onnx", tmp_path / "q.onnx", calib, method="mse", batch_size=4, float_policy="none")
-    assert seen["n"] == 16 and (tmp_path / "q.onnx").is_file()
-    monkeypatch.setattr(quantize_module, "available_memory", lambda: 64 * 2**10)  # 64 KiB: nothing fits
-    with pytest.raises(CalibrationMemoryError, match=r"GiB of activations .* --calib-count \d+"):
+    assert (tmp_path / "q.onnx").is_file()
+    monkeypatch.setattr(quantize_module, "available_memory", lambda: 64 * 2**10)  # 64 KiB: not one batch fits
+    with pytest.raises(CalibrationMemoryError, match=r"MiB of activations for one batch of 4 images"):
         quantize_int8(tmp_path / "m.onnx", tmp_path / "q2.onnx", calib, method="mse", batch_size=4, float_policy="none")
     assert not (tmp_path / "q2.onnx").exists()
     assert quantize_module.available_memory() is None or quantize_module.available_memory() > 0

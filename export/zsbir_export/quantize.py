@@ -318,8 +318,11 @@ def _calibrate(
             providers=["CPUExecutionProvider"],
             extra_options=options,
         )
-        check_calibration_memory(calibrator, _reader(mixed, input_names, batch_size), len(mixed.images), batch_size)
-        calibrator.collect_data(_reader(mixed, input_names, batch_size))
+        chunk = calibration_chunk(calibrator, _reader(mixed, input_names, batch_size), len(mixed.images), batch_size)
+        for start in range(0, len(mixed.images), chunk):
+            part = slice(start, start + chunk)
+            piece = ImageSet(mixed.images[part], mixed.domains[part], mixed.labels[part], [])
+            calibrator.collect_data(_reader(piece, input_names, batch_size))
         if method == "mse":
             ranges = {}
             for name, (hist, edges, *_rest) in calibrator.collector.histogram_dict.items():
@@ -343,39 +346,44 @@ def available_memory() -> int | None:
     return None
 
 
-#: Share of the available memory the calibration's activations may take (the rest: the model, the images,
-#: ONNX Runtime's arena and the collector's per-tensor copies). Measured: the 192 px default model probes at
-#: 74 MiB per image, and 256 images grew the export to 24.2 GB resident (94 MB per image) and an OOM kill on
-#: a 24 GiB machine; 128 images ran.
+#: Share of the available memory one chunk of calibration activations may take (the rest: the model, the
+#: images, ONNX Runtime's arena and the collector's per-tensor copies). Measured: the 192 px default model
+#: probes at 74 MiB per image, and 256 images in one ORT ``collect_data`` call grew the export to 24.2 GB
+#: resident (94 MB per image) and an OOM kill on a 24 GiB machine; 128 images ran.
 CALIB_MEMORY_SHARE = 0.65
 
 
-def check_calibration_memory(calibrator: Any, probe: Any, n_images: int, batch_size: int) -> None:
-    """Refuse, before the long run, a calibration whose activations would not fit in memory.
+def calibration_chunk(calibrator: Any, probe: Any, n_images: int, batch_size: int) -> int:
+    """How many calibration images one ``collect_data`` call may take so that its activations fit in memory.
 
-    ONNX Runtime's calibrators keep the outputs of every calibration batch (each calibrated tensor) until
-    the end of ``collect_data``, so their memory grows with the number of images times the activation size
-    of one image, which grows with the square of the input size. One probe batch measures the latter; where
-    the total would pass :data:`CALIB_MEMORY_SHARE` of the available memory, this raises
-    :class:`CalibrationMemoryError` with the count that fits (the process would otherwise be killed by the
-    kernel's OOM killer, with no message, after minutes of work).
+    ONNX Runtime's calibrators keep the outputs of every batch (each calibrated tensor) until the end of a
+    ``collect_data`` call, so memory grows with the images per call times the activation size of one image,
+    which grows with the square of the input size. One probe batch measures the latter; the calibration
+    then streams in chunks of the returned size (a multiple of ``batch_size``) that keep the activations
+    within :data:`CALIB_MEMORY_SHARE` of the available memory. The calibrators merge what each call
+    collected: min-max ranges exactly; histograms keep the first chunk's bin width and grow more bins where a
+    later chunk reaches further. :class:`CalibrationMemoryError` is raised, before the long run, only where
+    not even one batch fits (the process would otherwise be killed by the kernel's OOM killer, with no
+    message, after minutes of work).
     """
     avail = available_memory()
     if avail is None:
-        return
+        return n_images
     feed = probe.get_next()
     if not feed:
-        return
+        return n_images
     per_image = sum(int(o.nbytes) for o in calibrator.infer_session.run(None, feed)) / max(1, batch_size)
-    need = per_image * n_images
     budget = CALIB_MEMORY_SHARE * avail
-    if need > budget:
-        fits = max(1, int(budget // max(per_image, 1.0)))
+    if per_image * n_images <= budget:
+        return n_images
+    batches = int(budget // max(per_image * batch_size, 1.0))
+    if batches < 1:
         raise CalibrationMemoryError(
-            f"INT8 calibration would hold about {need / 2**30:.1f} GiB of activations ({per_image / 2**20:.0f} MiB "
-            f"per image at this input size) for {n_images} images, and {avail / 2**30:.1f} GiB of memory is "
-            f"available: use at most about {fits} calibration images (zsbir export --calib-count {fits})"
+            f"INT8 calibration needs about {per_image * batch_size / 2**20:.1f} MiB of activations for one batch "
+            f"of {batch_size} images at this input size, and {avail / 2**20:.1f} MiB of memory is available: "
+            "free some memory or export a smaller input size"
         )
+    return batches * batch_size
 
 
 def _quantize(
