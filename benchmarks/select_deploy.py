@@ -29,8 +29,9 @@ from train_default import ROOT, machine
 from train_real import REAL, SEED, VAL_CLASSES
 
 RESULTS = ROOT / "benchmarks" / "results"
-SIZES = (128, 160, 192)
-EXPANDS = (0, 5, 10, 15)
+# Test-time sizes tried: the training size and one 32 px step either side (128/160/192 for a 160 px run).
+SIZE_STEPS = (-32, 0, 32)
+EXPANDS = (0, 5, 10, 15, 20, 25)
 
 
 def _embeddings(model: Any, split: Any, size: int) -> dict[bool, tuple[np.ndarray, np.ndarray]]:
@@ -58,10 +59,10 @@ def _score(q: np.ndarray, g: np.ndarray, split: Any, expand: int) -> dict[str, f
     return {k: float(v) for k, v in evaluate(expand_against(q, g, expand), ql, g, gl).items()}
 
 
-def grid(model: Any, split: Any) -> list[dict[str, Any]]:
-    """mAP@all of every (size, flip, expand) setting on ``split``."""
+def grid(model: Any, split: Any, train_size: int) -> list[dict[str, Any]]:
+    """mAP@all of every (size, flip, expand) setting on ``split``, sizes around ``train_size``."""
     rows = []
-    for size in SIZES:
+    for size in (train_size + step for step in SIZE_STEPS):
         emb = _embeddings(model, split, size)
         for flip, (q, g) in emb.items():
             for expand in EXPANDS:
@@ -93,7 +94,7 @@ def main() -> None:
     bench = open_benchmark(args.data, zeroshot=zeroshot)
     val = hold_out_classes(bench.split("seen"), VAL_CLASSES, SEED)[1]
     t0 = time.perf_counter()
-    rows = grid(model, val)
+    rows = grid(model, val, int(loaded.config["train"]["size"]))
     best = max(rows, key=lambda r: r["map_all"])
     plain = next(r for r in rows if r["size"] == loaded.config["train"]["size"] and not r["flip"] and not r["expand"])
     unseen = bench.split("unseen")
