@@ -327,7 +327,7 @@ def test_int8_calibration_streams_what_would_not_fit_in_memory(tmp_path: Path, m
     from zsbir_export.quantize import CalibrationMemoryError
 
     calib = _tiny_int8_inputs(tmp_path, 32, seed=1)
-    calib.images[7, 0, 3, 3] = 6.0  # the largest value in a later chunk: the histogram must grow to cover it
+    calib.images[29, 0, 3, 3] = 6.0  # the largest value, in the last chunk: the histogram must grow to cover it
     # Budgets with room for 2 batches of 4, not 3, measured per method (min-max keeps only reductions).
     one, chunks, per_batch = _calibration_cache(tmp_path, calib, "minmax", "one", monkeypatch, 2**40)
     assert chunks == [32]
