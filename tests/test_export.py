@@ -29,7 +29,7 @@ from zsbir_export.bundle import ExportOptions, ExportOptionsError, VerificationF
 from zsbir_export.calibration import CalibrationError, ImageSet, open_source  # noqa: E402
 from zsbir_export.fp16 import convert_to_fp16  # noqa: E402
 from zsbir_export.onnx_export import ExportError, export_onnx  # noqa: E402
-from zsbir_export.quantize import quantize_int8  # noqa: E402
+from zsbir_export.quantize import CalibMethod, quantize_int8  # noqa: E402
 from zsbir_export.tensorrt_build import (  # noqa: E402
     INSTALL_HINT,
     EngineBuildError,
@@ -292,7 +292,7 @@ def test_int8_qdq_structure(tmp_path: Path) -> None:
 
 
 def _calibration_cache(
-    tmp_path: Path, calib: ImageSet, method: str, name: str, monkeypatch: pytest.MonkeyPatch, memory: int | None
+    tmp_path: Path, calib: ImageSet, method: CalibMethod, name: str, monkeypatch: pytest.MonkeyPatch, memory: int
 ) -> tuple[dict[str, tuple[float, float]], list[int], int]:
     """The ranges one calibration of ``m.onnx`` writes with ``memory`` bytes available, its chunk sizes and
     the activation bytes of one batch of 4 (measured as the calibration's own probe does)."""
@@ -312,7 +312,7 @@ def _calibration_cache(
     monkeypatch.setattr(quantize_module, "available_memory", lambda: memory)
     work = tmp_path / name
     work.mkdir()
-    quantize_module._calibrate(tmp_path / "m.onnx", work / "cache", calib, method, 4, work)  # type: ignore[arg-type]
+    quantize_module._calibrate(tmp_path / "m.onnx", work / "cache", calib, method, 4, work)
     data = load_tensors_data(work / "cache")
     ranges = {k: (float(np.ravel(v.range_value)[0]), float(np.ravel(v.range_value)[-1])) for k, v in data.data.items()}
     return ranges, chunks, per_batch[0]

@@ -490,9 +490,7 @@ def _subsample(data: ImageSet, per_domain: int, seed: int) -> ImageSet:
     for tag in (1, 0):
         idx = np.flatnonzero(data.domains == tag)
         parts.append(np.sort(rng.choice(idx, size=min(per_domain, len(idx)), replace=False)))
-    idx = np.concatenate(parts)
-    paths = [data.paths[i] for i in idx] if data.paths else []
-    return ImageSet(data.images[idx], data.domains[idx], data.labels[idx], paths)
+    return data.take(np.concatenate(parts))
 
 
 def _evaluation_set(

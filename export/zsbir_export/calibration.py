@@ -54,9 +54,12 @@ class ImageSet:
 
     def select(self, domain: str) -> ImageSet:
         """The subset of one domain."""
-        mask = self.domains == DOMAIN_TAGS[domain]
-        paths = [p for p, m in zip(self.paths, mask, strict=False) if m]
-        return ImageSet(self.images[mask], self.domains[mask], self.labels[mask], paths)
+        return self.take(np.flatnonzero(self.domains == DOMAIN_TAGS[domain]))
+
+    def take(self, idx: np.ndarray) -> ImageSet:
+        """The rows ``idx`` (integer indices, in that order; paths kept when known)."""
+        paths = [self.paths[int(i)] for i in idx] if self.paths else []
+        return ImageSet(self.images[idx], self.domains[idx], self.labels[idx], paths)
 
     def batches(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yield ``(images, domains)`` chunks of at most ``batch_size``."""

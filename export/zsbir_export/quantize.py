@@ -307,7 +307,7 @@ def _calibrate(
     # ORT's histogram collectors stack per-batch arrays, so every batch must have the same size.
     batch_size = max(b for b in range(1, min(batch_size, len(calibration)) + 1) if len(calibration) % b == 0)
     order = _interleave(calibration.domains)  # batches mix photos and sketches
-    mixed = ImageSet(calibration.images[order], calibration.domains[order], calibration.labels[order], [])
+    mixed = calibration.take(order)
     input_names = [vi.name for vi in onnx.load(str(src), load_external_data=False).graph.input]
     with _quiet():
         calibrator = create_calibrator(
@@ -319,9 +319,8 @@ def _calibrate(
             extra_options=options,
         )
         chunk = calibration_chunk(calibrator, _reader(mixed, input_names, batch_size), len(mixed.images), batch_size)
-        for start in range(0, len(mixed.images), chunk):
-            part = slice(start, start + chunk)
-            piece = ImageSet(mixed.images[part], mixed.domains[part], mixed.labels[part], [])
+        for start in range(0, len(mixed), chunk):
+            piece = mixed.take(np.arange(start, min(start + chunk, len(mixed))))
             calibrator.collect_data(_reader(piece, input_names, batch_size))
         if method == "mse":
             ranges = {}
@@ -572,7 +571,7 @@ def _fallback(
     measurement per layer moved to float; it only runs when the first INT8 model misses the target.
     """
     keep = np.concatenate([np.flatnonzero(calibration.domains == d)[:256] for d in (1, 0)])
-    calibration = _take(calibration, keep)
+    calibration = calibration.take(keep)
     ref = _embed(job.src, calibration)
 
     def measure(path: Path) -> Measure:
@@ -594,7 +593,7 @@ def _fallback(
         return [], report
     # Sensitivity of each quantizable layer, on a subset of the calibration images.
     idx = np.concatenate([np.flatnonzero(calibration.domains == d)[:samples] for d in (1, 0)])
-    subset = _take(calibration, idx)
+    subset = calibration.take(idx)
     ref_sub = ref[idx]
     candidates = [
         n.name for n in job.model.graph.node if n.op_type in QUANTIZED_OP_TYPES and n.name not in job.excluded
@@ -623,12 +622,6 @@ def _fallback(
     report["final"] = current.score
     report["reached_target"] = current.passes(target)
     return chosen, report
-
-
-def _take(data: ImageSet, idx: np.ndarray) -> ImageSet:
-    """The rows ``idx`` of ``data`` (paths kept when known)."""
-    paths = [data.paths[int(i)] for i in idx] if data.paths else []
-    return ImageSet(data.images[idx], data.domains[idx], data.labels[idx], paths)
 
 
 @contextmanager
