@@ -10,7 +10,13 @@ checkpoint with the chosen settings (preprocess size, arch ``flip_average``, ``r
     python benchmarks/select_deploy.py --run runs/real/tursun_doodles_flat
     python benchmarks/select_deploy.py --run runs/real/tursun_doodles_flat --write-checkpoint zsbir_infer/assets/default
 
-Results: ``benchmarks/results/deploy_selection.{json,md}``.
+A final fit (the chosen recipe retrained on every seen class, nothing held out) has nothing to choose on:
+``--settings-from`` applies the setting chosen for its validated run unchanged and only reports unseen.
+
+    python benchmarks/select_deploy.py --run runs/real/tursun_doodles_224_all \\
+        --settings-from benchmarks/results/deploy_selection.json --write-checkpoint zsbir_infer/assets/default
+
+Results: ``benchmarks/results/deploy_selection.{json,md}`` (final fit: ``deploy_final_fit.{json,md}``).
 """
 
 from __future__ import annotations
@@ -72,16 +78,97 @@ def grid(model: Any, split: Any, train_size: int) -> list[dict[str, Any]]:
     return rows
 
 
+def _write_checkpoint(model: Any, config: dict[str, Any], setting: dict[str, Any], chosen_on: str, dest: Path) -> None:
+    """Save ``model`` with ``setting`` (size, flip, expand) as its deployment settings under ``dest``."""
+    from zsbir_export.checkpoints import save_checkpoint
+    from zsbir_export.train.data import make_spec
+
+    cfg = dict(config)
+    spec = make_spec(setting["size"])
+    cfg["preprocess"] = {"photo": dict(spec), "sketch": dict(spec)}
+    cfg["retrieval"] = {"expand": setting["expand"], "chosen_on": chosen_on}
+    model.flip_average = bool(setting["flip"])
+    cfg.pop("arch", None)
+    save_checkpoint(model, cfg, dest / "checkpoint.json")
+    print(f"wrote {dest / 'checkpoint.json'} with the chosen settings")
+
+
+def _unseen(model: Any, unseen: Any, settings: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Each named setting with its unseen-class metrics added (reported, never used to choose)."""
+    out: dict[str, Any] = {}
+    for name, r in settings.items():
+        q, g = _embeddings(model, unseen, r["size"])[r["flip"]]
+        out[name] = {**r, "unseen": _score(q, g, unseen, r["expand"])}
+        print(f"{name}: {out[name]}", flush=True)
+    return out
+
+
+def final_fit(args: argparse.Namespace, loaded: Any, bench: Any) -> None:
+    """Apply the settings chosen for a validated run (``--settings-from``) to its final fit (``--run``).
+
+    A final fit trains the chosen recipe on every seen class, so it has no held-out classes to choose
+    on: it takes the validated run's setting unchanged, and its unseen figures are only reported.
+    """
+    sel = json.loads(args.settings_from.read_text())
+    chosen = {k: sel["chosen"][k] for k in ("size", "flip", "expand")}
+    train = loaded.config["train"]
+    if int(train.get("val_classes") or 0):
+        raise SystemExit(f"{args.run} held out {train['val_classes']} classes: choose its settings on them instead")
+    plain = {"size": int(train["size"]), "flip": False, "expand": 0}
+    t0 = time.perf_counter()
+    rows = _unseen(loaded.model.eval(), bench.split("unseen"), {"plain": plain, "chosen": chosen})
+    result = {"run": _rel(args.run), "settings_from": _rel(args.settings_from), "validated_run": sel["run"],
+              "machine": machine(), **rows, "validated_run_unseen": {n: sel[n]["unseen"] for n in ("plain", "chosen")},
+              "seconds": round(time.perf_counter() - t0, 1),
+              "command": f"python benchmarks/select_deploy.py --run {args.run} --settings-from {args.settings_from}",
+              "created": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
+    (RESULTS / "deploy_final_fit.json").write_text(json.dumps(result, indent=2) + "\n")
+    v = result["validated_run_unseen"]
+    lines = [
+        "# Final fit: the chosen recipe on every seen class",
+        "",
+        f"Run `{result['run']}` trains the validated run's recipe (`{sel['run']}`) unchanged on all the seen "
+        "classes, nothing held out. Nothing is chosen from it: it keeps its last epoch and takes the deployment "
+        f"setting chosen on the validated run's held-out classes (`{result['settings_from']}`), and it was to "
+        "replace the validated run whatever its unseen figures (decided before it was trained). Command: `"
+        + result["command"]
+        + f"`. Machine: {result['machine']['cpu']}, {result['machine']['cpu_count']} cores, "
+        f"torch {result['machine']['torch']}.",
+        "",
+        "| model | setting | size | flip | expand | unseen mAP@all | unseen mAP@200 | unseen P@100 |",
+        "|---|---|---|---|---|---|---|---|",
+        *(
+            f"| {label} | {n} | {rows[n]['size']} | {'yes' if rows[n]['flip'] else 'no'} | {rows[n]['expand']} | "
+            f"{u['map_all']:.4f} | {u['map_200']:.4f} | {u['p_100']:.4f} |"
+            for label, metrics in (("final fit", {n: r["unseen"] for n, r in rows.items()}), ("validated run", v))
+            for n, u in metrics.items()
+        ),
+    ]
+    (RESULTS / "deploy_final_fit.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    if args.write_checkpoint is not None:
+        on = f"{sel['val_classes']} held-out seen classes of {sel['run']} (its final fit on all seen classes)"
+        _write_checkpoint(loaded.model, loaded.config, chosen, on, args.write_checkpoint)
+
+
+def _rel(path: Path) -> str:
+    p = path.resolve()
+    return str(p.relative_to(ROOT) if p.is_relative_to(ROOT) else path)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", type=Path, required=True, help="a finished zsbir train run folder")
     ap.add_argument("--data", type=Path, default=REAL / "sketchy")
     ap.add_argument("--write-checkpoint", type=Path, default=None, metavar="DIR")
+    ap.add_argument(
+        "--settings-from", type=Path, default=None, metavar="JSON",
+        help="deploy_selection.json of a validated run: apply its chosen setting to --run, that recipe's final fit",
+    )  # fmt: skip
     args = ap.parse_args()
     import torch
-    from zsbir_export.checkpoints import load_checkpoint, save_checkpoint
+    from zsbir_export.checkpoints import load_checkpoint
     from zsbir_export.train import hold_out_classes
-    from zsbir_export.train.data import make_spec
 
     from zsbir_infer.datasets import open_benchmark
 
@@ -92,24 +179,22 @@ def main() -> None:
         raise SystemExit(f"{args.run}: flip averaging needs an EmbeddingNet model")
     zeroshot = loaded.config["train"].get("zeroshot")
     bench = open_benchmark(args.data, zeroshot=zeroshot)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.settings_from is not None:
+        final_fit(args, loaded, bench)
+        return
     val = hold_out_classes(bench.split("seen"), VAL_CLASSES, SEED)[1]
     t0 = time.perf_counter()
     rows = grid(model, val, int(loaded.config["train"]["size"]))
     best = max(rows, key=lambda r: r["map_all"])
     plain = next(r for r in rows if r["size"] == loaded.config["train"]["size"] and not r["flip"] and not r["expand"])
-    unseen = bench.split("unseen")
-    chosen: dict[str, Any] = {}
-    for name, r in (("plain", plain), ("chosen", best)):
-        q, g = _embeddings(model, unseen, r["size"])[r["flip"]]
-        chosen[name] = {"size": r["size"], "flip": r["flip"], "expand": r["expand"], "val": r["map_all"],
-                        "unseen": _score(q, g, unseen, r["expand"])}  # fmt: skip
-        print(f"{name}: {chosen[name]}", flush=True)
-    result = {"run": str(args.run.relative_to(ROOT) if args.run.is_relative_to(ROOT) else args.run),
-              "machine": machine(), "val_classes": VAL_CLASSES, "seed": SEED, "grid_val": rows, **chosen,
-              "seconds": round(time.perf_counter() - t0, 1),
+    picked = {n: {"size": r["size"], "flip": r["flip"], "expand": r["expand"], "val": r["map_all"]}
+              for n, r in (("plain", plain), ("chosen", best))}  # fmt: skip
+    chosen = _unseen(model, bench.split("unseen"), picked)
+    result = {"run": _rel(args.run), "machine": machine(), "val_classes": VAL_CLASSES, "seed": SEED,
+              "grid_val": rows, **chosen, "seconds": round(time.perf_counter() - t0, 1),
               "command": "python benchmarks/select_deploy.py --run " + str(args.run),
               "created": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
-    RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "deploy_selection.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
         "# Deployment settings chosen on held-out seen classes",
@@ -138,15 +223,4 @@ def main() -> None:
     (RESULTS / "deploy_selection.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     if args.write_checkpoint is not None:
-        cfg = dict(loaded.config)
-        spec = make_spec(best["size"])
-        cfg["preprocess"] = {"photo": dict(spec), "sketch": dict(spec)}
-        cfg["retrieval"] = {"expand": best["expand"], "chosen_on": f"{VAL_CLASSES} held-out seen classes"}
-        model.flip_average = bool(best["flip"])
-        cfg.pop("arch", None)
-        save_checkpoint(model, cfg, args.write_checkpoint / "checkpoint.json")
-        print(f"wrote {args.write_checkpoint / 'checkpoint.json'} with the chosen settings")
-
-
-if __name__ == "__main__":
-    main()
+        _write_checkpoint(model, loaded.config, best, f"{VAL_CLASSES} held-out seen classes", args.write_checkpoint)

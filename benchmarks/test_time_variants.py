@@ -64,6 +64,12 @@ def main() -> None:
     args = ap.parse_args()
     if not args.data.is_dir():
         raise SystemExit(f"{args.data}: no real-data folder (see ../shared/realdata/README.md)")
+    ckpt = args.bundle / "checkpoint.json"  # the embedded default keeps its checkpoint beside the bundle
+    if ckpt.is_file() and not json.loads(ckpt.read_text()).get("train", {}).get("val_classes"):
+        raise SystemExit(
+            f"{args.bundle}: its model trained on every seen class (a final fit), so the held-out classes say "
+            "nothing about it; pass --bundle a bundle of the run it was validated as (zsbir export --checkpoint)"
+        )
     from zsbir_export.train import hold_out_classes
 
     from zsbir_infer.datasets import open_benchmark
