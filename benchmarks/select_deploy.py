@@ -224,3 +224,7 @@ def main() -> None:
     print("\n".join(lines))
     if args.write_checkpoint is not None:
         _write_checkpoint(model, loaded.config, best, f"{VAL_CLASSES} held-out seen classes", args.write_checkpoint)
+
+
+if __name__ == "__main__":
+    main()
