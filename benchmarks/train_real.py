@@ -196,6 +196,28 @@ def _fmt(m: dict[str, Any] | None, key: str = "map_all") -> str:
     return "—" if not m else f"{m[key]:.4f}"
 
 
+def _selection_text(sel: dict[str, Any]) -> str:
+    """The report's line on the deployment setting chosen for the validated run."""
+    c, p = sel["chosen"], sel["plain"]
+    return (
+        f"Deployed setting (`{sel['run']}`, chosen on the held-out classes, `benchmarks/results/deploy_selection.md`): "
+        f"{c['size']} px at test time, flip averaging {'on' if c['flip'] else 'off'}, query expansion "
+        f"k={c['expand']}: unseen mAP@all {c['unseen']['map_all']:.4f} (val {c['val']:.4f}), against "
+        f"{p['unseen']['map_all']:.4f} for the run as trained ({p['size']} px, no flip, no expansion)."
+    )
+
+
+def _final_fit_text(fit: dict[str, Any]) -> str:
+    """The report's line on the shipped final fit (``select_deploy.py --settings-from``)."""
+    c, p = fit["chosen"], fit["plain"]
+    return (
+        f"Shipped default: `{fit['run']}`, the final fit of `{fit['validated_run']}` on all the seen classes "
+        "(nothing held out, so no val figure; decided before it was trained, `benchmarks/results/"
+        f"deploy_final_fit.md`), with the same setting: unseen mAP@all {c['unseen']['map_all']:.4f}, against "
+        f"{p['unseen']['map_all']:.4f} as trained."
+    )
+
+
 def report(data: Path, work: Path) -> None:
     """Write ``benchmarks/results/real_methods.{json,md}`` from the finished runs and the baselines."""
     rows = [run_row(n, work / n, data) for n in RECIPES if (work / n / "metrics.json").exists()]
@@ -255,29 +277,9 @@ def report(data: Path, work: Path) -> None:
             "DSN 64-bit ITQ codes (Hamming ranking, ITQ fitted on the gallery): unseen mAP@all "
             f"{itq:.4f} (transductive fit: {trans:.4f}).",
         ]
-    sel_path = RESULTS / "deploy_selection.json"
-    if sel_path.is_file():
-        sel = json.loads(sel_path.read_text())
-        c, p = sel["chosen"], sel["plain"]
-        lines += [
-            "",
-            f"Deployed default (`{sel['run']}`, settings chosen on the held-out classes, "
-            "`benchmarks/results/deploy_selection.md`): "
-            f"{c['size']} px at test time, flip averaging {'on' if c['flip'] else 'off'}, query expansion "
-            f"k={c['expand']}: unseen mAP@all {c['unseen']['map_all']:.4f} (val {c['val']:.4f}), against "
-            f"{p['unseen']['map_all']:.4f} for the run as trained ({p['size']} px, no flip, no expansion).",
-        ]
-    fit_path = RESULTS / "deploy_final_fit.json"
-    if fit_path.is_file():
-        fit = json.loads(fit_path.read_text())
-        c, p = fit["chosen"], fit["plain"]
-        lines += [
-            "",
-            f"Shipped default: `{fit['run']}`, the final fit of `{fit['validated_run']}` on all the seen classes "
-            "(nothing held out, so no val figure; decided before it was trained, `benchmarks/results/"
-            f"deploy_final_fit.md`), with the same setting: unseen mAP@all {c['unseen']['map_all']:.4f}, against "
-            f"{p['unseen']['map_all']:.4f} as trained.",
-        ]
+    for name, text in (("deploy_selection.json", _selection_text), ("deploy_final_fit.json", _final_fit_text)):
+        if (RESULTS / name).is_file():
+            lines += ["", text(json.loads((RESULTS / name).read_text()))]
     lines += [
         "",
         "Doodle queries (val): QuickDraw doodles of the 15 held-out seen classes against those classes' Sketchy "
