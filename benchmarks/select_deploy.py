@@ -96,8 +96,11 @@ def _write_checkpoint(model: Any, config: dict[str, Any], setting: dict[str, Any
 def _unseen(model: Any, unseen: Any, settings: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Each named setting with its unseen-class metrics added (reported, never used to choose)."""
     out: dict[str, Any] = {}
+    by_size: dict[int, dict[bool, tuple[np.ndarray, np.ndarray]]] = {}  # both flips, embedded once per size
     for name, r in settings.items():
-        q, g = _embeddings(model, unseen, r["size"])[r["flip"]]
+        if r["size"] not in by_size:
+            by_size[r["size"]] = _embeddings(model, unseen, r["size"])
+        q, g = by_size[r["size"]][r["flip"]]
         out[name] = {**r, "unseen": _score(q, g, unseen, r["expand"])}
         print(f"{name}: {out[name]}", flush=True)
     return out
